@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates ./.venv (if needed) and installs the project into it. Idempotent and quick when nothing changed.
+# Why the odd steps:
+#  - torch is pinned to 2.13.0 *before* the project is installed so pip never resolves a CUDA build
+#    (on a GPU machine, install your CUDA torch first; any torch>=2.5 satisfies the project).
+#  - colossalai 0.5.0 pins old torch/transformers/diffusers; it imports and runs with our stack when
+#    installed with --no-deps together with peft, galore-torch and bitsandbytes (also --no-deps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  python -m pip install -q --upgrade pip wheel
+  python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[dev]"
+  python -m pip install -q --no-deps "colossalai==0.5.0" peft galore-torch bitsandbytes
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
