@@ -1,0 +1,176 @@
+"""Video files in and out: decode with decord, encode H.264 with PyAV.
+
+Decoding uses decord because it reads an arbitrary list of frame indices in one call (``get_batch``),
+which is what temporal sampling in the dataset needs. Encoding uses PyAV (FFmpeg's libx264), written
+atomically: a crash or a full disk never leaves a half-written mp4 under the final name, so a later
+resume that checks "does the file exist" cannot mistake a broken file for a finished one.
+
+Frames are always uint8 arrays shaped (T, H, W, 3) in RGB order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import av
+import decord
+import numpy as np
+import torch
+from einops import rearrange
+
+
+class VideoReadError(RuntimeError):
+    """A video file cannot be opened or decoded. The message names the file."""
+
+
+def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, crf: int = 18) -> Path:
+    """Encodes RGB frames to an H.264 (libx264, yuv420p) file, atomically.
+
+    yuv420p stores colour at half resolution, so libx264 needs an even width and height. A frame with an
+    odd height or width is padded by repeating its last row / column (one pixel, invisible), so the file
+    is (H + H % 2, W + W % 2): videos in the wild often have odd sizes (e.g. 853x480) and refusing them
+    would make every such clip fail.
+
+    Args:
+        path: output file; its suffix picks the container (``.mp4`` recommended). Parent dirs are created.
+        frames: uint8 (T, H, W, 3) RGB, numpy or torch (any device).
+        fps: frame rate; non-integer rates such as 29.97 or 30000/1001 are kept exactly.
+        crf: libx264 constant rate factor, 0 (lossless) .. 51; 18 is visually lossless.
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video({path}): frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"write_video({path}): frames must be uint8, got {frames.dtype}")
+    if frames.shape[0] == 0:
+        raise ValueError(f"write_video({path}): no frames to write")
+    if not fps > 0:
+        raise ValueError(f"write_video({path}): fps must be > 0, got {fps}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"write_video({path}): crf must be in [0, 51], got {crf}")
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    frames = np.ascontiguousarray(frames)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as the target so that os.replace is a rename on one filesystem (atomic); same suffix
+    # so that FFmpeg picks the same container format.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        with av.open(tmp_name, mode="w") as container:
+            # limit_denominator keeps NTSC rates exact (30000/1001) instead of a huge float fraction.
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100_000))
+            stream.width = frames.shape[2]
+            stream.height = frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder's delayed frames
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _open(path: str | Path) -> decord.VideoReader:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        # num_threads=1: the callers (dataloader workers, pipeline processes) already parallelise over files.
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    except (decord.DECORDError, RuntimeError, AssertionError) as err:
+        raise VideoReadError(f"cannot open video {path}: {err}") from err
+
+
+def read_video(path: str | Path, frame_indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Decodes frames of a video file.
+
+    Args:
+        path: video file.
+        frame_indices: which frames to return (any order, repeats allowed); None reads every frame.
+    Returns:
+        uint8 array (T, H, W, 3), RGB, T = len(frame_indices) or the frame count.
+    Raises:
+        FileNotFoundError: the file does not exist.
+        VideoReadError: the file is broken or truncated (the message names it).
+        IndexError: an index is out of range (the message names the file and its frame count).
+    """
+    reader = _open(path)
+    num_frames = len(reader)
+    indices = np.arange(num_frames) if frame_indices is None else np.asarray(frame_indices, dtype=np.int64)
+    if indices.ndim != 1 or indices.size == 0:
+        raise ValueError(f"read_video({path}): frame_indices must be a non-empty 1-D list, got shape {indices.shape}")
+    bad = indices[(indices < 0) | (indices >= num_frames)]
+    if bad.size:
+        raise IndexError(f"read_video({path}): frame indices {bad.tolist()} out of range for {num_frames} frames")
+    try:
+        return reader.get_batch(indices.tolist()).asnumpy()  # (T, H, W, 3)
+    except (decord.DECORDError, RuntimeError):
+        # decord 0.6 mistakes row padding for extra channels on some narrow frames (widths 8, 12, 16, 24,
+        # 48, 72 fail with "DECORDArrayCopyFromTo: The size must exactly match"), which hits debug-sized
+        # videos. PyAV decodes those correctly; if the file itself is broken, PyAV fails too and says so.
+        return _read_with_pyav(Path(path), indices)
+
+
+def _read_with_pyav(path: Path, indices: np.ndarray) -> np.ndarray:
+    """Sequential PyAV decode of the frames at ``indices`` (presentation order, as decord counts them)."""
+    wanted = set(indices.tolist())
+    last = int(indices.max())
+    decoded: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i > last:
+                    break
+                if i in wanted:
+                    decoded[i] = frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as err:
+        raise VideoReadError(f"cannot decode frames of video {path}: {err}") from err
+    missing = sorted(wanted - decoded.keys())
+    if missing:
+        raise VideoReadError(f"cannot decode frames {missing[:10]} of video {path}: the file ends early")
+    return np.stack([decoded[i] for i in indices.tolist()])
+
+
+def video_info(path: str | Path) -> dict:
+    """Frame count, frame rate and size of a video file.
+
+    Args:
+        path: video file.
+    Returns:
+        ``dict(num_frames=int, fps=float, height=int, width=int)``.
+    """
+    reader = _open(path)
+    try:
+        height, width, _ = reader[0].shape  # decord exposes the size only through a decoded frame
+    except (decord.DECORDError, RuntimeError) as err:
+        raise VideoReadError(f"cannot decode the first frame of video {path}: {err}") from err
+    return dict(num_frames=len(reader), fps=float(reader.get_avg_fps()), height=int(height), width=int(width))
+
+
+def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
+    """Turns a model-space video into frames for :func:`write_video`.
+
+    Args:
+        x: (C=3, T, H, W) float in [-1, 1] (values outside are clipped), any device and dtype.
+    Returns:
+        uint8 (T, H, W, 3).
+    """
+    if x.ndim != 4 or x.shape[0] != 3:
+        raise ValueError(f"tensor_to_frames: expected (3, T, H, W), got shape {tuple(x.shape)}")
+    x = x.detach().float().clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(device="cpu", dtype=torch.uint8)  # [-1, 1] -> [0, 255]
+    return rearrange(x, "C T H W -> T H W C").contiguous().numpy()
