@@ -1,0 +1,179 @@
+"""Typed configs of the pipeline: one dataclass per stage, one for the runner, one for a whole run.
+
+Every field has a one-line ``help`` (shown by ``python -m data_pipeline STAGE --help``). Files are loaded
+through :func:`opensora.config.load_config`, so an unknown or mistyped key is an error naming the key and
+the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a help line (lists need a factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class RunnerConfig:
+    """How a stage is executed; the stage function never sees any of this."""
+
+    executor: str = _f("local", "local (a process pool on this machine) or ray (Ray tasks, local or a cluster)")
+    workers: int = _f(1, "local processes; 0 runs rows in this process (debugging, or one GPU per process)")
+    ray_address: str = _f("", "Ray cluster to join ('auto' = the running one); '' starts a local Ray")
+    ray_num_cpus: float = _f(1.0, "CPUs Ray reserves per task")
+    ray_num_gpus: float = _f(0.0, "GPUs Ray reserves per task (e.g. 1 for caption)")
+    batch_rows: int = _f(1, "rows sent to a worker at once (caption batches on top of this)")
+    retry_failed: bool = _f(False, "on a re-run, run rows that failed last time again (default: keep their record)")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+    def __post_init__(self):
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"runner.executor must be 'local' or 'ray', got {self.executor!r}")
+        if self.workers < 0 or self.batch_rows < 1:
+            raise ValueError("runner.workers must be >= 0 and runner.batch_rows >= 1")
+
+
+@dataclass
+class DownloadConfig:
+    """download: fetch URLs (HTTP(S) with Range resume, file://, yt-dlp for sites); size + sha256."""
+
+    out_dir: str = _f("", "folder for downloaded videos ('' = <output manifest folder>/videos)")
+    method: str = _f("auto", "auto (direct links by extension or file://, else yt-dlp), http or ytdlp")
+    retries: int = _f(4, "attempts after the first one, for transient errors (connection drops, 5xx, 429)")
+    backoff_s: float = _f(1.0, "first retry waits this long, doubling each time")
+    timeout_s: float = _f(30.0, "socket timeout of one HTTP read")
+    chunk_bytes: int = _f(1 << 20, "bytes read per HTTP chunk")
+    max_bytes: int = _f(0, "refuse files larger than this (0 = no limit)")
+    ytdlp_format: str = _f("bv*[height<=720]+ba/b[height<=720]/b", "yt-dlp format selector")
+    video_extensions: list = _f(
+        [".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".flv", ".ts", ".mpg", ".mpeg"],
+        "URL path endings treated as direct links in method=auto",
+    )
+
+    def __post_init__(self):
+        if self.method not in ("auto", "http", "ytdlp"):
+            raise ValueError(f"download.method must be auto, http or ytdlp, got {self.method!r}")
+
+
+@dataclass
+class ProbeConfig:
+    """probe: duration, fps, frame count, size, codec; broken files become failure records."""
+
+    decode_check: bool = _f(True, "decode the first frame; a file that demuxes but does not decode fails")
+    count_frames: bool = _f(True, "count frames by demuxing every packet (exact; catches truncation)")
+    min_frames: int = _f(1, "fewer readable frames than this is a failure")
+
+
+@dataclass
+class SplitConfig:
+    """split: PySceneDetect shot detection, then frame-accurate H.264 clips (min/max length, fps, resize)."""
+
+    out_dir: str = _f("", "folder for clips ('' = <output manifest folder>/clips)")
+    detector: str = _f("content", "content (PySceneDetect ContentDetector) or adaptive (AdaptiveDetector)")
+    threshold: float = _f(27.0, "ContentDetector threshold on the HSV/edge frame difference")
+    adaptive_threshold: float = _f(3.0, "AdaptiveDetector ratio of a frame's score to its neighbours'")
+    min_content_val: float = _f(15.0, "AdaptiveDetector: minimum frame score for a cut")
+    min_scene_len: int = _f(8, "frames: no two cuts closer than this")
+    detect_width: int = _f(160, "frames are downscaled to about this width for detection (speed)")
+    min_clip_s: float = _f(1.0, "shots shorter than this are dropped")
+    max_clip_s: float = _f(10.0, "longer shots are cut into pieces of at most this length (0 = no limit)")
+    drop_edge_frames: int = _f(0, "frames dropped at both ends of each shot (dissolves, flashes)")
+    target_fps: float = _f(0.0, "re-time clips to this fps by dropping frames (0 = keep the source fps)")
+    short_side: int = _f(0, "resize clips so that the shorter side is this many pixels (0 = keep)")
+    codec: str = _f("libx264", "output encoder")
+    crf: int = _f(18, "x264 constant rate factor")
+    preset: str = _f("veryfast", "x264 preset")
+    max_clips: int = _f(0, "at most this many clips per video (0 = all)")
+
+    def __post_init__(self):
+        if self.detector not in ("content", "adaptive"):
+            raise ValueError(f"split.detector must be 'content' or 'adaptive', got {self.detector!r}")
+        if self.max_clip_s and self.max_clip_s < self.min_clip_s:
+            raise ValueError("split.max_clip_s must be >= split.min_clip_s (or 0)")
+
+
+@dataclass
+class FilterConfig:
+    """filter: duration/size limits, motion (optical flow), black/blank frames, optional aesthetic model."""
+
+    min_duration_s: float = _f(0.0, "reject clips shorter than this")
+    max_duration_s: float = _f(0.0, "reject clips longer than this (0 = no limit)")
+    min_height: int = _f(0, "reject clips lower than this")
+    min_width: int = _f(0, "reject clips narrower than this")
+    num_samples: int = _f(6, "frames sampled per clip for the pixel checks and motion")
+    sample_width: int = _f(128, "sampled frames are decoded at this width (height keeps the aspect)")
+    min_motion: float = _f(0.0, "reject clips whose mean optical-flow magnitude (% of width per frame) is below")
+    max_motion: float = _f(0.0, "reject clips above this motion (0 = no limit; flashes, shaky cams)")
+    black_luma: float = _f(16.0, "a frame whose mean luma is below this is black")
+    blank_std: float = _f(4.0, "a frame whose luma std is below this is blank (one flat colour)")
+    max_bad_frac: float = _f(0.5, "reject clips where more than this fraction of samples is black or blank")
+    aesthetic_model: str = _f("", "local folder with a CLIP vision model + aesthetic_head.safetensors ('' = off)")
+    min_aesthetic: float = _f(0.0, "reject clips whose aesthetic score is below (needs aesthetic_model)")
+    device: str = _f("cpu", "torch device for model-based scores")
+
+
+@dataclass
+class CaptionConfig:
+    """caption: LLaVA / LLaVA-NeXT captions from a few frames, or captions the data set already carries."""
+
+    model: str = _f("", "local folder of a LLaVA / LLaVA-NeXT model ('' = only take captions the data carries)")
+    use_existing: bool = _f(True, "keep a non-empty text column or a sidecar .txt/.json caption as it is")
+    sidecar_from_source: bool = _f(True, "also look for a sidecar next to the source video of a clip")
+    prompt: str = _f(
+        "Describe this video in one detailed paragraph: the subjects, their actions, the setting and the camera.",
+        "instruction given with the frames",
+    )
+    num_frames: int = _f(3, "frames shown per clip")
+    frame_positions: list = _f([0.2, 0.5, 0.8], "relative positions of the frames in the clip (len = num_frames)")
+    layout: str = _f("separate", "separate (one image per frame) or grid (frames side by side in one image)")
+    batch_size: int = _f(8, "clips per generate() call")
+    max_new_tokens: int = _f(160, "generation budget; a caption that hits it is truncated")
+    retries: int = _f(1, "re-generate an empty or truncated caption this many times with twice the budget")
+    min_words: int = _f(3, "a caption with fewer words is treated as empty")
+    strip_openings: list = _f(
+        [
+            r"^(?:in|throughout) (?:this|the) (?:video|clip|footage|sequence|images?|frames?),?\s*",
+            r"^(?:the|this) (?:video|clip|footage|sequence|images?|frames?|scene) "
+            r"(?:shows|depicts|features|captures|presents|displays|showcases|is showing|begins with|opens with)"
+            r"(?: that)?\s*",
+        ],
+        "regexes (case-insensitive) removed from the start of a caption",
+    )
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), or a torch device")
+    dtype: str = _f("auto", "auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16 or float32")
+
+    def __post_init__(self):
+        if self.layout not in ("separate", "grid"):
+            raise ValueError(f"caption.layout must be 'separate' or 'grid', got {self.layout!r}")
+        if len(self.frame_positions) != self.num_frames:
+            raise ValueError(
+                f"caption.frame_positions has {len(self.frame_positions)} entries, num_frames is {self.num_frames}"
+            )
+
+
+@dataclass
+class PipelineConfig:
+    """``python -m data_pipeline run --config FILE``: the stages in order, each with its own section."""
+
+    input: str = _f(MISSING, "a manifest (.parquet/.csv), a folder of videos, or a .txt list of URLs")
+    work_dir: str = _f(MISSING, "stage manifests go to WORK_DIR/NN_STAGE.parquet, media under it")
+    output: str = _f("", "final manifest of usable rows for training ('' = WORK_DIR/manifest.parquet)")
+    stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order")
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+
+    def __post_init__(self):
+        known = ("download", "probe", "split", "filter", "caption")
+        for name in self.stages:
+            if name not in known:
+                raise ValueError(f"stages: unknown stage {name!r} (known: {', '.join(known)})")

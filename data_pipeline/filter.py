@@ -1,0 +1,125 @@
+"""filter: keep clips that are long and large enough, move, and are not black or blank.
+
+Pixel checks and motion use ``num_samples`` frames decoded small by decord (the reader training uses):
+motion is the mean Farneback optical-flow magnitude between each sampled frame and the frame after it,
+as a percentage of the frame width per frame, so it does not depend on the sample resolution.
+Model-based scores (aesthetic) load from a local folder only when configured.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from data_pipeline.config import FilterConfig
+from data_pipeline.rows import Reject, Row, is_missing
+
+
+def sample_pairs(path: str, num_samples: int, width: int) -> np.ndarray:
+    """(S, 2, h, w, 3) uint8: ``num_samples`` evenly spaced frames, each with the frame after it."""
+    import decord
+
+    reader = decord.VideoReader(path, num_threads=1)
+    n = len(reader)
+    if n < 2:
+        raise RuntimeError(f"{n} frames: too few to measure motion")
+    h0, w0 = reader[0].shape[:2]
+    height = max(2, round(h0 * width / w0))
+    reader = decord.VideoReader(path, width=width, height=height, num_threads=1)
+    starts = np.unique(np.linspace(0, n - 2, num_samples).round().astype(int))
+    idx = np.stack([starts, starts + 1], axis=1).reshape(-1)
+    frames = reader.get_batch(list(idx)).asnumpy()  # (2S, h, w, 3)
+    return frames.reshape(len(starts), 2, *frames.shape[1:])
+
+
+def motion_score(pairs: np.ndarray) -> float:
+    """Mean optical-flow magnitude (Farneback) over the pairs, in % of frame width per frame."""
+    scores = []
+    for a, b in pairs:
+        ga, gb = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), cv2.cvtColor(b, cv2.COLOR_RGB2GRAY)
+        flow = cv2.calcOpticalFlowFarneback(ga, gb, None, 0.5, 3, 15, 3, 5, 1.2, 0)  # (h, w, 2)
+        scores.append(float(np.linalg.norm(flow, axis=-1).mean()) / ga.shape[1] * 100.0)
+    return float(np.mean(scores))
+
+
+def bad_frame_fraction(frames: np.ndarray, cfg: FilterConfig) -> tuple[float, float]:
+    """(fraction of black frames, fraction of blank frames) among ``frames`` (N, h, w, 3)."""
+    luma = frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # (N, h, w)
+    means, stds = luma.mean(axis=(1, 2)), luma.std(axis=(1, 2))
+    black = means < cfg.black_luma
+    blank = (stds < cfg.blank_std) & ~black
+    return float(black.mean()), float(blank.mean())
+
+
+@functools.lru_cache(maxsize=2)
+def load_aesthetic(model_dir: str, device: str):
+    """A CLIP vision tower + MLP head (``aesthetic_head.safetensors``: ``layers.N.weight/bias``), cached per process.
+
+    The head follows the LAION aesthetic predictor: Linear layers (with activations dropped at inference
+    as in the original's linear-MSE model) mapping the normalised image embedding to one score.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    folder = Path(model_dir)
+    model = CLIPVisionModelWithProjection.from_pretrained(folder).to(device).eval()
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    state = load_file(folder / "aesthetic_head.safetensors")
+    names = sorted({k.rsplit(".", 1)[0] for k in state}, key=lambda s: int(s.split(".")[1]))
+    layers = []
+    for name in names:
+        weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        linear.load_state_dict({"weight": weight, "bias": bias})
+        layers.append(linear)
+    head = torch.nn.Sequential(*layers).to(device).eval()
+    return model, processor, head
+
+
+def aesthetic_score(frames: np.ndarray, cfg: FilterConfig) -> float:
+    """Mean aesthetic score of ``frames`` (N, h, w, 3) with the model in ``cfg.aesthetic_model``."""
+    import torch
+
+    model, processor, head = load_aesthetic(cfg.aesthetic_model, cfg.device)
+    with torch.no_grad():
+        inputs = processor(images=list(frames), return_tensors="pt").to(cfg.device)
+        embeds = model(**inputs).image_embeds  # (N, D)
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return float(head(embeds).mean())
+
+
+def filter_clip(row: Row, cfg: FilterConfig) -> list[Row]:
+    """Stage function: scores the clip (``motion``, ``black_frac``, ``blank_frac``, ``aesthetic``) and
+    raises :class:`Reject` naming the first failed check."""
+    if is_missing(row.get("path")):
+        raise RuntimeError("row has no path")
+    scores: Row = {}
+    duration = row.get("duration")
+    if is_missing(duration) and not is_missing(row.get("num_frames")) and row.get("fps"):
+        duration = row["num_frames"] / row["fps"]
+    if cfg.min_duration_s and duration is not None and duration < cfg.min_duration_s:
+        raise Reject(f"duration {duration:.2f}s < {cfg.min_duration_s}s")
+    if cfg.max_duration_s and duration is not None and duration > cfg.max_duration_s:
+        raise Reject(f"duration {duration:.2f}s > {cfg.max_duration_s}s")
+    height, width = row.get("height"), row.get("width")
+    if height is not None and height < cfg.min_height or width is not None and width < cfg.min_width:
+        raise Reject(f"size {width}x{height} below {cfg.min_width}x{cfg.min_height}")
+    pairs = sample_pairs(row["path"], cfg.num_samples, cfg.sample_width)
+    black, blank = bad_frame_fraction(pairs[:, 0], cfg)
+    scores.update(black_frac=black, blank_frac=blank)
+    if black + blank > cfg.max_bad_frac:
+        raise Reject(f"{'black' if black >= blank else 'blank'} frames {black + blank:.0%} > {cfg.max_bad_frac:.0%}", scores)
+    scores["motion"] = motion_score(pairs)
+    if scores["motion"] < cfg.min_motion:
+        raise Reject(f"static: motion {scores['motion']:.3f} < {cfg.min_motion}", scores)
+    if cfg.max_motion and scores["motion"] > cfg.max_motion:
+        raise Reject(f"motion {scores['motion']:.3f} > {cfg.max_motion}", scores)
+    if cfg.aesthetic_model:
+        scores["aesthetic"] = aesthetic_score(pairs[:, 0], cfg)
+        if scores["aesthetic"] < cfg.min_aesthetic:
+            raise Reject(f"aesthetic {scores['aesthetic']:.2f} < {cfg.min_aesthetic}", scores)
+    return [{**row, **scores}]

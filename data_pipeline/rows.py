@@ -1,0 +1,53 @@
+"""What stage functions share: the row type, the rejection signal, and JSON-safe row values."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Row = dict[str, Any]
+"""One manifest row: column name -> a JSON-serialisable value (None for missing)."""
+
+
+class Reject(Exception):
+    """Raised by a stage for a row that is fine but unwanted (too short, static, black...).
+
+    The runner records it as ``<stage>_status = rejected`` with ``reason``; ``updates`` (e.g. the scores
+    that led to the decision) are kept on the row so a later look can tell why.
+    """
+
+    def __init__(self, reason: str, updates: Row | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.updates = dict(updates or {})
+
+
+def plain(value: Any) -> Any:
+    """Turns numpy/pandas scalars and missing markers into plain Python (JSON-safe) values."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def plain_row(row: Row) -> Row:
+    """:func:`plain` applied to every value of a row."""
+    return {k: plain(v) for k, v in row.items()}
+
+
+def is_missing(value: Any) -> bool:
+    """True for None / NaN / pd.NA / empty string."""
+    value = plain(value)
+    return value is None or (isinstance(value, str) and value.strip() == "")

@@ -1,0 +1,180 @@
+"""The manifest: one table of videos or clips, shared by the data pipeline and training.
+
+A manifest is a Parquet file (or a CSV, chosen by the file extension) with Open-Sora's columns
+(:data:`OPENSORA_COLUMNS`), lineage columns (:data:`LINEAGE_COLUMNS`: where a clip came from) and, for
+each pipeline stage that ran, ``<stage>_status`` (``done`` / ``failed`` / ``rejected``) and
+``<stage>_error`` (the reason). Rows that failed or were rejected stay in the table so that nothing is
+lost silently; :func:`read_manifest` drops them by default, which is what training wants.
+
+Open-Sora 1.0 CSVs (``path,text,num_frames,...``) and minimal inputs (a CSV with only ``url`` or ``path``)
+read as they are; missing columns are added empty and every row gets a stable ``id``.
+
+Example::
+
+    df = read_manifest("data/clips.parquet")                   # usable rows only
+    everything = read_manifest("data/clips.parquet", usable_only=False)
+    write_manifest(df, "data/train.csv")                        # atomic; CSV because of the extension
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+OPENSORA_COLUMNS = ["path", "text", "num_frames", "fps", "height", "width", "aspect_ratio", "resolution"]
+"""Open-Sora 1.0's training columns. ``aspect_ratio`` is height / width, ``resolution`` is height * width."""
+
+LINEAGE_COLUMNS = ["id", "url", "source", "source_video", "start_time", "end_time", "start_frame", "end_frame"]
+"""Where a row came from: a stable ``id``; the ``url`` it was downloaded from; ``source`` (URL or original
+file); ``source_video`` (the video a clip was cut from); the clip's span in that video, in seconds
+(``start_time``/``end_time``) and frames (``start_frame`` inclusive, ``end_frame`` exclusive)."""
+
+COLUMNS = ["id", *OPENSORA_COLUMNS, *[c for c in LINEAGE_COLUMNS if c != "id"]]
+"""Columns every manifest written by :func:`write_manifest` has, in this order (extra columns follow)."""
+
+_INT_COLUMNS = ["num_frames", "height", "width", "resolution", "start_frame", "end_frame"]
+_FLOAT_COLUMNS = ["fps", "aspect_ratio", "start_time", "end_time"]
+_STR_COLUMNS = ["id", "path", "text", "url", "source", "source_video"]
+
+OK_STATUS = "done"
+"""The value of a ``<stage>_status`` column for a row the stage finished successfully."""
+
+
+def status_columns(df: pd.DataFrame) -> list[str]:
+    """The ``<stage>_status`` columns of ``df``, in table order."""
+    return [c for c in df.columns if c.endswith("_status")]
+
+
+def usable_mask(df: pd.DataFrame) -> pd.Series:
+    """True for rows that no stage marked ``failed`` or ``rejected`` (empty status = stage not run)."""
+    mask = pd.Series(True, index=df.index)
+    for col in status_columns(df):
+        status = df[col].fillna("").astype(str)
+        mask &= status.isin(["", OK_STATUS])
+    return mask
+
+
+def row_id(key: str) -> str:
+    """A stable short id for a URL or path (the first 16 hex digits of its sha1)."""
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds the missing :data:`COLUMNS`, fixes their dtypes and fills ``id`` where it is empty.
+
+    Ids are derived from ``url`` (else ``path``) so that the same input gets the same id on every run,
+    which is what resume keys on; a repeated URL/path gets ``#1``, ``#2``... appended.
+    """
+    df = df.copy()
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.NA
+    for col in _INT_COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    for col in _FLOAT_COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in _STR_COLUMNS:
+        df[col] = df[col].astype("string")
+    missing = df["id"].isna() | (df["id"] == "")
+    if missing.any():
+        keys = df["url"].fillna(df["path"]).fillna("")
+        if (missing & (keys == "")).any():
+            bad = int((missing & (keys == "")).idxmax())
+            raise ValueError(f"manifest row {bad} has no id, url or path")
+        ids = keys[missing].map(row_id)
+        # Repeats of the same key get a counter so ids stay unique (and stable for a fixed input order).
+        counter = ids.groupby(ids).cumcount()
+        ids = ids.where(counter == 0, ids + "#" + counter.astype(str))
+        df.loc[missing, "id"] = ids
+    dup = df["id"].duplicated()
+    if dup.any():
+        raise ValueError(f"manifest has duplicate ids, e.g. {df.loc[dup, 'id'].iloc[0]!r}")
+    ordered = COLUMNS + [c for c in df.columns if c not in COLUMNS]
+    return df[ordered].reset_index(drop=True)
+
+
+def read_manifest(path: str | Path, usable_only: bool = True) -> pd.DataFrame:
+    """Reads a manifest (``.parquet``, or ``.csv``/``.tsv``) into a DataFrame with all :data:`COLUMNS`.
+
+    Args:
+        path: the manifest file; the extension picks the format. Open-Sora CSVs read as they are.
+        usable_only: drop rows that a pipeline stage marked ``failed`` or ``rejected`` (training wants
+            this); the pipeline itself reads with ``False`` so that failure records carry through.
+    Returns:
+        the table, normalised by :func:`normalize` (stable ``id`` column, typed columns).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif suffix in (".csv", ".tsv"):
+        # keep_default_na=False then explicit "" -> NA: captions like "NA" or "null" stay text.
+        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[""])
+    else:
+        raise ValueError(f"{path}: unknown manifest format '{path.suffix}' (use .parquet, .csv or .tsv)")
+    if "path" not in df.columns and "url" not in df.columns:
+        raise ValueError(f"{path}: a manifest needs a 'path' or 'url' column, found {list(df.columns)}")
+    try:
+        df = normalize(df)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    if usable_only:
+        df = df[usable_mask(df)].reset_index(drop=True)
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Writes ``df`` atomically (temp file in the same folder, fsync, ``os.replace``).
+
+    Args:
+        df: the table; missing :data:`COLUMNS` are added.
+        path: ``.parquet``, ``.csv`` or ``.tsv``; parent folders are created.
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv", ".tsv"):
+        raise ValueError(f"{path}: unknown manifest format '{path.suffix}' (use .parquet, .csv or .tsv)")
+    df = normalize(df)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if suffix == ".parquet":
+                df.to_parquet(f, index=False)
+            else:
+                df.to_csv(f, index=False, sep="\t" if suffix == ".tsv" else ",")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def import_opensora_csv(csv_path: str | Path, out_path: str | Path) -> Path:
+    """Converts an Open-Sora CSV (``path,text,num_frames,...``) into a manifest at ``out_path``.
+
+    Relative ``path`` entries are resolved against the CSV's folder, as Open-Sora's scripts did when run
+    from there.
+
+    Args:
+        csv_path: the Open-Sora CSV.
+        out_path: the manifest to write (``.parquet`` or ``.csv``).
+    Returns:
+        the path written.
+    """
+    csv_path = Path(csv_path)
+    df = read_manifest(csv_path, usable_only=False)
+    base = csv_path.resolve().parent
+    df["path"] = df["path"].map(lambda p: p if pd.isna(p) or os.path.isabs(p) else str(base / p)).astype("string")
+    return write_manifest(df, out_path)

@@ -1,0 +1,66 @@
+"""Synthetic videos for the data-pipeline tests (PyAV, tiny, made inside the test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+# Distinct hues so that every hard cut is an obvious HSV jump for ContentDetector.
+PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 200), (40, 210, 210)]
+
+
+def shot_frames(n: int, size: tuple[int, int], shot: int, moving: bool = True) -> np.ndarray:
+    """(n, H, W, 3) uint8: a flat colour per shot with a bright square sliding across (some motion)."""
+    width, height = size
+    base = np.array(PALETTE[shot % len(PALETTE)], dtype=np.uint8)
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    frames[:] = base
+    side = max(4, height // 4)
+    for t in range(n):
+        x = (t * 2) % max(1, width - side) if moving else width // 3
+        frames[t, height // 3 : height // 3 + side, x : x + side] = 255 - base
+    return frames
+
+
+def make_video(path: str | Path, shot_lengths: list[int], fps: int = 24, size: tuple[int, int] = (64, 48),
+               moving: bool = True, gop: int = 250) -> list[int]:
+    """Writes an H.264 mp4 with hard cuts between shots of the given lengths.
+
+    Returns:
+        the cut frames (the first frame of every shot after the first).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        # A long GOP puts the cuts between keyframes, so only a frame-accurate cutter gets them right.
+        stream.options = {"preset": "ultrafast", "crf": "20", "g": str(gop), "sc_threshold": "0"}
+        for shot, n in enumerate(shot_lengths):
+            for img in shot_frames(n, size, shot, moving):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return [int(c) for c in np.cumsum(shot_lengths)[:-1]]
+
+
+def make_black_video(path: str | Path, n: int = 48, fps: int = 24, size: tuple[int, int] = (64, 48)) -> None:
+    """An all-black H.264 mp4 (for the black/static filters)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for _ in range(n):
+            frame = av.VideoFrame.from_ndarray(np.zeros((size[1], size[0], 3), np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def truncate(src: str | Path, dst: str | Path, fraction: float = 0.5) -> None:
+    """Copies the first ``fraction`` of a file's bytes (a download cut off half-way)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
