@@ -190,37 +190,41 @@ def _run_inline(stage: Stage, batches: list[list[Row]], on_result: Callable[[Bat
 
 
 def _run_local(stage: Stage, batches: list[list[Row]], workers: int, on_result) -> None:
-    """Process pool with a bounded queue; a crashed worker (segfault in a decoder) breaks the pool, so the
-    pool is rebuilt and the rows that were in flight are retried, and failed on their second crash."""
-    crashes: collections.Counter = collections.Counter()
+    """Process pool with a bounded queue. A crashed worker (a segfault in a decoder) breaks the whole
+    pool, so the pool is rebuilt and the rows that were in flight are re-run one at a time, alone in the
+    pool: a row that crashes its pool alone is the culprit and gets a failure record; the others finish."""
     queue = collections.deque(batches)
+    suspects: collections.deque[Row] = collections.deque()
     ctx = mp.get_context("spawn")  # fork after threads (tqdm, pyarrow, torch) can deadlock
-    while queue:
-        broken: list[list[Row]] = []
+    while queue or suspects:
+        broken: list[tuple[list[Row], bool]] = []
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending: dict[cf.Future, list[Row]] = {}
-            while queue or pending:
-                while queue and len(pending) < 2 * workers:
-                    batch = queue.popleft()
-                    pending[pool.submit(process_batch, stage, batch)] = batch
+            pending: dict[cf.Future, tuple[list[Row], bool]] = {}
+            while queue or suspects or pending:
+                if suspects:  # isolate: one suspect at a time, nothing else in flight
+                    if not pending:
+                        batch = [suspects.popleft()]
+                        pending[pool.submit(process_batch, stage, batch)] = (batch, True)
+                else:
+                    while queue and len(pending) < 2 * workers:
+                        batch = queue.popleft()
+                        pending[pool.submit(process_batch, stage, batch)] = (batch, False)
                 finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
-                    batch = pending.pop(fut)
+                    batch, alone = pending.pop(fut)
                     try:
                         on_result(fut.result())
                     except cf.process.BrokenProcessPool:
-                        broken.append(batch)
+                        broken.append((batch, alone))
                 if broken:
                     broken += list(pending.values())
                     pending.clear()
                     break
-        for batch in broken:
-            for row in batch:
-                crashes[row["id"]] += 1
-                if crashes[row["id"]] >= 2:
-                    on_result([_record(stage.name, row, RuntimeError("worker process crashed on this row"))])
-                else:
-                    queue.append([row])
+        for batch, alone in broken:
+            if alone:
+                on_result([_record(stage.name, batch[0], RuntimeError("worker process crashed on this row"))])
+            else:
+                suspects.extend(batch)
 
 
 def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_result) -> None:

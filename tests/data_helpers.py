@@ -64,3 +64,26 @@ def truncate(src: str | Path, dst: str | Path, fraction: float = 0.5) -> None:
     """Copies the first ``fraction`` of a file's bytes (a download cut off half-way)."""
     data = Path(src).read_bytes()
     Path(dst).write_bytes(data[: int(len(data) * fraction)])
+
+
+def flaky_stage(row: dict, cfg: dict) -> list[dict]:
+    """A test stage: fails rows whose id is in ``cfg['fail']``, kills its process for ``cfg['crash']``,
+    sleeps ``cfg['sleep']`` seconds, and otherwise returns the row with ``seen=1``."""
+    import os
+    import time
+
+    if row["id"] in cfg.get("crash", ()):
+        os._exit(3)
+    time.sleep(cfg.get("sleep", 0.0))
+    if row["id"] in cfg.get("fail", ()):
+        raise ValueError(f"bad row {row['id']}")
+    return [{**row, "seen": 1}]
+
+
+def first_frame_rgb(path: str | Path, index: int) -> np.ndarray:
+    """Mean RGB of frame ``index`` of a video (PyAV), as float (3,)."""
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == index:
+                return frame.to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
+    raise IndexError(f"{path} has no frame {index}")

@@ -1,0 +1,133 @@
+"""The runner: failure records, resume (also after kill -9), crashed workers, the Ray executor."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from data_helpers import flaky_stage, make_video
+from data_pipeline.config import RunnerConfig, SplitConfig
+from data_pipeline.pipeline import make_stage
+from data_pipeline.runner import Journal, Stage, run_stage
+from opensora.data.manifest import read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rows(n):
+    return pd.DataFrame({"path": [f"/data/v{i}.mp4" for i in range(n)]})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failures_are_records_and_resume_skips_finished(tmp_path, workers):
+    df = read_manifest(_write(tmp_path, _rows(6)), usable_only=False)
+    bad = df["id"].iloc[[1, 4]].tolist()
+    stage = Stage("flaky", flaky_stage, {"fail": bad})
+    cfg = RunnerConfig(workers=workers, progress=False, batch_rows=2)
+    summary = run_stage(stage, df, tmp_path / "out.parquet", cfg)
+    assert (summary.done, summary.failed, summary.rows_out) == (4, 2, 6)
+    assert "ValueError: bad row N" in str(summary)
+    out = read_manifest(tmp_path / "out.parquet", usable_only=False)
+    assert out["id"].tolist() == df["id"].tolist()
+    assert out.set_index("id").loc[bad, "flaky_status"].tolist() == ["failed", "failed"]
+    assert out.set_index("id").loc[bad[0], "flaky_error"] == f"ValueError: bad row {bad[0]}"
+    # A re-run does nothing new; with retry_failed the failed rows run again (and now succeed).
+    again = run_stage(stage, df, tmp_path / "out.parquet", cfg)
+    assert (again.resumed, again.done, again.failed) == (6, 0, 0)
+    fixed = Stage("flaky", flaky_stage, {})
+    retried = run_stage(fixed, df, tmp_path / "out.parquet", RunnerConfig(workers=0, progress=False, retry_failed=True))
+    assert (retried.resumed, retried.done) == (4, 2)
+    assert (read_manifest(tmp_path / "out.parquet")["flaky_status"] == "done").all()
+
+
+def _write(tmp_path, df):
+    path = tmp_path / "in.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_journal_drops_a_half_written_line(tmp_path):
+    journal = Journal(tmp_path / "o.parquet")
+    journal.append([{"id": "a", "status": "done", "error": None, "rows": [{"id": "a"}]}])
+    journal.close()
+    with open(journal.path, "a") as f:
+        f.write('{"id": "b", "status": "do')  # kill -9 in the middle of a write
+    again = Journal(tmp_path / "o.parquet")
+    assert set(again.entries) == {"a"}
+    again.append([{"id": "c", "status": "done", "error": None, "rows": []}])
+    again.close()
+    lines = journal.path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "c"]
+
+
+@pytest.mark.slow
+def test_crashed_worker_fails_only_its_row(tmp_path):
+    df = read_manifest(_write(tmp_path, _rows(4)), usable_only=False)
+    crash = df["id"].iloc[2]
+    summary = run_stage(Stage("flaky", flaky_stage, {"crash": [crash]}), df, tmp_path / "o.parquet",
+                        RunnerConfig(workers=2, progress=False))
+    out = read_manifest(tmp_path / "o.parquet", usable_only=False).set_index("id")
+    assert out.loc[crash, "flaky_status"] == "failed" and "crashed" in out.loc[crash, "flaky_error"]
+    assert (summary.done, summary.failed) == (3, 1)
+
+
+@pytest.mark.slow
+def test_resume_after_kill9_has_no_duplicate_and_no_lost_row(tmp_path):
+    n = 8
+    for i in range(n):
+        make_video(tmp_path / "in" / f"v{i}.mp4", [30, 30, 30])
+    cmd = [sys.executable, "-m", "data_pipeline", "split", "--input", str(tmp_path / "in"),
+           "--output", str(tmp_path / "s.parquet"), "--workers", "1", "--min-clip-s", "0.5", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    journal = tmp_path / "s.parquet.journal.jsonl"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its pool worker, mid-run
+    proc.wait()
+    assert not (tmp_path / "s.parquet").exists()
+    finished = journal.read_text().count("\n")
+    assert 2 <= finished < n
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"finished before: {finished}" in rerun.stderr
+    out = read_manifest(tmp_path / "s.parquet")
+    assert out["id"].is_unique and len(out) == 3 * n
+    assert sorted(out["source_video"].unique()) == sorted(str(tmp_path / "in" / f"v{i}.mp4") for i in range(n))
+    clips = sorted(p.name for p in (tmp_path / "clips").iterdir())
+    assert clips == sorted(Path(p).name for p in out["path"])  # no stray temp or duplicate clip files
+
+
+@pytest.mark.slow
+def test_ray_executor_on_two_local_cpus(tmp_path):
+    ray = pytest.importorskip("ray")
+    for i in range(3):
+        make_video(tmp_path / "in" / f"v{i}.mp4", [30, 30])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        stage = make_stage("split", SplitConfig(min_clip_s=0.5), tmp_path / "ray.parquet")
+        from data_pipeline.sources import resolve_input
+
+        df = resolve_input(tmp_path / "in")
+        summary = run_stage(stage, df, tmp_path / "ray.parquet", RunnerConfig(executor="ray", progress=False))
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.rows_out) == (3, 6)
+    local = run_stage(make_stage("split", SplitConfig(min_clip_s=0.5, out_dir=str(tmp_path / "lc")),
+                                 tmp_path / "local.parquet"), df, tmp_path / "local.parquet",
+                      RunnerConfig(workers=0, progress=False))
+    a, b = read_manifest(tmp_path / "ray.parquet"), read_manifest(tmp_path / "local.parquet")
+    assert a["id"].tolist() == b["id"].tolist() and a["num_frames"].tolist() == b["num_frames"].tolist()
+    assert local.done == 3

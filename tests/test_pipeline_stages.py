@@ -1,0 +1,129 @@
+"""probe / split / filter on synthetic videos made here (PyAV, 64x48, a few seconds)."""
+
+import decord
+import numpy as np
+import pytest
+
+from data_helpers import PALETTE, first_frame_rgb, make_black_video, make_video, truncate
+from data_pipeline.__main__ import main
+from data_pipeline.config import FilterConfig, ProbeConfig, RunnerConfig, SplitConfig
+from data_pipeline.pipeline import make_stage
+from data_pipeline.runner import run_stage
+from data_pipeline.split import detect_cuts, plan_clips, split
+from opensora.data.manifest import read_manifest
+
+SERIAL = RunnerConfig(workers=0, progress=False)
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_cuts_found_within_one_frame(tmp_path, detector):
+    true_cuts = make_video(tmp_path / "v.mp4", [30, 41, 17, 52], fps=24)
+    cuts, n, fps = detect_cuts(str(tmp_path / "v.mp4"), SplitConfig(detector=detector, min_scene_len=8))
+    assert n == 140 and fps == 24
+    assert len(cuts) == len(true_cuts)
+    assert all(abs(c - t) <= 1 for c, t in zip(cuts, true_cuts)), (cuts, true_cuts)
+
+
+def test_clips_are_frame_accurate_and_decode_to_manifest_count(tmp_path):
+    true_cuts = make_video(tmp_path / "v.mp4", [30, 41, 17, 52], fps=24, gop=250)
+    cfg = SplitConfig(out_dir=str(tmp_path / "clips"), min_clip_s=0.5, max_clip_s=0)
+    clips = split({"id": "v", "path": str(tmp_path / "v.mp4")}, cfg)
+    assert [c["start_frame"] for c in clips] == [0, *true_cuts]
+    for shot, clip in enumerate(clips):
+        reader = decord.VideoReader(clip["path"])
+        assert len(reader) == clip["num_frames"] == clip["end_frame"] - clip["start_frame"]
+        assert clip["source_video"] == str(tmp_path / "v.mp4")
+        assert clip["start_time"] == pytest.approx(clip["start_frame"] / 24)
+        # First and last frame belong to this shot (the cut is not rounded to a keyframe).
+        for index in (0, clip["num_frames"] - 1):
+            rgb = first_frame_rgb(clip["path"], index)
+            assert np.abs(rgb - np.array(PALETTE[shot])).max() < 40, (shot, index, rgb)
+
+
+def test_long_shots_are_split_and_retimed_and_resized(tmp_path):
+    make_video(tmp_path / "v.mp4", [100], fps=24, size=(96, 64))
+    cfg = SplitConfig(out_dir=str(tmp_path / "clips"), min_clip_s=1.0, max_clip_s=2.0, target_fps=12, short_side=32)
+    clips = split({"id": "v", "path": str(tmp_path / "v.mp4")}, cfg)
+    # 100 frames at 24 fps: pieces of 48, 48; the 4-frame remainder is below min_clip_s.
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 48), (48, 96)]
+    for clip in clips:
+        reader = decord.VideoReader(clip["path"])
+        assert clip["num_frames"] == len(reader) == 24 and clip["fps"] == 12
+        assert (clip["width"], clip["height"]) == (48, 32) == (reader[0].shape[1], reader[0].shape[0])
+
+
+def test_plan_clips_edges_and_limits():
+    cfg = SplitConfig(min_clip_s=1.0, max_clip_s=2.0, drop_edge_frames=2, max_clips=3)
+    assert plan_clips([30], 100, 10.0, cfg) == [(2, 22), (32, 52), (52, 72)]
+
+
+def test_broken_inputs_are_recorded_not_fatal(tmp_path):
+    make_video(tmp_path / "good.mp4", [40, 40])
+    truncate(tmp_path / "good.mp4", tmp_path / "trunc.mp4", 0.5)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("hello, not a video")
+    names = ["good", "trunc", "empty", "text", "missing"]
+    (tmp_path / "in.csv").write_text("path\n" + "\n".join(str(tmp_path / f"{n}.mp4") for n in names) + "\n")
+    summary = run_stage(make_stage("probe", ProbeConfig(), tmp_path / "p.parquet"), tmp_path / "in.csv",
+                        tmp_path / "p.parquet", SERIAL)
+    assert (summary.done, summary.failed) == (1, 4)
+    df = read_manifest(tmp_path / "p.parquet", usable_only=False).set_index("path")
+    status = {n: df.loc[str(tmp_path / f"{n}.mp4"), "probe_status"] for n in names}
+    error = {n: df.loc[str(tmp_path / f"{n}.mp4"), "probe_error"] for n in names}
+    assert status == {"good": "done", "trunc": "failed", "empty": "failed", "text": "failed", "missing": "failed"}
+    assert "empty" in error["empty"] and "no such file" in error["missing"] and "container" in error["text"]
+    assert df.loc[str(tmp_path / "good.mp4"), "num_frames"] == 80
+    # The next stage carries failures through without touching them.
+    split_summary = run_stage(make_stage("split", SplitConfig(min_clip_s=0.5), tmp_path / "s.parquet"),
+                              tmp_path / "p.parquet", tmp_path / "s.parquet", SERIAL)
+    assert (split_summary.upstream, split_summary.done) == (4, 1)
+    assert len(read_manifest(tmp_path / "s.parquet")) == 2
+
+
+def test_filter_rejects_black_static_and_short(tmp_path):
+    make_video(tmp_path / "moving.mp4", [48], size=(64, 48))
+    make_video(tmp_path / "static.mp4", [48], size=(64, 48), moving=False)
+    make_black_video(tmp_path / "black.mp4")
+    make_video(tmp_path / "short.mp4", [10])
+    paths = [str(tmp_path / f"{n}.mp4") for n in ("moving", "static", "black", "short")]
+    (tmp_path / "in.csv").write_text("path,num_frames,fps\n" + "\n".join(
+        f"{p},{10 if 'short' in p else 48},24" for p in paths) + "\n")
+    cfg = FilterConfig(min_duration_s=1.0, min_motion=0.1, blank_std=1.0)
+    summary = run_stage(make_stage("filter", cfg, tmp_path / "f.parquet"), tmp_path / "in.csv",
+                        tmp_path / "f.parquet", SERIAL)
+    assert (summary.done, summary.rejected) == (1, 3)
+    df = read_manifest(tmp_path / "f.parquet", usable_only=False).set_index("path")
+    assert df.loc[paths[0], "filter_status"] == "done" and df.loc[paths[0], "motion"] > 0.1
+    assert df.loc[paths[1], "filter_error"].startswith("static")
+    assert df.loc[paths[2], "filter_error"].startswith("black")
+    assert df.loc[paths[3], "filter_error"].startswith("duration")
+
+
+def test_cli_stage_and_config_errors(tmp_path, capsys):
+    make_video(tmp_path / "in" / "a.mp4", [30, 30])
+    assert main(["probe", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "p.csv"),
+                 "--workers", "0", "--no-progress"]) == 0
+    assert read_manifest(tmp_path / "p.csv")["num_frames"].tolist() == [60]
+    (tmp_path / "bad.yaml").write_text("threshhold: 3\n")
+    assert main(["split", "--input", str(tmp_path / "p.csv"), "--output", str(tmp_path / "s.csv"),
+                 "--config", str(tmp_path / "bad.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "threshhold" in err and "bad.yaml" in err
+    (tmp_path / "run.yaml").write_text(f"input: {tmp_path / 'in'}\nwork_dir: {tmp_path / 'w'}\nstages: [probe, splitt]\n")
+    assert main(["run", "--config", str(tmp_path / "run.yaml")]) == 1
+    assert "splitt" in capsys.readouterr().err
+
+
+def test_pipeline_run_folder_to_training_manifest(tmp_path):
+    make_video(tmp_path / "in" / "a.mp4", [30, 41])
+    make_video(tmp_path / "in" / "b.mp4", [50])
+    (tmp_path / "in" / "broken.mp4").write_bytes(b"\x00" * 100)
+    (tmp_path / "run.yaml").write_text(
+        f"input: {tmp_path / 'in'}\nwork_dir: {tmp_path / 'w'}\nstages: [probe, split, filter]\n"
+        "runner: {workers: 0, progress: false}\nsplit: {min_clip_s: 0.5}\nfilter: {blank_std: 0.0}\n"
+    )
+    assert main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    final = read_manifest(tmp_path / "w" / "manifest.parquet")
+    assert sorted(final["num_frames"].tolist()) == [30, 41, 50]
+    assert (final["filter_status"] == "done").all()
+    assert len(read_manifest(tmp_path / "w" / "02_filter.parquet", usable_only=False)) == 4
