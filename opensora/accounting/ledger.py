@@ -1,0 +1,500 @@
+"""The cost ledger: an append-only JSONL file (``ledger.jsonl``) in a run's output dir.
+
+Every time the trainer runs it opens a *segment* (one process lifetime: a fresh start, a resume after a
+crash or a pre-emption). Rank 0 appends one JSON object per line, flushed and fsync'd, so a crash loses at
+most the line being written:
+
+    {"event": "start", "segment": ..., "run_id": ..., "stage": ..., "gpu_type": "h800", "num_gpus": 64,
+     "price_per_gpu_hour": 2.5, "peak_tflops": 989.0, "host": ..., "time": <epoch s>, "step": <start step>}
+    {"event": "heartbeat",  "segment": ..., "elapsed_s": ..., "step": ..., "samples": ..., "tokens": ..., "flops": ...}
+    {"event": "checkpoint", ... same fields ...}      # after a checkpoint at ``step`` is durable
+    {"event": "end", ... same fields ..., "reason": "finished" | "budget" | "sigterm" | "max_steps" | ...}
+
+``samples``/``tokens``/``flops`` in a record are cumulative *within the segment* and global (all ranks);
+``elapsed_s`` is monotonic-clock seconds since the segment started, so a wall-clock jump cannot create or
+destroy paid time. A segment's wall time is the ``elapsed_s`` of its last record: a crashed segment (no
+end record) still counts its time up to its last heartbeat; time after that heartbeat is not known and is
+not counted (at most ``heartbeat_s`` per crash).
+
+Redone work. After a crash the next segment of the same stage resumes at an earlier step (its start step,
+the last durable checkpoint). For each segment we call the *redo point* the step at which the work that
+survived ends: the start step of the next segment of the same stage if there is one; otherwise the last
+step for a segment with an end record, or its last checkpoint (else its start step) for one without.
+Then:
+
+* time lost = its wall time - the ``elapsed_s`` of its last record at or before the redo point. Those
+  GPU-hours are still paid (they are in GPU-hours and dollars) and are reported separately.
+* samples and tokens = the counters of that same record. So every optimizer step's samples are counted
+  once, in the segment whose result survived, however often a crash made it run again.
+* FLOPs count everything executed, redone steps included: MFU measures what the hardware did.
+
+One ledger per recipe run holds all its stages (``stage`` is a field), so a recipe budget can see them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from opensora.accounting.gpu import default_price, detect_gpu_type, peak_tflops
+
+LEDGER_NAME = "ledger.jsonl"
+
+
+@dataclass
+class Mark:
+    """One progress record of a segment (start, heartbeat, checkpoint or end)."""
+
+    kind: str  # "start" | "heartbeat" | "checkpoint" | "end"
+    elapsed_s: float  # seconds since the segment started
+    step: int  # optimizer steps completed
+    samples: int = 0  # cumulative within the segment, all ranks
+    tokens: int = 0
+    flops: float = 0.0
+
+
+@dataclass
+class Segment:
+    """One process lifetime of a run, as read back from the ledger."""
+
+    segment_id: str
+    run_id: str
+    stage: str
+    gpu_type: str
+    num_gpus: int
+    price_per_gpu_hour: float
+    peak_tflops: float | None  # dense bf16 peak per device; None if the GPU type is not in the table
+    host: str
+    start_time: float  # epoch seconds
+    start_step: int
+    marks: list[Mark] = field(default_factory=list)  # in file order, starting with the start mark
+    end_reason: str | None = None  # None: the segment crashed (or is still running)
+    live: bool = False  # the segment of the Ledger asking (still running, never counted as lost)
+    # Filled by resolve_segments():
+    lost_s: float = 0.0  # wall time whose work a later segment redid (or will redo)
+    useful: Mark | None = None  # the record whose counters are kept (see the module docstring)
+
+    @property
+    def wall_s(self) -> float:
+        return self.marks[-1].elapsed_s
+
+    @property
+    def last_step(self) -> int:
+        return self.marks[-1].step
+
+    @property
+    def crashed(self) -> bool:
+        return self.end_reason is None and not self.live
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.wall_s * self.num_gpus / 3600.0
+
+    @property
+    def dollars(self) -> float:
+        return self.gpu_hours * self.price_per_gpu_hour
+
+    @property
+    def flops(self) -> float:
+        return self.marks[-1].flops
+
+
+@dataclass
+class Spend:
+    """Totals over segments: what was paid and what it bought."""
+
+    gpu_hours: float = 0.0
+    dollars: float = 0.0
+    wall_s: float = 0.0
+    samples: int = 0  # counted once per optimizer step (redone steps not twice)
+    tokens: int = 0
+    flops: float = 0.0  # executed, redone steps included
+    segments: int = 0
+    crashed_segments: int = 0
+    lost_s: float = 0.0  # wall time whose work was redone
+    lost_gpu_hours: float = 0.0
+    peak_flop_s: float | None = None  # sum over segments of wall_s * num_gpus * peak FLOP/s; None if any peak unknown
+
+    @property
+    def samples_per_s(self) -> float:
+        """Samples per wall second of the whole job (all paid time, so crashes and start-ups lower it)."""
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def samples_per_gpu_s(self) -> float:
+        return self.samples / (self.gpu_hours * 3600.0) if self.gpu_hours > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mfu(self) -> float | None:
+        """Executed model FLOPs over the peak for the whole paid time (start-up, saves and crashes included)."""
+        if self.peak_flop_s is None or self.peak_flop_s <= 0:
+            return None
+        return self.flops / self.peak_flop_s
+
+
+def _fresh_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def resolve_segments(segments: list[Segment]) -> list[Segment]:
+    """Sets ``lost_s`` and ``useful`` of every segment from the order of segments (see the module docstring)."""
+    for i, seg in enumerate(segments):
+        later = next((s for s in segments[i + 1 :] if s.stage == seg.stage), None)
+        if later is not None:
+            redo = later.start_step
+        elif seg.end_reason is not None or seg.live:
+            redo = seg.last_step
+        else:
+            ckpts = [m.step for m in seg.marks if m.kind == "checkpoint"]
+            redo = ckpts[-1] if ckpts else seg.start_step
+        if redo >= seg.last_step:
+            seg.useful, seg.lost_s = seg.marks[-1], 0.0
+            continue
+        kept = [m for m in seg.marks if m.step <= redo]
+        seg.useful = kept[-1] if kept else Mark("start", 0.0, seg.start_step)
+        seg.lost_s = seg.wall_s - seg.useful.elapsed_s
+    return segments
+
+
+def ledger_files(run_dir: str | Path) -> list[Path]:
+    """The ledger of ``run_dir`` (a file, or a dir holding ``ledger.jsonl``; failing that, any below it)."""
+    path = Path(run_dir)
+    if path.is_file():
+        return [path]
+    if (path / LEDGER_NAME).is_file():
+        return [path / LEDGER_NAME]
+    return sorted(path.rglob(LEDGER_NAME)) if path.is_dir() else []
+
+
+def parse_records(lines: Iterable[str]) -> tuple[list[Segment], int]:
+    """Segments from ledger lines, and the number of lines that could not be used.
+
+    A torn line (a crash mid-write; only ever the last line of a segment) or a record of a segment whose
+    start record is missing is skipped and counted, never fatal: the ledger must be readable after any crash.
+    """
+    segments: dict[str, Segment] = {}
+    bad = 0
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+            event, sid = rec["event"], rec["segment"]
+            if event == "start":
+                segments[sid] = Segment(
+                    segment_id=sid,
+                    run_id=rec["run_id"],
+                    stage=rec["stage"],
+                    gpu_type=rec["gpu_type"],
+                    num_gpus=int(rec["num_gpus"]),
+                    price_per_gpu_hour=float(rec["price_per_gpu_hour"]),
+                    peak_tflops=rec["peak_tflops"],
+                    host=rec["host"],
+                    start_time=float(rec["time"]),
+                    start_step=int(rec["step"]),
+                    marks=[Mark("start", 0.0, int(rec["step"]))],
+                )
+                continue
+            seg = segments[sid]
+            seg.marks.append(
+                Mark(event, float(rec["elapsed_s"]), int(rec["step"]), int(rec["samples"]),
+                     int(rec["tokens"]), float(rec["flops"]))
+            )
+            if event == "end":
+                seg.end_reason = rec["reason"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+    return list(segments.values()), bad
+
+
+def read_ledger(run_dir: str | Path) -> list[Segment]:
+    """All segments recorded under ``run_dir``, in the order they started, with lost time resolved.
+
+    Args:
+        run_dir: a run's output dir (or the ``ledger.jsonl`` itself). A missing ledger gives [].
+    """
+    files = ledger_files(run_dir)
+    segments: list[Segment] = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            segments += parse_records(f)[0]
+    if len(files) > 1:  # one file is already in order; several (one per stage dir) are merged by start time
+        segments.sort(key=lambda s: s.start_time)
+    return resolve_segments(segments)
+
+
+def spend_of(segments: Iterable[Segment]) -> Spend:
+    """Totals of resolved segments."""
+    out = Spend()
+    peak_known = True
+    for seg in segments:
+        useful = seg.useful or seg.marks[-1]
+        out.gpu_hours += seg.gpu_hours
+        out.dollars += seg.dollars
+        out.wall_s += seg.wall_s
+        out.samples += useful.samples
+        out.tokens += useful.tokens
+        out.flops += seg.flops
+        out.segments += 1
+        out.crashed_segments += int(seg.crashed)
+        out.lost_s += seg.lost_s
+        out.lost_gpu_hours += seg.lost_s * seg.num_gpus / 3600.0
+        if seg.peak_tflops is None:
+            peak_known = False
+        else:
+            out.peak_flop_s = (out.peak_flop_s or 0.0) + seg.wall_s * seg.num_gpus * seg.peak_tflops * 1e12
+    if not peak_known:
+        out.peak_flop_s = None
+    return out
+
+
+class Ledger:
+    """The trainer's handle on the ledger. Rank 0 passes ``enabled=True``; the others ``enabled=False``
+    (they write nothing but can still answer :meth:`spent`).
+
+    Example::
+
+        ledger = Ledger(out_dir, stage="stage2", num_gpus=world_size, enabled=rank == 0)
+        ledger.start_segment(step)
+        for ...:                                     # every step; cheap unless a heartbeat is due
+            ledger.update(step, samples=global_batch, tokens=global_batch * N, flops=global_batch * f)
+        ledger.checkpoint_saved(step)                # after the checkpoint is durable
+        ledger.end_segment("finished", step)
+
+    Budget decisions (:func:`opensora.accounting.check_budget`) should be taken on rank 0 and broadcast:
+    each rank's clock differs by milliseconds, and ranks that disagree about stopping hang the job.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        stage: str,
+        num_gpus: int,
+        gpu_type: str | None = None,
+        price_per_gpu_hour: float | None = None,
+        heartbeat_s: float = 30.0,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """
+        Args:
+            run_dir: the run's output dir; the ledger is ``run_dir/ledger.jsonl``.
+            stage: the stage name recorded with every segment.
+            num_gpus: devices of the whole job (world size), billed for the segment's wall time.
+            gpu_type: canonical GPU type (``opensora.accounting.gpu``); None detects it.
+            price_per_gpu_hour: USD; None takes the table's default for ``gpu_type`` (an unknown type
+                without a price is an error, so a run is never silently priced at zero).
+            heartbeat_s: seconds between heartbeats: the most paid time a crash can hide.
+            enabled: False on ranks other than 0: nothing is written.
+            clock: monotonic seconds (tests pass a fake one).
+        """
+        if num_gpus < 1:
+            raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+        if heartbeat_s < 0:
+            raise ValueError(f"heartbeat_s must be >= 0, got {heartbeat_s}")
+        self.path = Path(run_dir) / LEDGER_NAME
+        self.stage = stage
+        self.num_gpus = int(num_gpus)
+        self.gpu_type = gpu_type or detect_gpu_type()
+        if price_per_gpu_hour is None:
+            price_per_gpu_hour = default_price(self.gpu_type)
+            if price_per_gpu_hour is None:
+                raise ValueError(
+                    f"no default price per GPU-hour for GPU type {self.gpu_type!r}; "
+                    "set price_per_gpu_hour in the config"
+                )
+        if price_per_gpu_hour < 0:
+            raise ValueError(f"price_per_gpu_hour must be >= 0, got {price_per_gpu_hour}")
+        self.price_per_gpu_hour = float(price_per_gpu_hour)
+        self.peak_tflops = peak_tflops(self.gpu_type)
+        self.heartbeat_s = float(heartbeat_s)
+        self.enabled = enabled
+        self.clock = clock
+        self._file = None
+        self._current: Segment | None = None
+        self._past: list[Segment] = []
+        self._t0 = 0.0
+        self._last_write = 0.0
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def _write(self, record: dict) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._last_write = self.clock()
+
+    def _progress(self, kind: str, step: int) -> dict:
+        """Appends a mark of the current counters to the live segment and returns its record."""
+        seg = self._current
+        assert seg is not None
+        last = seg.marks[-1]
+        mark = Mark(kind, self.clock() - self._t0, int(step), last.samples, last.tokens, last.flops)
+        if last.kind == "live":  # the running counters become a real mark
+            seg.marks[-1] = mark
+        else:
+            seg.marks.append(mark)
+        seg.marks.append(Mark("live", mark.elapsed_s, mark.step, mark.samples, mark.tokens, mark.flops))
+        return {"event": kind, "segment": seg.segment_id, "time": time.time(), "elapsed_s": round(mark.elapsed_s, 3),
+                "step": mark.step, "samples": mark.samples, "tokens": mark.tokens, "flops": mark.flops}
+
+    def start_segment(self, step: int) -> None:
+        """Opens a segment at ``step`` (0 for a fresh run, the checkpoint's step on resume).
+
+        Args:
+            step: optimizer steps already completed.
+        """
+        if self._current is not None:
+            raise RuntimeError("start_segment called twice without end_segment")
+        self._past = read_ledger(self.path) if self.path.is_file() else []
+        run_id = self._past[0].run_id if self._past else _fresh_id()
+        self._t0 = self.clock()
+        self._current = Segment(
+            segment_id=_fresh_id(), run_id=run_id, stage=self.stage, gpu_type=self.gpu_type,
+            num_gpus=self.num_gpus, price_per_gpu_hour=self.price_per_gpu_hour, peak_tflops=self.peak_tflops,
+            host=socket.gethostname(), start_time=time.time(), start_step=int(step),
+            marks=[Mark("start", 0.0, int(step)), Mark("live", 0.0, int(step))], live=True,
+        )
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+", encoding="utf-8")
+            # A crash can leave a torn last line without its newline; start on a line of our own.
+            if self._file.tell() > 0:
+                self._file.seek(self._file.tell() - 1)
+                last_char = self._file.read(1)
+                self._file.seek(0, os.SEEK_END)
+                if last_char != "\n":
+                    self._file.write("\n")
+        seg = self._current
+        self._write({"event": "start", "segment": seg.segment_id, "run_id": seg.run_id, "stage": seg.stage,
+                     "gpu_type": seg.gpu_type, "num_gpus": seg.num_gpus,
+                     "price_per_gpu_hour": seg.price_per_gpu_hour, "peak_tflops": seg.peak_tflops,
+                     "host": seg.host, "time": seg.start_time, "step": seg.start_step})
+
+    def update(self, step: int, samples: int, tokens: int, flops: float) -> None:
+        """Adds work done since the previous call; writes a heartbeat when one is due. No I/O otherwise.
+
+        Args:
+            step: optimizer steps completed so far.
+            samples: samples since the previous call, summed over all ranks (e.g. the global batch).
+            tokens: video tokens in those samples (samples * N).
+            flops: model FLOPs of those samples (``train_flops_per_sample`` * samples).
+        """
+        seg = self._current
+        if seg is None:
+            raise RuntimeError("update called before start_segment")
+        live = seg.marks[-1]
+        live.step = int(step)
+        live.samples += int(samples)
+        live.tokens += int(tokens)
+        live.flops += float(flops)
+        now = self.clock()
+        live.elapsed_s = now - self._t0
+        if now - max(self._last_write, self._t0) >= self.heartbeat_s:
+            record = self._progress("heartbeat", step)
+            if self.enabled:
+                self._write(record)
+            else:
+                self._last_write = now
+
+    def checkpoint_saved(self, step: int) -> None:
+        """Records that the checkpoint of ``step`` is durable: work up to it survives a crash.
+
+        Args:
+            step: the step of the checkpoint.
+        """
+        if self._current is None:
+            raise RuntimeError("checkpoint_saved called before start_segment")
+        self._write(self._progress("checkpoint", step))
+
+    def end_segment(self, reason: str, step: int) -> None:
+        """Closes the segment (no-op if none is open).
+
+        Args:
+            reason: why the process stops: "finished", "budget", "sigterm", "max_steps", "error", ...
+            step: optimizer steps completed.
+        """
+        if self._current is None:
+            return
+        record = self._progress("end", step)
+        record["reason"] = reason
+        self._write(record)
+        seg = self._current
+        seg.marks.pop()  # the live mark
+        seg.end_reason, seg.live = reason, False
+        self._past.append(seg)
+        self._current = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def segments(self) -> list[Segment]:
+        """Past segments of this ledger plus the running one (its time up to now), resolved."""
+        segs = list(self._past)
+        if self._current is not None:
+            live = self._current.marks[-1]
+            live.elapsed_s = self.clock() - self._t0
+            segs.append(self._current)
+        return resolve_segments(segs)
+
+    def spent(self, stage: str | None = None) -> Spend:
+        """What the run has spent so far, all segments (crashed ones included) and the running one.
+
+        Args:
+            stage: only this stage; None for all stages in the ledger (the recipe).
+        """
+        return spend_of(s for s in self.segments() if stage is None or s.stage == stage)
+
+
+@dataclass
+class StageSummary:
+    """One row of the cost report."""
+
+    stage: str  # stage name, or "total"
+    hardware: str  # "64 x h800"; several, comma-separated, when segments ran on different machines
+    spend: Spend
+
+
+@dataclass
+class CostSummary:
+    """The cost report of a run: one row per stage (in order of first appearance) and the total."""
+
+    stages: list[StageSummary]
+    total: StageSummary
+    damaged_lines: int  # ledger lines skipped (a torn write after a crash)
+
+
+def _hardware(segments: list[Segment]) -> str:
+    kinds = dict.fromkeys(f"{s.num_gpus} x {s.gpu_type}" for s in segments)
+    return ", ".join(kinds)
+
+
+def summarize(run_dir: str | Path) -> CostSummary:
+    """Per-stage GPU-hours, dollars, samples, throughput, MFU and time lost to crashes of a run.
+
+    Args:
+        run_dir: a run's output dir (or its ``ledger.jsonl``).
+    """
+    damaged = 0
+    for path in ledger_files(run_dir):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            damaged += parse_records(f)[1]
+    segments = read_ledger(run_dir)
+    by_stage: dict[str, list[Segment]] = {}
+    for seg in segments:
+        by_stage.setdefault(seg.stage, []).append(seg)
+    rows = [StageSummary(name, _hardware(segs), spend_of(segs)) for name, segs in by_stage.items()]
+    return CostSummary(rows, StageSummary("total", _hardware(segments), spend_of(segments)), damaged)

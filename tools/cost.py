@@ -1,0 +1,243 @@
+"""Cost report of a run, and cost forecast of a recipe.
+
+    # What a run has cost so far, per stage (reads RUN_DIR/ledger.jsonl; works while the run is going on):
+    python tools/cost.py report outputs/my_run [--json]
+
+    # What a recipe will cost, from its FLOP count and an MFU (given, or measured by tools/benchmark.py):
+    python tools/cost.py forecast --config configs/my_recipe.yaml --gpus 64 --gpu-type h800 --mfu 0.4
+    python tools/cost.py forecast --config configs/my_recipe.yaml --gpus 8 --gpu-type h100 \\
+        --benchmark bench.json --run-dir outputs/my_run          # actual figures beside the forecast
+
+    # Open-Sora 1.0's video-pretraining budget (2808 H800 GPU-hours, ~$7,000) at a given MFU:
+    python tools/cost.py forecast --opensora-v1 --gpus 8 --gpu-type h100 --mfu 0.45
+
+See docs/cost_accounting.md for the formulas and the ledger format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python tools/x.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from opensora.accounting.flops import mfu as mfu_of
+from opensora.accounting.forecast import (
+    OPENSORA_V1_STAGE2,
+    StageForecast,
+    forecast_stage,
+    opensora_v1_stage,
+    read_cost_recipe,
+)
+from opensora.accounting.gpu import GPU_SPECS
+from opensora.accounting.ledger import CostSummary, StageSummary, ledger_files, summarize
+from opensora.config import ConfigError
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns except the first."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for r in [header, *rows]:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells))
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _summary_row(row: StageSummary) -> dict:
+    s = row.spend
+    return {
+        "stage": row.stage, "hardware": row.hardware, "segments": s.segments, "crashed_segments": s.crashed_segments,
+        "gpu_hours": s.gpu_hours, "dollars": s.dollars, "wall_s": s.wall_s, "samples": s.samples, "tokens": s.tokens,
+        "flops": s.flops, "samples_per_s": s.samples_per_s, "samples_per_gpu_s": s.samples_per_gpu_s,
+        "tokens_per_s": s.tokens_per_s, "mfu": s.mfu, "lost_s": s.lost_s, "lost_gpu_hours": s.lost_gpu_hours,
+    }
+
+
+def report_text(summary: CostSummary) -> str:
+    """The cost report as a table: one row per stage, then the total."""
+    header = ["stage", "hardware", "segs", "crashed", "GPU-h", "dollars", "samples", "samples/s", "/GPU",
+              "tokens/s", "MFU", "lost GPU-h"]
+    rows = []
+    for r in [*summary.stages, summary.total]:
+        s = r.spend
+        rows.append([
+            r.stage, r.hardware, str(s.segments), str(s.crashed_segments), f"{s.gpu_hours:,.3f}",
+            f"${s.dollars:,.2f}", f"{s.samples:,}", f"{s.samples_per_s:,.2f}", f"{s.samples_per_gpu_s:,.3f}",
+            f"{s.tokens_per_s:,.0f}", _pct(s.mfu), f"{s.lost_gpu_hours:,.3f}",
+        ])
+    text = _table(header, rows)
+    notes = ["samples are counted once per step (redone steps after a crash are not counted twice); "
+             "throughput and MFU are over all paid time; lost = GPU-hours whose work was redone after a crash"]
+    if summary.damaged_lines:
+        notes.append(f"{summary.damaged_lines} damaged ledger line(s) skipped (a write torn by a crash)")
+    return text + "\n" + "\n".join(f"note: {n}" for n in notes)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not ledger_files(args.run_dir):
+        print(f"error: no ledger.jsonl in {args.run_dir}", file=sys.stderr)
+        return 2
+    summary = summarize(args.run_dir)
+    if args.json:
+        print(json.dumps({"run_dir": str(args.run_dir), "stages": [_summary_row(r) for r in summary.stages],
+                          "total": _summary_row(summary.total), "damaged_lines": summary.damaged_lines}, indent=2))
+    else:
+        print(f"cost report: {args.run_dir}")
+        print(report_text(summary))
+    return 0
+
+
+def _mfu_source(args: argparse.Namespace, actual: CostSummary | None) -> tuple[float, str]:
+    """The MFU to forecast with, and where it comes from."""
+    if args.mfu is not None:
+        return args.mfu, "given"
+    if args.benchmark is not None:
+        data = json.loads(Path(args.benchmark).read_text())
+        if "mfu" not in data or not isinstance(data["mfu"], (int, float)):
+            raise ConfigError(f"{args.benchmark}: no numeric 'mfu' field")
+        return float(data["mfu"]), f"from benchmark {args.benchmark}"
+    if actual is not None and actual.total.spend.mfu:
+        return actual.total.spend.mfu, f"measured over the run in {args.run_dir}"
+    raise ConfigError("no MFU: give --mfu, --benchmark FILE.json, or a --run-dir whose ledger has one")
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    if args.config is None and not args.opensora_v1:
+        raise ConfigError("give --config FILE, --opensora-v1, or both")
+    spec = GPU_SPECS.get(args.gpu_type)
+    peak = args.peak_tflops if args.peak_tflops is not None else (spec.peak_bf16_tflops if spec else None)
+    price = args.price if args.price is not None else (spec.price_per_hour if spec else None)
+    if peak is None or price is None:
+        raise ConfigError(f"GPU type {args.gpu_type!r} is not in the table ({', '.join(GPU_SPECS)}); "
+                          "give --peak-tflops and --price")
+    actual = None
+    if args.run_dir is not None:
+        if not ledger_files(args.run_dir):
+            raise ConfigError(f"--run-dir {args.run_dir}: no ledger.jsonl there")
+        actual = summarize(args.run_dir)
+    mfu, mfu_from = _mfu_source(args, actual)
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"MFU must be a fraction in (0, 1], got {mfu} ({mfu_from})")
+
+    stages = read_cost_recipe(args.config) if args.config is not None else []
+    forecasts = [forecast_stage(s, args.gpus, args.gpu_type, peak, price, mfu) for s in stages]
+    actual_by_stage = {r.stage: r.spend for r in actual.stages} if actual is not None else {}
+
+    if args.json:
+        out = {"gpus": args.gpus, "gpu_type": args.gpu_type, "peak_tflops": peak, "price_per_gpu_hour": price,
+               "mfu": mfu, "mfu_source": mfu_from, "stages": []}
+        for f in forecasts:
+            row = dataclasses.asdict(f)
+            if f.stage in actual_by_stage:
+                row["actual"] = {k: v for k, v in _summary_row(StageSummary(f.stage, "", actual_by_stage[f.stage])).items()
+                                 if k not in ("stage", "hardware")}
+            out["stages"].append(row)
+        if args.opensora_v1:
+            out["opensora_v1"] = _opensora_v1(args.gpus, args.gpu_type, peak, price, mfu)
+        print(json.dumps(out, indent=2))
+        return 0
+
+    price_from = "given" if args.price is not None else f"default for {args.gpu_type}"
+    print(f"forecast: {args.gpus} x {args.gpu_type} (peak {peak:g} TFLOP/s dense bf16 per GPU), "
+          f"MFU {_pct(mfu)} ({mfu_from}), ${price:.2f} per GPU-hour ({price_from})")
+    if forecasts:
+        header = ["stage", "model", "video", "batch", "steps", "samples", "TFLOP/sample", "GPU-h", "wall h", "dollars"]
+        if actual is not None:
+            header += ["actual GPU-h", "actual $", "actual samples", "actual MFU"]
+        rows = []
+        for st, f in zip(stages, forecasts):
+            row = [f.stage, st.model_name, f"{st.num_frames}x{st.image_size[0]}x{st.image_size[1]}", str(st.batch_size),
+                   f"{st.steps:,}", f"{f.samples:,}", f"{f.flops_per_sample / 1e12:.3f}", f"{f.gpu_hours:,.1f}",
+                   f"{f.wall_hours:,.1f}", f"${f.dollars:,.0f}"]
+            if actual is not None:
+                a = actual_by_stage.get(f.stage)
+                row += ([f"{a.gpu_hours:,.3f}", f"${a.dollars:,.2f}", f"{a.samples:,}", _pct(a.mfu)] if a
+                        else ["-", "-", "-", "-"])
+            rows.append(row)
+        total = ["total", "", "", "", "", f"{sum(f.samples for f in forecasts):,}", "",
+                 f"{sum(f.gpu_hours for f in forecasts):,.1f}", f"{sum(f.wall_hours for f in forecasts):,.1f}",
+                 f"${sum(f.dollars for f in forecasts):,.0f}"]
+        if actual is not None:
+            t = actual.total.spend
+            total += [f"{t.gpu_hours:,.3f}", f"${t.dollars:,.2f}", f"{t.samples:,}", _pct(t.mfu)]
+        rows.append(total)
+        print(_table(header, rows))
+    if args.opensora_v1:
+        print(_opensora_v1_line(_opensora_v1(args.gpus, args.gpu_type, peak, price, mfu)))
+    return 0
+
+
+def _opensora_v1(gpus: int, gpu_type: str, peak: float, price: float, mfu: float) -> dict:
+    """Open-Sora 1.0's video pretraining stage: what it reported, the MFU that implies, and our forecast."""
+    r = OPENSORA_V1_STAGE2
+    stage = opensora_v1_stage()
+    total = stage.samples * stage.flops_per_sample
+    h800 = GPU_SPECS[r["gpu_type"]]
+    implied_mfu = mfu_of(total / (r["gpu_hours"] * 3600.0), h800.peak_bf16_tflops * 1e12)
+    ours = forecast_stage(stage, gpus, gpu_type, peak, price, mfu)
+    return {"samples": stage.samples, "flops_per_sample": stage.flops_per_sample, "total_flops": total,
+            "reported_gpu_hours": r["gpu_hours"], "reported_gpu_type": r["gpu_type"],
+            "reported_dollars": r["dollars"], "implied_mfu": implied_mfu,
+            "forecast": dataclasses.asdict(ours)}
+
+
+def _opensora_v1_line(d: dict) -> str:
+    f = d["forecast"]
+    r = OPENSORA_V1_STAGE2
+    return (
+        f"Open-Sora 1.0 stage 2 ({r['model']}, {r['num_frames']}x{r['image_size'][0]}x{r['image_size'][1]}, "
+        f"{r['steps']:,} steps x {r['batch_size']} = {d['samples'] / 1e6:.2f}M samples x "
+        f"{d['flops_per_sample'] / 1e12:.2f} TFLOP = {d['total_flops']:.3g} FLOP): reported "
+        f"{d['reported_gpu_hours']:,.0f} {d['reported_gpu_type'].upper()} GPU-hours ~ ${d['reported_dollars']:,.0f} "
+        f"(= {_pct(d['implied_mfu'])} MFU); at {_pct(f['mfu'])} MFU on {f['gpus']} x {f['gpu_type']} "
+        f"(${f['price_per_gpu_hour']:.2f}/GPU-hour): {f['gpu_hours']:,.0f} GPU-hours, "
+        f"{f['wall_hours']:,.1f} h wall, ${f['dollars']:,.0f}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rep = sub.add_parser("report", help="cost so far of a run, per stage")
+    rep.add_argument("run_dir", type=Path, help="the run's output dir (holding ledger.jsonl)")
+    rep.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rep.set_defaults(func=cmd_report)
+
+    fc = sub.add_parser("forecast", help="predicted GPU-hours and dollars of a recipe")
+    fc.add_argument("--config", type=Path, help="recipe YAML/TOML (stages with model, frames, size, batch, steps)")
+    fc.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
+    fc.add_argument("--gpu-type", required=True, help=f"one of: {', '.join(GPU_SPECS)} (or any, with --peak-tflops and --price)")
+    fc.add_argument("--price", type=float, help="USD per GPU-hour (default: the table's for --gpu-type)")
+    fc.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: the table's)")
+    fc.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, a fraction (0.4 = 40%%)")
+    fc.add_argument("--benchmark", type=Path, help="JSON from tools/benchmark.py; its 'mfu' field is used")
+    fc.add_argument("--run-dir", type=Path, help="a run of this recipe: its actual figures are shown beside")
+    fc.add_argument("--opensora-v1", action="store_true",
+                    help="also print what Open-Sora 1.0's stage-2 budget would cost at this MFU, GPU and price")
+    fc.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fc.set_defaults(func=cmd_forecast)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, OSError, json.JSONDecodeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
