@@ -1,0 +1,198 @@
+"""caption: LLaVA / LLaVA-NeXT captions from a few frames per clip, or the captions a data set carries.
+
+Order of preference for a row: a non-empty ``text`` column; a sidecar ``<video>.txt`` or ``<video>.json``
+next to the clip (or, with ``sidecar_from_source``, next to the video it was cut from - a JSON sidecar
+may list ``shots`` with ``start_frame``/``end_frame``/``text`` and the shot overlapping the clip most is
+taken); otherwise the model. Generation is batched (greedy), frames are read with decord at
+``frame_positions`` of the clip, prompts go through the processor's chat template. A caption that
+comes back empty (fewer than ``min_words`` after removing boiler-plate openings) or truncated (no end
+of sequence within the budget) is generated again with twice the budget; after ``retries`` an empty
+one fails the row and a truncated one is cut to its last full sentence and flagged
+``caption_flag=truncated``.
+
+Multi-GPU: one process per GPU under torchrun; :func:`data_pipeline.pipeline.run_one` shards the rows
+by rank and rank 0 merges. The model is loaded once per process (cached).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.config import CaptionConfig
+from data_pipeline.rows import Row, is_missing
+
+
+def clean_caption(text: str, openings: list[str]) -> str:
+    """Removes boiler-plate openings ("The video shows ...") and surrounding space; capitalises the start."""
+    text = " ".join(text.split())
+    changed = True
+    while changed and text:
+        changed = False
+        for pattern in openings:
+            new = re.sub(pattern, "", text, count=1, flags=re.IGNORECASE).lstrip(" ,:;-")
+            if new != text:
+                text, changed = new, True
+    return text[:1].upper() + text[1:] if text else text
+
+
+def last_sentence_end(text: str) -> str:
+    """``text`` up to its last full stop / ! / ? (all of it if there is none)."""
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+    if text.rstrip().endswith((".", "!", "?")):
+        return text.rstrip()
+    return text[: cut + 1] if cut > 0 else text
+
+
+def _read_sidecar(video: str, clip: Row) -> str | None:
+    stem = Path(video).with_suffix("")
+    txt, js = Path(f"{stem}.txt"), Path(f"{stem}.json")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8").strip()
+        return text or None
+    if not js.is_file():
+        return None
+    data = json.loads(js.read_text(encoding="utf-8"))
+    for key in ("text", "caption"):
+        if isinstance(data.get(key), str) and data[key].strip():
+            return data[key].strip()
+    shots = data.get("shots")
+    if isinstance(shots, list) and shots:
+        start = clip.get("start_frame") if not is_missing(clip.get("start_frame")) else 0
+        end = clip.get("end_frame") if not is_missing(clip.get("end_frame")) else start + 1
+        overlap = [max(0, min(end, s["end_frame"]) - max(start, s["start_frame"])) for s in shots]
+        best = int(np.argmax(overlap))
+        return (shots[best]["text"].strip() or None) if overlap[best] > 0 else None
+    return None
+
+
+def existing_caption(row: Row, cfg: CaptionConfig) -> tuple[str, str] | None:
+    """(caption, where it came from) if the data carries one, else None."""
+    if not is_missing(row.get("text")):
+        return str(row["text"]).strip(), "column"
+    candidates = [row.get("path")]
+    if cfg.sidecar_from_source:
+        candidates.append(row.get("source_video"))
+    for video in candidates:
+        if not is_missing(video):
+            text = _read_sidecar(str(video), row)
+            if text:
+                return text, "sidecar"
+    return None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is there, else ``cpu``."""
+    import torch
+
+    if device != "auto":
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def load_llava(model_dir: str, device: str, dtype: str):
+    """(model, processor) from a local folder; LLaVA-NeXT or LLaVA chosen by the folder's config."""
+    import torch
+    from transformers import (
+        AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+    )
+
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"caption model folder not found: {model_dir}")
+    config = AutoConfig.from_pretrained(model_dir)
+    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"  # decoder-only batched generation continues on the right
+    return model, processor
+
+
+def read_frames(path: str, positions: list[float], layout: str) -> list[np.ndarray]:
+    """Frames at relative ``positions`` of the clip, (H, W, 3) uint8 each; ``grid`` joins them side by side."""
+    import decord
+
+    reader = decord.VideoReader(path, num_threads=1)
+    n = len(reader)
+    if n == 0:
+        raise RuntimeError(f"{path}: no frames")
+    indices = [min(n - 1, max(0, int(p * n))) for p in positions]
+    frames = list(reader.get_batch(indices).asnumpy())
+    return [np.concatenate(frames, axis=1)] if layout == "grid" else frames
+
+
+def generate(images: list[list[np.ndarray]], cfg: CaptionConfig, max_new_tokens: int) -> list[tuple[str, bool]]:
+    """One batched ``generate``: per clip, (raw caption, truncated = no end of sequence within the budget)."""
+    import torch
+
+    device = resolve_device(cfg.device)
+    model, processor = load_llava(cfg.model, device, cfg.dtype)
+    prompts = []
+    for frames in images:
+        content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": cfg.prompt}]
+        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    flat = [frame for frames in images for frame in frames]
+    inputs = processor(images=flat, text=prompts, padding=True, return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]  # (B, L_new)
+    truncated = [bool((seq != tokenizer.eos_token_id).all()) for seq in new]
+    texts = processor.batch_decode(new, skip_special_tokens=True)
+    return list(zip(texts, truncated))
+
+
+def caption_batch(rows: list[Row], cfg: CaptionConfig) -> list[list[Row] | Exception]:
+    """Batch stage function: one entry per row (its output rows, or the exception that failed it)."""
+    results: list[list[Row] | Exception | None] = [None] * len(rows)
+    todo: dict[int, list[np.ndarray]] = {}
+    for i, row in enumerate(rows):
+        found = existing_caption(row, cfg) if cfg.use_existing else None
+        if found:
+            results[i] = [{**row, "text": found[0], "caption_source": found[1], "caption_flag": None}]
+        elif not cfg.model:
+            results[i] = RuntimeError("no caption in the data (column or sidecar) and no caption model configured")
+        else:
+            try:
+                todo[i] = read_frames(row["path"], list(cfg.frame_positions), cfg.layout)
+            except Exception as err:
+                results[i] = err
+    budget = cfg.max_new_tokens
+    for attempt in range(cfg.retries + 1):
+        if not todo:
+            break
+        keys = list(todo)
+        retry: dict[int, list[np.ndarray]] = {}
+        for start in range(0, len(keys), cfg.batch_size):
+            chunk = keys[start : start + cfg.batch_size]
+            for i, (raw, truncated) in zip(chunk, generate([todo[i] for i in chunk], cfg, budget)):
+                text = clean_caption(raw, list(cfg.strip_openings))
+                empty = len(text.split()) < cfg.min_words
+                if (empty or truncated) and attempt < cfg.retries:
+                    retry[i] = todo[i]
+                elif empty:
+                    results[i] = RuntimeError(f"empty caption after {attempt + 1} tries: {raw[:80]!r}")
+                else:
+                    if truncated:
+                        text = last_sentence_end(text)
+                    results[i] = [{**rows[i], "text": text, "caption_source": "model",
+                                   "caption_flag": "truncated" if truncated else None}]
+        todo, budget = retry, budget * 2
+    return results  # type: ignore[return-value]
+
+
+def caption_row(row: Row, cfg: CaptionConfig) -> list[Row]:
+    """Row stage function (the runner uses :func:`caption_batch`; this is for one-off use)."""
+    [result] = caption_batch([row], cfg)
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -1,0 +1,130 @@
+"""caption: captions the data carries, clean-up, retries, a tiny random LLaVA loaded through the real path,
+and the per-rank sharding used under torchrun."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from data_helpers import make_video
+from data_pipeline import caption as cap
+from data_pipeline.config import CaptionConfig, RunnerConfig
+from data_pipeline.pipeline import merge_shards, run_one, shard, shard_path
+from opensora.data.manifest import normalize, read_manifest, write_manifest
+
+SERIAL = RunnerConfig(workers=0, progress=False)
+
+
+def test_clean_caption_strips_openings():
+    openings = CaptionConfig().strip_openings
+    assert cap.clean_caption("The video shows a dog running on a beach.", openings) == "A dog running on a beach."
+    assert cap.clean_caption("In this video, the clip depicts  two cats.", openings) == "Two cats."
+    assert cap.clean_caption("A red car drives by.", openings) == "A red car drives by."
+    assert cap.last_sentence_end("A cat sits. It looks at the") == "A cat sits."
+
+
+def test_existing_captions_column_and_sidecars(tmp_path):
+    make_video(tmp_path / "a.mp4", [20])
+    (tmp_path / "a.txt").write_text("a caption from a txt sidecar\n")
+    (tmp_path / "src.json").write_text(json.dumps({"shots": [
+        {"start_frame": 0, "end_frame": 30, "text": "first shot"},
+        {"start_frame": 30, "end_frame": 60, "text": "second shot"}]}))
+    rows = [
+        {"id": "1", "path": str(tmp_path / "x.mp4"), "text": "given text"},
+        {"id": "2", "path": str(tmp_path / "a.mp4"), "text": None},
+        {"id": "3", "path": str(tmp_path / "clip.mp4"), "source_video": str(tmp_path / "src.mp4"),
+         "start_frame": 32, "end_frame": 58},
+        {"id": "4", "path": str(tmp_path / "nothing.mp4")},
+    ]
+    out = cap.caption_batch(rows, CaptionConfig())
+    assert [o[0]["text"] for o in out[:3]] == ["given text", "a caption from a txt sidecar", "second shot"]
+    assert [o[0]["caption_source"] for o in out[:3]] == ["column", "sidecar", "sidecar"]
+    assert isinstance(out[3], RuntimeError) and "no caption model" in str(out[3])
+
+
+def test_empty_and_truncated_captions_are_retried_then_marked(tmp_path, monkeypatch):
+    make_video(tmp_path / "a.mp4", [20])
+    calls = []
+
+    def fake_generate(images, cfg, max_new_tokens):
+        calls.append((len(images), max_new_tokens))
+        return [("The video shows", False), ("A cat sits on a mat. It then", True)][: len(images)]
+
+    monkeypatch.setattr(cap, "generate", fake_generate)
+    monkeypatch.setattr(cap, "read_frames", lambda path, positions, layout: [None])
+    rows = [{"id": str(i), "path": str(tmp_path / "a.mp4")} for i in range(2)]
+    out = cap.caption_batch(rows, CaptionConfig(model="m", retries=1, max_new_tokens=16, batch_size=2))
+    assert calls == [(2, 16), (2, 32)]  # both retried once with twice the budget
+    assert isinstance(out[0], RuntimeError) and "empty caption" in str(out[0])
+    assert out[1][0]["text"] == "A cat sits on a mat." and out[1][0]["caption_flag"] == "truncated"
+
+
+def build_tiny_llava(folder):
+    """A random 2-layer LLaVA (tiny CLIP vision + tiny Llama) with an offline word-level tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor, PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    words = "a the cat dog runs sits on red blue green car beach street man woman walks camera pans . , and".split()
+    words += ["USER:", "ASSISTANT:", "describe", "this", "video", "in", "one", "detailed", "paragraph:"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                               vision_feature_select_strategy="default", chat_template=template,
+                               num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_tiny_random_llava_through_the_real_loading_path(tmp_path):
+    build_tiny_llava(tmp_path / "llava")
+    for i in range(3):
+        make_video(tmp_path / "clips" / f"c{i}.mp4", [24])
+    df = normalize(pd.DataFrame({"path": [str(tmp_path / "clips" / f"c{i}.mp4") for i in range(3)]}))
+    cfg = CaptionConfig(model=str(tmp_path / "llava"), batch_size=2, max_new_tokens=6, min_words=1, retries=1,
+                        device="cpu")
+    summary = run_one("caption", cfg, df, tmp_path / "cap.parquet", SERIAL)
+    assert summary.done + summary.failed == 3 and summary.done >= 1
+    out = read_manifest(tmp_path / "cap.parquet", usable_only=False)
+    done = out[out["caption_status"] == "done"]
+    assert (done["caption_source"] == "model").all() and done["text"].str.len().gt(0).all()
+    assert all(str(e).startswith("RuntimeError: empty caption") for e in out.loc[out["caption_status"] != "done", "caption_error"])
+    # grid layout: the frames go in as one image
+    cfg_grid = CaptionConfig(model=str(tmp_path / "llava"), layout="grid", max_new_tokens=4, min_words=1, device="cpu")
+    [[row]] = [cap.caption_batch([df.iloc[0].to_dict()], cfg_grid)[0]]
+    assert row["caption_source"] == "model"
+
+
+def test_rank_shards_cover_every_row_once_and_merge_in_order(tmp_path):
+    df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(7)]}))
+    world = 3
+    shards = [shard(df, r, world) for r in range(world)]
+    assert sorted(sum((s["id"].tolist() for s in shards), [])) == sorted(df["id"])
+    assert [len(s) for s in shards] == [3, 2, 2]
+    for r, s in enumerate(shards):
+        write_manifest(s.assign(text=[f"caption {p}" for p in s["path"]]), shard_path(tmp_path / "o.parquet", r, world))
+    merged = merge_shards(df, tmp_path / "o.parquet", world)
+    assert merged["id"].tolist() == df["id"].tolist()
+    assert read_manifest(tmp_path / "o.parquet")["text"].tolist() == [f"caption /v/{i}.mp4" for i in range(7)]
