@@ -21,6 +21,7 @@ from opensora.accounting import (
     stdit_forward_flops,
     summarize,
     train_flops_per_sample,
+    video_tokens,
 )
 from opensora.accounting.forecast import read_cost_recipe
 from opensora.config import ConfigError
@@ -42,6 +43,7 @@ def test_xl2_training_flops_match_the_issue_figures():
     assert at256 == pytest.approx(17e12, rel=0.03)
     assert at512 == pytest.approx(73e12, rel=0.03)
     assert at256 == 3 * stdit_forward_flops(XL2, (16, 32, 32), 120)
+    assert video_tokens(XL2, (16, 32, 32)) == 16 * 16 * 16
 
 
 def _counted_flops(model, B, latent, L, backward=False):

@@ -42,6 +42,14 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:,.1f} h"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     """Right-aligned columns except the first."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -65,13 +73,13 @@ def _summary_row(row: StageSummary) -> dict:
 
 def report_text(summary: CostSummary) -> str:
     """The cost report as a table: one row per stage, then the total."""
-    header = ["stage", "hardware", "segs", "crashed", "GPU-h", "dollars", "samples", "samples/s", "/GPU",
+    header = ["stage", "hardware", "segs", "crashed", "wall", "GPU-h", "dollars", "samples", "samples/s", "/GPU",
               "tokens/s", "MFU", "lost GPU-h"]
     rows = []
     for r in [*summary.stages, summary.total]:
         s = r.spend
         rows.append([
-            r.stage, r.hardware, str(s.segments), str(s.crashed_segments), f"{s.gpu_hours:,.3f}",
+            r.stage, r.hardware, str(s.segments), str(s.crashed_segments), _duration(s.wall_s), f"{s.gpu_hours:,.3f}",
             f"${s.dollars:,.2f}", f"{s.samples:,}", f"{s.samples_per_s:,.2f}", f"{s.samples_per_gpu_s:,.3f}",
             f"{s.tokens_per_s:,.0f}", _pct(s.mfu), f"{s.lost_gpu_hours:,.3f}",
         ])

@@ -10,6 +10,7 @@ from opensora.accounting.flops import (
     stdit_forward_flops,
     stdit_forward_flops_breakdown,
     train_flops_per_sample,
+    video_tokens,
 )
 from opensora.accounting.gpu import (
     GPU_SPECS,
@@ -56,4 +57,5 @@ __all__ = [
     "stdit_forward_flops_breakdown",
     "summarize",
     "train_flops_per_sample",
+    "video_tokens",
 ]

@@ -64,6 +64,17 @@ def _tokens(cfg: STDiTShape, latent_size: tuple[int, int, int]) -> tuple[int, in
     return t // pt, (h // ph) * (w // pw)
 
 
+def video_tokens(cfg: STDiTShape, latent_size: tuple[int, int, int]) -> int:
+    """Video tokens N = T*S of one sample after patchify (what the ledger counts as "tokens").
+
+    Args:
+        cfg: an STDiT config (only ``patch_size`` is read).
+        latent_size: (T, H, W) of the latent.
+    """
+    T, S = _tokens(cfg, latent_size)
+    return T * S
+
+
 def stdit_forward_flops_breakdown(
     cfg: STDiTShape, latent_size: tuple[int, int, int], text_len: int | None = None
 ) -> dict[str, float]:

@@ -391,6 +391,9 @@ class Ledger:
             samples: samples since the previous call, summed over all ranks (e.g. the global batch).
             tokens: video tokens in those samples (samples * N).
             flops: model FLOPs of those samples (``train_flops_per_sample`` * samples).
+
+        Pass Python numbers (known from the batch shape), never tensors: reading a CUDA tensor here would
+        synchronise the GPU every step.
         """
         seg = self._current
         if seg is None:
