@@ -51,7 +51,7 @@ LEDGER_NAME = "ledger.jsonl"
 class Mark:
     """One progress record of a segment (start, heartbeat, checkpoint or end)."""
 
-    kind: str  # "start" | "heartbeat" | "checkpoint" | "end"
+    kind: str  # "start" | "heartbeat" | "checkpoint" | "end"; "live": the running counters, in memory only
     elapsed_s: float  # seconds since the segment started
     step: int  # optimizer steps completed
     samples: int = 0  # cumulative within the segment, all ranks
