@@ -73,13 +73,14 @@ class ClipWriter:
         self.stream.codec_context.thread_count = 1
         if codec in ("libx264", "libx265"):
             self.stream.options = {"crf": str(crf), "preset": preset}
+        self.interpolation = "AREA"  # downscaling without aliasing; costs about as much as the encode at 720p
         self.count = 0
 
     def write(self, frame: av.VideoFrame | np.ndarray) -> None:
         """Appends one frame (a decoded ``av.VideoFrame`` or an RGB uint8 array of shape (H, W, 3))."""
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation=self.interpolation)
         out.pts = self.count
         out.time_base = self.stream.codec_context.time_base
         out.pict_type = av.video.frame.PictureType.NONE  # do not inherit the source's frame types
