@@ -127,3 +127,27 @@ def test_pipeline_run_folder_to_training_manifest(tmp_path):
     assert sorted(final["num_frames"].tolist()) == [30, 41, 50]
     assert (final["filter_status"] == "done").all()
     assert len(read_manifest(tmp_path / "w" / "02_filter.parquet", usable_only=False)) == 4
+
+
+def test_aesthetic_score_from_a_tiny_random_local_model(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from data_pipeline.filter import filter_clip
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=16, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "aes")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "aes")
+    # Head: bias 5.0 and zero weights give every clip the score 5.0 through the real loading path.
+    save_file({"layers.0.weight": torch.zeros(8, 16), "layers.0.bias": torch.zeros(8),
+               "layers.1.weight": torch.zeros(1, 8), "layers.1.bias": torch.full((1,), 5.0)},
+              str(tmp_path / "aes" / "aesthetic_head.safetensors"))
+    make_video(tmp_path / "v.mp4", [30])
+    row = {"id": "v", "path": str(tmp_path / "v.mp4")}
+    [out] = filter_clip(row, FilterConfig(aesthetic_model=str(tmp_path / "aes"), blank_std=0.0, min_aesthetic=4.0))
+    assert out["aesthetic"] == pytest.approx(5.0)
+    with pytest.raises(Exception, match="aesthetic 5.00 < 6.0"):
+        filter_clip(row, FilterConfig(aesthetic_model=str(tmp_path / "aes"), blank_std=0.0, min_aesthetic=6.0))
