@@ -1,0 +1,197 @@
+"""Pipeline bundles: everything needed to turn prompts into videos, in one directory.
+
+A bundle is what ``tools/init_checkpoint.py`` writes, what training starts from and exports at the end of
+every stage, and what ``tools/sample.py --ckpt`` reads::
+
+    DIR/
+      bundle.yaml          # BundleConfig: which model dir, VAE, text encoder, diffusion objective
+      model/               # STDiT.save_pretrained: config.json + model.safetensors
+      vae/, text_encoder/  # only for the tiny built-in ones of debug sizes; real ones are local paths
+
+Relative paths in ``bundle.yaml`` are relative to the bundle directory, so a bundle can be moved or copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING
+
+from opensora.config import ConfigError, load_config, to_yaml
+from opensora.models.stdit import STDiT
+from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder
+from opensora.models.vae import VAEConfig, build_vae
+from opensora.utils import atomic_write_path
+
+BUNDLE_FILE = "bundle.yaml"
+DIFFUSIONS = ("iddpm", "rflow")
+
+
+@dataclass
+class BundleConfig:
+    """What a bundle contains. Paths may be relative to the bundle directory."""
+
+    model_dir: str = "model"  # STDiT.save_pretrained directory
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig(type="identity"))  # latent space of the model
+    # T5 encoder + tokenizer; required (MISSING) because there is no sensible default path.
+    text_encoder: TextEncoderConfig = MISSING
+    diffusion: str = "iddpm"  # objective the model was trained with, and the default sampler
+
+    def __post_init__(self):
+        if self.diffusion not in DIFFUSIONS:
+            raise ValueError(f"diffusion must be one of {DIFFUSIONS}, got {self.diffusion!r}")
+
+
+def _resolve(base: Path, path: str | None) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(base / p) if not p.is_absolute() and (base / p).exists() else str(p)
+
+
+def load_bundle_config(directory: str | Path) -> BundleConfig:
+    """Reads ``DIR/bundle.yaml`` (errors name the file and key) with paths resolved against ``DIR``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if not (directory / BUNDLE_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a pipeline bundle: {BUNDLE_FILE} is missing "
+            "(make one with tools/init_checkpoint.py, or export one from training)"
+        )
+    return load_config(BundleConfig, directory / BUNDLE_FILE)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the denoiser, the autoencoder, the text encoder and their config."""
+
+    model: STDiT
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    config: BundleConfig
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (T, H, W) for a video size; raises ValueError naming the size if a factor does not divide it."""
+        size = self.vae.get_latent_size((num_frames, height, width))
+        self.model.check_input_size(size)
+        return size
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        num_frames: int,
+        height: int,
+        width: int,
+        steps: int = 100,
+        cfg_scale: float = 4.0,
+        seed: int = 0,
+        sampler: str | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Samples one video per prompt.
+
+        Args:
+            prompts: captions, one video each (sampled together as one batch).
+            num_frames, height, width: video size in pixels; must divide by the VAE and patch factors.
+            steps: sampling steps (IDDPM respaced, or rectified-flow Euler steps).
+            cfg_scale: classifier-free guidance scale; 1.0 disables guidance (one model call per step).
+            seed: the initial noise and every sampling step draw from one generator seeded with this.
+            sampler: "iddpm" or "rflow"; defaults to the objective the bundle was trained with.
+        Returns:
+            (B, 3, T, H, W) float video in [-1, 1] on the CPU.
+        """
+        from opensora.diffusion import build_scheduler, classifier_free_guidance
+
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("every prompt must be non-empty text")
+        sampler = sampler or self.config.diffusion
+        latent = self.latent_size(num_frames, height, width)
+        device = self.device
+        text = self.text_encoder.encode(list(prompts), device=device)
+        y, mask = text["y"], text["mask"]
+        B = len(prompts)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.randn((B, self.model.in_channels, *latent), generator=generator, device=device)
+        scheduler = build_scheduler(sampler, num_sampling_steps=steps)
+        self.model.eval()
+        if cfg_scale == 1.0:
+            model_fn, kwargs = self.model, dict(y=y, mask=mask)
+        else:
+            model_fn = classifier_free_guidance(self.model, cfg_scale, guided_channels=self.model.in_channels)
+            kwargs = dict(y=torch.cat([y, self.model.null_caption(B).to(y.dtype)]), mask=torch.cat([mask, mask]))
+        z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator)
+        return self.vae.decode(z.to(next(self.vae.parameters(), z).dtype)).float().clamp(-1, 1).cpu()
+
+
+def load_bundle(directory: str | Path, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> Bundle:
+    """Loads a bundle written by :func:`write_bundle` (weights from safetensors / ``from_pretrained`` only)."""
+    directory = Path(directory)
+    cfg = load_bundle_config(directory)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_dir = Path(_resolve(directory, cfg.model_dir))
+    model = STDiT.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
+    vae_cfg = cfg.vae
+    if vae_cfg.path is not None:
+        vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": _resolve(directory, vae_cfg.path)})
+    vae = build_vae(vae_cfg).to(device=device, dtype=dtype).eval()
+    te_cfg = TextEncoderConfig(**{**cfg.text_encoder.__dict__, "path": _resolve(directory, cfg.text_encoder.path)})
+    text_encoder = build_text_encoder(te_cfg, device=device, dtype=dtype)
+    check_compatible(model, vae, text_encoder, source=directory)
+    return Bundle(model=model, vae=vae, text_encoder=text_encoder, config=cfg, path=directory)
+
+
+def check_compatible(model: STDiT, vae, text_encoder, source) -> None:
+    """The three parts must agree on latent channels and text width/length; say which does not."""
+    c = model.config
+    if vae.out_channels != c.in_channels:
+        raise ConfigError(f"{source}: the VAE makes {vae.out_channels}-channel latents but the model takes {c.in_channels}")
+    if text_encoder.output_dim != c.caption_channels:
+        raise ConfigError(
+            f"{source}: the text encoder outputs {text_encoder.output_dim} channels but the model expects {c.caption_channels}"
+        )
+    if text_encoder.max_length != c.model_max_length:
+        raise ConfigError(
+            f"{source}: the text encoder pads to {text_encoder.max_length} tokens but the model expects {c.model_max_length}"
+        )
+
+
+def write_bundle(out_dir: str | Path, model: STDiT | None, config: BundleConfig,
+                 copy_from: str | Path | None = None, state_dict: dict | None = None) -> Path:
+    """Writes a bundle: ``model/`` (from ``model``, or ``state_dict`` with ``model``'s config), ``bundle.yaml``, and
+    copies of the VAE / text-encoder directories of ``copy_from`` that ``config`` names by a relative path.
+
+    ``bundle.yaml`` is written last, so a directory without it is never taken for a finished bundle.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        model = _with_state(model, state_dict)
+    model.save_pretrained(out_dir / config.model_dir)
+    if copy_from is not None:
+        copy_from = Path(copy_from)
+        for sub in (config.vae.path, config.text_encoder.path):
+            if sub and not Path(sub).is_absolute() and (copy_from / sub).is_dir():
+                if (copy_from / sub).resolve() != (out_dir / sub).resolve():
+                    shutil.copytree(copy_from / sub, out_dir / sub, dirs_exist_ok=True)
+    with atomic_write_path(out_dir / BUNDLE_FILE) as tmp:
+        tmp.write_text(f"# pipeline bundle written {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + to_yaml(config))
+    return out_dir
+
+
+def _with_state(model: STDiT, state_dict: dict) -> STDiT:
+    with torch.device("meta"):
+        clone = STDiT(model.config)
+    clone.load_state_dict(state_dict, assign=True, strict=True)
+    return clone
