@@ -1,0 +1,40 @@
+"""tools/benchmark.py on CPU with STDiT-debug: the JSON record is complete and internally consistent."""
+
+import json
+
+import pytest
+
+from opensora.accounting.flops import train_flops_per_sample, video_tokens
+from opensora.models.stdit import stdit_config
+from tools import benchmark
+
+BASE = ["--model", "STDiT-debug", "--frames", "4", "--height", "32", "--width", "32", "--batch", "2",
+        "--steps", "2", "--warmup", "1", "--engine", "none"]
+
+
+@pytest.mark.parametrize("extra", [["--cached-latents", "--vae-downsample", "1"],
+                                   ["--vae-downsample", "1", "--grad-ckpt"]])
+def test_benchmark_record(tmp_path, extra, capsys):
+    out = tmp_path / "b.json"
+    assert benchmark.main(BASE + extra + ["--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    cfg = stdit_config("STDiT-debug", **({} if "--cached-latents" in extra else {"in_channels": 3}))
+    assert r["latent"] == [4, 32, 32]
+    assert r["samples_per_s_per_device"] == pytest.approx(2 / r["step_s"])
+    assert r["train_tflop_per_sample"] == pytest.approx(train_flops_per_sample(cfg, (4, 32, 32), 16) / 1e12)
+    assert r["tokens_per_s_per_device"] == pytest.approx(r["samples_per_s_per_device"] * video_tokens(cfg, (4, 32, 32)))
+    assert r["achieved_tflops_per_device"] == pytest.approx(r["samples_per_s_per_device"] * r["train_tflop_per_sample"])
+    assert 0 < r["mfu_vs_matmul_peak"] == pytest.approx(r["achieved_tflops_per_device"] / r["matmul_peak_tflops"])
+    assert r["peak_memory_gib"] > 0 and r["mean_loss"] > 0
+    if "--cached-latents" in extra:
+        assert r["time_shares"] == {}
+    else:
+        assert sum(r["time_shares"].values()) == pytest.approx(1.0) and r["grad_ckpt"]
+    assert "samples/s/device" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_bad_sizes():
+    with pytest.raises(SystemExit, match="not divisible"):
+        benchmark.main(BASE[:5] + ["31"] + BASE[6:] + ["--cached-latents", "--vae-downsample", "1"])
+    with pytest.raises(SystemExit, match="--set"):
+        benchmark.main(BASE + ["--cached-latents", "--set", "no_such_field=1"])

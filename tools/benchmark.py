@@ -1,0 +1,364 @@
+"""Training-step throughput and MFU of an STDiT: samples/s, tokens/s, TFLOP/s, MFU, peak memory, time shares.
+
+Runs the real training step (diffusion loss → backward → grad clip → AdamW) through the same engines as
+``train/train.py``, on synthetic inputs of the requested shape, and writes one JSON record::
+
+    python tools/benchmark.py --model STDiT-XL/2 --frames 16 --height 256 --width 256 --batch 8 \
+        --engine fsdp --compile --cached-latents --steps 20 --out runs/bench/xl2-256.json
+    torchrun --nproc_per_node 8 tools/benchmark.py ... --engine fsdp     # per-GPU figures, N ranks
+    python tools/benchmark.py --model STDiT-debug --frames 4 --height 32 --width 32 --batch 2 --engine ddp \
+        --steps 3 --out bench.json                                         # CPU smoke run
+
+How it measures (so the numbers compare with Open-Sora's and torchtitan's):
+- Model FLOPs per sample = 3 × forward FLOPs (``opensora.accounting.flops``; recomputation from activation
+  checkpointing is not counted, so checkpointing lowers MFU honestly). MFU = achieved model FLOP/s per device
+  over the dense bf16 datasheet peak of the detected GPU (``opensora.accounting.gpu``); also reported against a
+  matmul peak measured on the spot.
+- Time: after ``--warmup`` steps, ``--steps`` steps are timed with CUDA events on a GPU (wall clock on a CPU).
+  The step has no host sync: the loss is read once after the timed region.
+- ``--cached-latents``: the step sees latents and text embeddings (what ``opensora.data.latent_cache`` feeds).
+  Without it the step also runs the VAE encoder on a video and the T5 encoder on token ids, as Open-Sora 1.0 did;
+  their share of the step is timed separately (events around each phase, measured in a separate pass so the
+  main timing stays sync-free). Encoders: ``--vae`` / ``--text-encoder`` local paths, else models of the real
+  architecture (SD-VAE, T5-v1.1-XXL) with random weights — same FLOPs, nothing downloaded.
+- The attention kernel that actually ran is read from a one-step profiler trace on CUDA (flash / cuDNN /
+  memory-efficient / math).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from opensora.accounting.flops import train_flops_per_sample, video_tokens  # noqa: E402
+from opensora.accounting.gpu import detect_gpu_type, measure_matmul_tflops, peak_tflops  # noqa: E402
+from opensora.diffusion import build_scheduler  # noqa: E402
+from opensora.models.stdit import STDiT, STDiT_models, stdit_config  # noqa: E402
+from opensora.utils import atomic_write_path  # noqa: E402
+
+# Open-Sora 1.0's reported training throughput (docs/acceleration.md of hpcaitech/Open-Sora, v1.0.0), H800,
+# STDiT-XL/2, T5 and VAE inside the step. Printed beside our figures.
+OPENSORA_V1_SAMPLES_PER_S = {(16, 256, 256): 7.0, (16, 512, 512): 1.45}
+
+# Architecture of the encoders Open-Sora 1.0 used, for benchmarking without their weights.
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=256,
+                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                     block_out_channels=[128, 256, 512, 512], layers_per_block=2)
+T5_XXL_CONFIG = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                     feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="STDiT-XL/2", help=f"one of {', '.join(STDiT_models)}")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="samples per device per step")
+    p.add_argument("--engine", default="fsdp", choices=["fsdp", "ddp", "colossalai", "none"],
+                   help="parallel engine (as in training); 'none' = the bare model, one process")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--cached-latents", action="store_true", help="feed latents + text embeddings (no VAE / T5)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--vae", default=None, help="local SD-VAE dir for inline encoding (default: random SD-VAE)")
+    p.add_argument("--text-encoder", default=None, help="local T5 dir for inline encoding (default: random T5-XXL)")
+    p.add_argument("--vae-downsample", type=int, default=8, choices=[1, 8],
+                   help="spatial factor of the VAE: 8 = SD-VAE, 1 = pixel space (identity autoencoder)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune, allocator)")
+    p.add_argument("--no-matmul-peak", action="store_true", help="skip the measured matmul peak")
+    p.add_argument("--out", default=None, help="JSON file for the result")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config field, e.g. --set depth=4")
+    return p.parse_args(argv)
+
+
+def _dist_setup(engine: str):
+    """(rank, world, device) from the distributed helpers; a bare single process for engine 'none'."""
+    if engine == "none":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None, 0, 1, device
+    from opensora.distributed import init_distributed
+
+    info = init_distributed()
+    return info, info.rank, info.world_size, info.device
+
+
+def _build_encoders(args, device, dtype, cfg):
+    """Inline VAE + text encoder for the non-cached mode: local weights if given, else random real-size ones.
+
+    ``--vae-downsample 1`` without ``--vae`` means the pixel-space identity autoencoder (3 channels), 8 means an
+    SD-VAE (4 channels): the model's ``in_channels`` must match (checked by the caller).
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    from opensora.models.vae import IdentityAutoencoder, VAEConfig, VideoAutoencoderKL, build_vae
+
+    if args.vae:
+        vae = build_vae(VAEConfig(type="kl", path=args.vae))
+    elif args.vae_downsample == 1:
+        vae = IdentityAutoencoder()
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = VideoAutoencoderKL(AutoencoderKL(**SD_VAE_CONFIG))
+    if args.text_encoder:
+        t5 = T5EncoderModel.from_pretrained(args.text_encoder, local_files_only=True)
+    elif cfg.caption_channels >= 1024:
+        t5 = T5EncoderModel(T5Config(**{**T5_XXL_CONFIG, "d_model": cfg.caption_channels}))
+    else:  # debug sizes: a tiny T5 of the model's text width
+        d = cfg.caption_channels
+        t5 = T5EncoderModel(T5Config(d_model=d, d_ff=2 * d, d_kv=d // 4, num_heads=4, num_layers=2, vocab_size=256))
+    return vae.to(device, dtype).eval(), t5.to(device, dtype).eval()
+
+
+def _parse_value(text: str):
+    """``--set`` values are YAML scalars/lists (data, never code)."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _attention_backend(step_fn) -> str:
+    """Which SDPA kernel the step ran, from kernel names in a one-step CUDA profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    names = " ".join(e.key.lower() for e in prof.key_averages())
+    for key, label in (("flash", "flash"), ("cudnn", "cudnn"), ("fmha", "cudnn/fmha"),
+                       ("efficient_attention", "memory-efficient"), ("mem_eff", "memory-efficient")):
+        if key in names:
+            return label
+    return "math (no fused attention kernel found)"
+
+
+def run(args) -> dict:
+    info, rank, world, device = _dist_setup(args.engine)
+    on_cuda = device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[args.dtype]
+    overrides = {}
+    for kv in args.overrides:
+        if "=" not in kv:
+            raise SystemExit(f"error: --set {kv!r}: expected KEY=VALUE")
+        key, value = kv.split("=", 1)
+        overrides[key] = _parse_value(value)
+    if args.vae_downsample == 1 and not args.cached_latents and not args.vae:
+        overrides.setdefault("in_channels", 3)  # pixel space: the identity autoencoder passes RGB through
+    try:
+        cfg = stdit_config(args.model, **overrides)
+    except (KeyError, TypeError) as err:
+        raise SystemExit(f"error: --model/--set: {err}") from err
+    f = args.vae_downsample
+    if args.height % (f * cfg.patch_size[1]) or args.width % (f * cfg.patch_size[2]):
+        raise SystemExit(f"error: {args.height}x{args.width} is not divisible by VAE x patch = {f * cfg.patch_size[1]}")
+    latent = (args.frames, args.height // f, args.width // f)
+    torch.manual_seed(rank)
+
+    # Parameters stay fp32 (master weights, optimizer state, adaLN tables); compute runs under bf16 autocast —
+    # or, with FSDP2, in the engine's bf16 param / fp32 reduce policy.
+    model = STDiT(cfg).to(device)
+    model.train()
+    optimizer_cls = torch.optim.AdamW
+    opt_kwargs = dict(lr=1e-4, weight_decay=0.0, fused=on_cuda)
+    if args.engine == "none":
+        if args.grad_ckpt:
+            model.enable_gradient_checkpointing()
+        if args.compile:
+            for block in model.blocks:
+                block.compile()
+        optimizer = optimizer_cls(model.parameters(), **opt_kwargs)
+        backward = lambda loss: loss.backward()  # noqa: E731
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
+        opt_step = optimizer.step
+        zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+    else:
+        from opensora.distributed import ParallelConfig, build_engine, parallelize
+
+        pcfg = ParallelConfig(engine=args.engine, grad_ckpt=args.grad_ckpt, compile=args.compile,
+                              param_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+        model = parallelize(model, pcfg, info)
+        optimizer = optimizer_cls(model.parameters(), **opt_kwargs)
+        engine = build_engine(pcfg, info)
+        model, optimizer = engine.prepare(model, optimizer)
+        backward, opt_step = engine.backward, engine.optimizer_step
+        clip = lambda: engine.clip_grad_norm(1.0)  # noqa: E731
+        zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+
+    diffusion = build_scheduler("iddpm")
+    B, L = args.batch, cfg.model_max_length
+    gen = torch.Generator(device=device).manual_seed(rank)
+    if args.cached_latents:
+        x0 = torch.randn(B, cfg.in_channels, *latent, device=device, generator=gen)
+        y = torch.randn(B, 1, L, cfg.caption_channels, device=device, generator=gen)
+        encoders = None
+    else:
+        video = torch.rand(B, 3, args.frames, args.height, args.width, device=device, generator=gen) * 2 - 1
+        tokens = torch.randint(0, 100, (B, L), device=device, generator=gen)
+        encoders = _build_encoders(args, device, dtype, cfg)
+        if encoders[0].out_channels != cfg.in_channels:
+            raise SystemExit(f"error: the VAE makes {encoders[0].out_channels}-channel latents, the model takes "
+                             f"{cfg.in_channels} (use --set in_channels=...)")
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and dtype == torch.bfloat16 else nullcontext()
+
+    def encode():
+        vae, t5 = encoders
+        with torch.no_grad(), autocast:
+            lat = vae.encode(video.to(dtype))
+            emb = t5(input_ids=tokens, attention_mask=mask).last_hidden_state[:, None]
+        return lat.float(), emb.float()
+
+    def dit_step(lat, emb):
+        with autocast:
+            loss = diffusion.training_losses(model, lat, dict(y=emb, mask=mask), generator=gen)["loss"].mean()
+        backward(loss)
+        clip()
+        opt_step()
+        zero()
+        return loss.detach()
+
+    def step():
+        lat, emb = (x0, y) if encoders is None else encode()
+        return dit_step(lat, emb)
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        if info is not None and world > 1:
+            torch.distributed.barrier()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    losses = []
+    if on_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        losses.append(step())
+    if on_cuda:
+        end.record()
+    sync()
+    seconds = start.elapsed_time(end) / 1e3 if on_cuda else time.perf_counter() - t0
+    step_s = seconds / args.steps
+    last_loss = float(torch.stack(losses).float().mean())  # the one host sync, after the timed region
+
+    # Shares of the encoders, measured in a separate pass with a sync around each phase.
+    shares = {}
+    if encoders is not None:
+        enc_s = dit_s = 0.0
+        for _ in range(max(2, args.steps // 2)):
+            sync()
+            t = time.perf_counter()
+            lat, emb = encode()
+            sync()
+            enc_s += time.perf_counter() - t
+            t = time.perf_counter()
+            dit_step(lat, emb)
+            sync()
+            dit_s += time.perf_counter() - t
+        shares = {"encoders (VAE + T5)": enc_s / (enc_s + dit_s), "dit step": dit_s / (enc_s + dit_s)}
+
+    samples_per_s = B / step_s
+    flops = train_flops_per_sample(cfg, latent, L)
+    achieved = flops * samples_per_s
+    gpu = detect_gpu_type(device)
+    peak = peak_tflops(gpu)
+    matmul_peak = None
+    if not args.no_matmul_peak:
+        matmul_peak = measure_matmul_tflops(device, dtype=dtype, size=8192 if on_cuda else 1024,
+                                            iters=20 if on_cuda else 5)
+    if on_cuda:
+        memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # Linux reports ru_maxrss in KiB: the whole process, the closest CPU analogue
+        memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = dict(
+        model=args.model, frames=args.frames, height=args.height, width=args.width, latent=list(latent),
+        batch_per_device=B, world_size=world, engine=args.engine, compile=args.compile, grad_ckpt=args.grad_ckpt,
+        cached_latents=args.cached_latents, dtype=str(dtype).replace("torch.", ""), device=gpu,
+        device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu", torch=torch.__version__,
+        step_s=step_s, samples_per_s_per_device=samples_per_s, tokens_per_s_per_device=samples_per_s * video_tokens(
+            cfg, latent), train_tflop_per_sample=flops / 1e12, achieved_tflops_per_device=achieved / 1e12,
+        peak_tflops_datasheet=peak, mfu=achieved / (peak * 1e12) if peak else None,
+        matmul_peak_tflops=matmul_peak, mfu_vs_matmul_peak=achieved / (matmul_peak * 1e12) if matmul_peak else None,
+        peak_memory_gib=memory_gib, time_shares=shares, mean_loss=last_loss,
+        attention_backend=_attention_backend(step) if on_cuda else "cpu (math / flash-cpu)",
+        opensora_v1_h800_samples_per_s=OPENSORA_V1_SAMPLES_PER_S.get((args.frames, args.height, args.width))
+        if args.model == "STDiT-XL/2" else None,
+        warmup=args.warmup, steps=args.steps, time=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    if rank == 0:
+        print(format_table(result))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write_path(Path(args.out)) as tmp:
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+    if info is not None and world > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def format_table(r: dict) -> str:
+    """A two-column table of the headline figures."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    rows = [
+        ("config", f"{r['model']} {r['frames']}x{r['height']}x{r['width']} batch {r['batch_per_device']}/device "
+                   f"x {r['world_size']}, {r['engine']}, {r['dtype']}"
+                   + (", compile" if r["compile"] else "") + (", grad-ckpt" if r["grad_ckpt"] else "")
+                   + (", cached latents" if r["cached_latents"] else ", inline VAE+T5")),
+        ("device", f"{r['device_name']} ({r['device']})"),
+        ("step time (s)", fmt(r["step_s"])),
+        ("samples/s/device", fmt(r["samples_per_s_per_device"])),
+        ("tokens/s/device", fmt(r["tokens_per_s_per_device"])),
+        ("model TFLOP/sample (3x fwd)", fmt(r["train_tflop_per_sample"])),
+        ("achieved TFLOP/s/device", fmt(r["achieved_tflops_per_device"])),
+        ("MFU (datasheet peak)", "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops_datasheet']}"),
+        ("MFU (measured matmul peak)", "-" if r["mfu_vs_matmul_peak"] is None else
+         f"{100 * r['mfu_vs_matmul_peak']:.1f}% of {r['matmul_peak_tflops']:.4g}"),
+        ("peak memory (GiB)", fmt(r["peak_memory_gib"])),
+        ("attention kernel", r["attention_backend"]),
+    ]
+    rows += [(f"share: {k}", f"{100 * v:.1f}%") for k, v in r["time_shares"].items()]
+    if r["opensora_v1_h800_samples_per_s"]:
+        rows.append(("Open-Sora 1.0 (H800, reported)", f"{r['opensora_v1_h800_samples_per_s']} samples/s/GPU"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for name in ("frames", "height", "width", "batch", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be >= 1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
