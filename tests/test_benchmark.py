@@ -38,3 +38,20 @@ def test_benchmark_rejects_bad_sizes():
         benchmark.main(BASE[:5] + ["31"] + BASE[6:] + ["--cached-latents", "--vae-downsample", "1"])
     with pytest.raises(SystemExit, match="--set"):
         benchmark.main(BASE + ["--cached-latents", "--set", "no_such_field=1"])
+
+
+def test_benchmark_json_feeds_the_cost_forecast(tmp_path, capsys):
+    """The benchmark's measured MFU is what `tools/cost.py forecast --benchmark` prices Open-Sora 1.0's stage 2 at."""
+    from tools import cost
+
+    out = tmp_path / "b.json"
+    benchmark.main(BASE + ["--cached-latents", "--vae-downsample", "1", "--out", str(out), "--no-matmul-peak"])
+    mfu = json.loads(out.read_text())["mfu"]
+    capsys.readouterr()
+    assert cost.main(["forecast", "--gpus", "64", "--gpu-type", "h800", "--benchmark", str(out), "--opensora-v1",
+                      "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    v1 = report["opensora_v1"]
+    assert report["mfu"] == v1["forecast"]["mfu"] == mfu
+    # GPU-hours scale inversely with MFU: the reported 2808 h at its implied MFU, rescaled to ours.
+    assert v1["forecast"]["gpu_hours"] == pytest.approx(v1["reported_gpu_hours"] * v1["implied_mfu"] / mfu, rel=1e-6)
