@@ -70,6 +70,9 @@ def test_check_says_none_without_object_or_motion(tmp_path):
     still = np.repeat(render_shot(ShapeCaption("blue", "square", "up", "white"), 8, 0.5, tiny(""))[3:4], 6, axis=0)
     result = analyze_video(still)
     assert result.colour == "blue" and result.direction is None
+    noise = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    result = analyze_video(noise)
+    assert result.colour is None and result.direction is None, "noise names no colour and no motion"
     with pytest.raises(ValueError, match="not a shapes caption"):
         check_videos([blank], ["a cat"])
 

@@ -11,8 +11,9 @@ trained for minutes:
 1. background = the per-channel median of the frame's border pixels (the object rarely covers the
    border, and never most of it);
 2. object = pixels farther than ``bg_threshold`` (RGB distance) from that background;
-3. colour = the palette colour most object pixels are near (within ``colour_radius``); blended edge
-   pixels and noise are near none and do not vote;
+3. colour = the palette colour most object pixels are near (within ``colour_radius``), if it has a
+   clear majority (``min_colour_share``); blended edge pixels are near none and do not vote, and pure
+   noise spreads its votes, so it names no colour;
 4. direction = the sign of the larger component of the object centroid's motion, from a least-squares
    line through the per-frame centroids (image y grows downwards, so "up" is a negative slope).
 """
@@ -84,6 +85,7 @@ class CheckConfig:
 
     bg_threshold: float = 60.0  # a pixel this far from the background colour belongs to the object
     colour_radius: float = 90.0  # an object pixel votes for a palette colour only within this distance
+    min_colour_share: float = 0.5  # the winning colour needs this share of the votes (noise spreads them)
     min_object_pixels: int = 3  # a frame with fewer object pixels has no centroid
     min_displacement: float = 0.05  # total centroid motion below this fraction of the frame width = "none"
 
@@ -92,8 +94,8 @@ class CheckConfig:
 class VideoAnalysis:
     """What the pixels of one video show."""
 
-    colour: str | None  # dominant palette colour of the object pixels (None: no object pixel near any)
-    colour_share: float  # fraction of the voting object pixels that voted for ``colour``
+    colour: str | None  # dominant palette colour of the object pixels (None: no clear winner, or no votes)
+    colour_share: float  # fraction of the voting object pixels that voted for the most voted colour
     direction: str | None  # left/right/up/down of the centroid motion (None: too few frames or no motion)
     displacement: tuple[float, float]  # (dx, dy) centroid motion over the whole video, pixels
     object_frames: int  # frames in which an object was found
@@ -134,8 +136,8 @@ def analyze_video(frames: np.ndarray, cfg: CheckConfig | None = None) -> VideoAn
         centroids.append((xs[obj].mean(), ys[obj].mean()))
     colour, share = None, 0.0
     if votes.sum():
-        colour = list(COLOURS)[int(votes.argmax())]
         share = float(votes.max() / votes.sum())
+        colour = list(COLOURS)[int(votes.argmax())] if share >= cfg.min_colour_share else None
     direction, disp = None, (0.0, 0.0)
     if len(times) >= 2:
         t_arr = np.array(times, np.float32)
