@@ -1,0 +1,358 @@
+"""The training dataset: manifest rows -> fixed-shape video tensors, with broken clips recorded, never fatal.
+
+One item is ``num_frames`` frames taken every ``frame_interval`` frames of a clip (Open-Sora 1.0: 16 frames
+at interval 3), resized so that it covers its bucket's (H, W) and centre-cropped to it, as a float tensor
+(3, T, H, W) in [-1, 1]. Images (``.png``/``.jpg``/...) are 1-frame videos; with ``num_frames == 1`` every
+clip gives one frame. Where the window starts is random per (seed, epoch, index) by default, as
+Open-Sora's ``TemporalRandomCrop``, and reproducible on resume.
+
+Clips shorter than the window (``(num_frames - 1) * frame_interval + 1`` frames) are, by default,
+*skipped*: left out of the dataset when it is built and recorded in the failures file, because padding
+teaches the model frozen endings. ``short_clips="pad"`` keeps them and repeats their last frame instead.
+
+A clip that fails to load (missing, truncated, undecodable) gives ``None`` and one JSONL line
+``{"path", "id", "index", "error"}`` in ``failures_path``; :func:`collate` drops the Nones, and the
+loader yields nothing for a batch that was all broken.
+
+Example::
+
+    cfg = DataConfig(manifest="work/manifest.parquet", num_frames=16, frame_interval=3, image_size=(256, 256))
+    loader, sampler = build_dataloader(cfg, batch_size=4, rank=0, world_size=1, seed=0,
+                                       failures_path="run/stage1/failures.jsonl")
+    for batch in loader:            # the rest of one epoch; iterate again for the next
+        batch["video"]              # (B, 3, T, H, W) float in [-1, 1], one bucket per batch
+        batch["text"]               # list of B captions
+    state = sampler.state_dict()    # save with the checkpoint; sampler.load_state_dict(state) resumes exactly
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from omegaconf import MISSING
+from PIL import Image
+from torch.utils.data import Dataset
+
+from opensora.data.buckets import BucketKey, bucket_key, nearest_size, parse_sizes
+from opensora.data.manifest import read_manifest
+from opensora.data.sampler import DistributedBucketSampler, ResumableDataLoader
+from opensora.data.video_io import read_video, video_info
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+"""File suffixes read as still images (1-frame videos)."""
+
+SHORT_CLIP_POLICIES = ("skip", "pad")
+
+
+@dataclass
+class DataConfig:
+    manifest: str = MISSING  # Parquet/CSV manifest (read_manifest); relative clip paths are relative to its folder
+    num_frames: int = 16  # frames per sample (T); 1 trains on single frames
+    frame_interval: int = 3  # take every k-th frame of the clip (Open-Sora 1.0: 3)
+    image_size: tuple[int, int] = (256, 256)  # (H, W) of every sample when `buckets` is not set
+    buckets: list[list[int]] | None = None  # [[H, W], ...]: each clip goes to the closest aspect ratio (buckets.py)
+    num_workers: int = 2  # DataLoader worker processes (decode + resize run there)
+    cache_dir: str | None = None  # precomputed latents + text embeddings (latent_cache.py); None decodes videos
+    short_clips: str = "skip"  # clips shorter than the window: "skip" (record, leave out) or "pad" (repeat last frame)
+    random_start: bool = True  # random window start per (seed, epoch, clip); False always starts at frame 0
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+
+    def __post_init__(self):
+        if self.num_frames < 1:
+            raise ValueError(f"data.num_frames must be >= 1, got {self.num_frames}")
+        if self.frame_interval < 1:
+            raise ValueError(f"data.frame_interval must be >= 1, got {self.frame_interval}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"data.image_size must be [H, W] with positive integers, got {list(self.image_size)}")
+        parse_sizes(self.buckets, tuple(self.image_size))  # type: ignore[arg-type]  # raises naming the bad size
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.short_clips not in SHORT_CLIP_POLICIES:
+            raise ValueError(f"data.short_clips must be one of {SHORT_CLIP_POLICIES}, got {self.short_clips!r}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+    @property
+    def window(self) -> int:
+        """Frames a clip needs to give ``num_frames`` frames at ``frame_interval`` without padding."""
+        return (self.num_frames - 1) * self.frame_interval + 1
+
+
+def record_failure(failures_path: str | Path | None, **fields: Any) -> None:
+    """Appends one JSON line to ``failures_path`` (no-op for None).
+
+    One ``os.write`` on an ``O_APPEND`` descriptor, so lines from several ranks and worker processes do
+    not interleave.
+    """
+    if failures_path is None:
+        return
+    path = Path(failures_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(fields, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Resizes frames to cover ``size`` (keeping the aspect ratio), centre-crops, and scales to [-1, 1].
+
+    Args:
+        frames: uint8 (T, h, w, 3) RGB.
+        size: output (H, W).
+    Returns:
+        float32 (3, T, H, W) in [-1, 1].
+    """
+    x = rearrange(torch.from_numpy(np.ascontiguousarray(frames)), "T H W C -> T C H W").float()
+    (h, w), (H, W) = frames.shape[1:3], size
+    scale = max(H / h, W / w)
+    nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
+    if (nh, nw) != (h, w):
+        # Antialiased bilinear: plain bilinear aliases badly when shrinking 720p to 256. Its weights are
+        # non-negative, so values stay within [0, 255] (bicubic would overshoot).
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - H) // 2, (nw - W) // 2
+    x = x[:, :, top : top + H, left : left + W]  # (T, 3, H, W)
+    x = (x / 127.5 - 1.0).clamp(-1.0, 1.0)
+    return rearrange(x, "T C H W -> C T H W").contiguous()
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """(1, H, W, 3) uint8 RGB of an image file."""
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))[None]  # a writable copy: torch.from_numpy needs one
+
+
+def _is_image(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+class VideoDataset(Dataset):
+    """Clips of a manifest as fixed-shape tensors, grouped into shape buckets.
+
+    Building it reads the manifest and assigns every clip its bucket from the manifest's ``height``,
+    ``width`` and ``num_frames`` (probing the file only where those are missing); no frame is decoded.
+    Rows that cannot be used (too short under ``short_clips="skip"``, unreadable when probed) are left
+    out and recorded, so indices are stable for a given manifest and config (the sampler relies on it).
+
+    Args:
+        cfg: the data config.
+        failures_path: JSONL file that receives one line per broken or skipped clip (None: not recorded).
+        seed: seed of the random window starts (combined with the epoch and the index).
+        log_skipped: record the rows left out at build time (set False on all ranks but one, so that a
+            multi-rank run records them once).
+
+    Attributes:
+        bucket_keys: (T, H, W) of each index.
+        paths, texts, ids: per index.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, failures_path: str | Path | None = None, seed: int = 0, log_skipped: bool = True
+    ):
+        self.cfg = cfg
+        self.failures_path = failures_path
+        self.seed = int(seed)
+        self.epoch = 0
+        manifest = Path(cfg.manifest)
+        df = read_manifest(manifest)
+        sizes = parse_sizes(cfg.buckets, tuple(cfg.image_size))  # type: ignore[arg-type]
+        self.paths: list[str] = []
+        self.texts: list[str] = []
+        self.ids: list[str] = []
+        self.frame_counts: list[int] = []
+        self.bucket_keys: list[BucketKey] = []
+        self.skipped: list[dict[str, str]] = []
+        for row in df.itertuples(index=False):
+            path = str(row.path) if not pd.isna(row.path) else ""
+            if path and not os.path.isabs(path):
+                path = str(manifest.parent / path)
+            try:
+                key, frames = self._assign(path, row, sizes)
+            except Exception as err:  # a bad row must not stop the run: it is recorded and left out
+                skip = dict(path=path, id=str(row.id), error=f"{type(err).__name__}: {err}")
+                self.skipped.append(skip)
+                if log_skipped:
+                    record_failure(failures_path, **skip)
+                continue
+            self.paths.append(path)
+            self.texts.append("" if pd.isna(row.text) else str(row.text))
+            self.ids.append(str(row.id))
+            self.frame_counts.append(frames)
+            self.bucket_keys.append(key)
+
+    def _assign(self, path: str, row: Any, sizes: list[tuple[int, int]]) -> tuple[BucketKey, int]:
+        """(bucket key, frame count) of one manifest row; raises for a row that cannot be used."""
+        if not path:
+            raise ValueError("manifest row has no path")
+        height, width, frames = row.height, row.width, row.num_frames
+        image = _is_image(path)
+        if pd.isna(height) or pd.isna(width) or (pd.isna(frames) and not image):
+            if image:
+                with Image.open(path) as img:
+                    width, height = img.size
+            else:
+                info = video_info(path)
+                height, width, frames = info["height"], info["width"], info["num_frames"]
+        frames = 1 if image else int(frames)
+        if not image and frames < self.cfg.window and self.cfg.short_clips == "skip":
+            raise ValueError(
+                f"clip too short: {frames} frames < {self.cfg.window} needed for {self.cfg.num_frames} frames "
+                f"at interval {self.cfg.frame_interval} (data.short_clips='skip')"
+            )
+        num_out = 1 if image else self.cfg.num_frames
+        return bucket_key(num_out, nearest_size(int(height), int(width), sizes)), frames
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the random window starts of ``epoch`` (the loader calls it before each epoch)."""
+        self.epoch = int(epoch)
+
+    def frame_indices(self, index: int, random_start: bool | None = None) -> np.ndarray:
+        """Which frames of clip ``index`` make its sample.
+
+        Args:
+            index: dataset index (a video, not an image).
+            random_start: override ``cfg.random_start`` (the latent cache always uses False).
+        Returns:
+            int64 (T,): ``start + k * frame_interval``; for padded short clips, indices past the end repeat
+            the last frame.
+        """
+        random_start = self.cfg.random_start if random_start is None else random_start
+        count, T = self.frame_counts[index], self.bucket_keys[index][0]
+        steps = np.arange(T, dtype=np.int64) * self.cfg.frame_interval
+        last_start = count - (steps[-1] + 1)  # the window must end inside the clip
+        if last_start < 0:  # short clip kept by short_clips="pad"
+            return np.minimum(steps, count - 1)
+        start = 0
+        if random_start and last_start > 0:
+            start = int(np.random.default_rng([self.seed, self.epoch, index]).integers(last_start + 1))
+        return start + steps
+
+    def load(self, index: int, random_start: bool | None = None) -> torch.Tensor:
+        """Decodes clip ``index`` into its bucket's shape; raises if the file is broken.
+
+        Args:
+            index: dataset index.
+            random_start: override ``cfg.random_start``.
+        Returns:
+            float32 (3, T, H, W) in [-1, 1].
+        """
+        path, (_, H, W) = self.paths[index], self.bucket_keys[index]
+        if _is_image(path):
+            frames = _read_image(Path(path))  # (1, h, w, 3)
+        else:
+            frames = read_video(path, self.frame_indices(index, random_start))  # (T, h, w, 3)
+        return resize_center_crop(frames, (H, W))
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """``dict(video=(3, T, H, W) float in [-1, 1], text=str, index=int, bucket=(T, H, W))``, or None if broken."""
+        try:
+            video = self.load(index)
+        except Exception as err:  # decode errors come in many types (decord, PyAV, PIL, OS); none may stop training
+            record_failure(self.failures_path, path=self.paths[index], id=self.ids[index], index=index,
+                           error=f"{type(err).__name__}: {err}")
+            return None
+        return dict(video=video, text=self.texts[index], index=index, bucket=self.bucket_keys[index])
+
+
+def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Stacks dataset items into a batch, dropping None (broken) items; None if all were broken.
+
+    Tensors are stacked on a new first axis, strings become a list, ``index`` a (B,) long tensor, and
+    ``bucket`` the one (T, H, W) of the batch (the sampler guarantees one per batch).
+    """
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    buckets = {item["bucket"] for item in items}
+    if len(buckets) != 1:
+        raise ValueError(f"a batch mixes buckets {sorted(buckets)}: use DistributedBucketSampler")
+    batch: dict[str, Any] = {}
+    for name, value in items[0].items():
+        values = [item[name] for item in items]
+        if isinstance(value, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif name == "index":
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        elif name == "bucket":
+            batch[name] = value
+        else:
+            batch[name] = values
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes one clip at a time; torch's intra-op threads would only oversubscribe the CPUs.
+    torch.set_num_threads(1)
+
+
+def build_dataloader(
+    cfg: DataConfig,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    failures_path: str | Path | None = None,
+    encoder_identity: Any = None,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+) -> tuple[ResumableDataLoader, DistributedBucketSampler]:
+    """The training loader of one data-parallel rank and its sampler (whose state is the data position).
+
+    Args:
+        cfg: the data config. With ``cfg.cache_dir`` set, batches hold cached ``latent``/``y``/``mask``
+            instead of ``video`` (see ``opensora.data.latent_cache``).
+        batch_size: samples per rank per step (global batch / world_size).
+        rank: data-parallel rank.
+        world_size: data-parallel size.
+        seed: data order and window-start seed.
+        failures_path: JSONL file for broken and skipped clips (the run dir's ``<stage>/failures.jsonl``).
+        encoder_identity: ``EncoderIdentity`` of the current VAE and text encoder; required with
+            ``cfg.cache_dir`` (it is part of every cache key, so latents of other encoders are never used).
+        drop_last: see :class:`DistributedBucketSampler`.
+        pin_memory: pin batches for faster host-to-GPU copies.
+    Returns:
+        ``(loader, sampler)``: each ``for batch in loader`` runs the rest of the current epoch; save
+        ``sampler.state_dict()`` with checkpoints and ``sampler.load_state_dict`` it on resume.
+    """
+    if cfg.cache_dir is not None:
+        # Imported here: latent_cache builds on this module (VideoDataset), so a top-level import would cycle.
+        from opensora.data.latent_cache import CachedLatentDataset
+
+        if encoder_identity is None:
+            raise ValueError(
+                f"data.cache_dir={cfg.cache_dir!r} needs the encoder identity (opensora.data.latent_cache."
+                f"encoder_identity(vae, text_encoder)) to pick entries made by the same encoders"
+            )
+        dataset: Dataset = CachedLatentDataset(
+            cfg, encoder_identity, failures_path=failures_path, seed=seed, log_skipped=rank == 0
+        )
+    else:
+        dataset = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=rank == 0)
+    sampler = DistributedBucketSampler(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
+                                       drop_last=drop_last)  # type: ignore[arg-type]
+    workers = cfg.num_workers
+    loader = ResumableDataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+    )
+    return loader, sampler
