@@ -413,10 +413,16 @@ def test_cached_dataset_matches_direct_encode_and_ignores_stale_entries(tmp_path
 def test_identity_autoencoder_cache_holds_the_pixels(tmp_path, encoders):
     _, te, _, _ = encoders
     clip = index_video(tmp_path / "c.mp4", 6, width=32, height=24)
-    cfg = DataConfig(manifest=manifest(tmp_path, [row(clip, "a clip", 6, 24, 32)]), num_frames=3, frame_interval=2,
-                     image_size=(16, 16), cache_dir=str(tmp_path / "cache"))
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\0" * 1000)
+    rows = [row(clip, "a clip", 6, 24, 32), row(junk, "broken", 6, 24, 32)]
+    cfg = DataConfig(manifest=manifest(tmp_path, rows), num_frames=3, frame_interval=2, image_size=(16, 16),
+                     cache_dir=str(tmp_path / "cache"), num_workers=2)
     vae = IdentityAutoencoder()
-    precompute(cfg, vae, te, cfg.cache_dir, progress=False)
+    log = tmp_path / "failures.jsonl"
+    report = precompute(cfg, vae, te, cfg.cache_dir, failures_path=log, progress=False)  # decodes in 2 workers
+    assert report.written == 1 and [f["path"] for f in report.failed] == [str(junk)]
+    assert [f["path"] for f in failures(log)] == [str(junk)]
     item = CachedLatentDataset(cfg, encoder_identity(vae, te))[0]
     assert torch.equal(item["latent"], VideoDataset(cfg).load(0, random_start=False))
     assert frame_ids(item["latent"]) == [0, 2, 4]

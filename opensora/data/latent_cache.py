@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from opensora.data.buckets import BucketKey
@@ -191,6 +191,30 @@ class PrecomputeReport:
     failed: list[dict[str, str]] = field(default_factory=list)  # {path, error} of clips that could not be read
 
 
+def _identity_collate(item: Any) -> Any:
+    return item
+
+
+class _PrecomputeJobs(Dataset):
+    """Item k of this rank's clips -> (index, key, video (3, T, H, W) or None if cached, error or None)."""
+
+    def __init__(self, videos: VideoDataset, indices: list[int], identity: EncoderIdentity, cache_dir: Path):
+        self.videos, self.indices, self.identity, self.cache_dir = videos, indices, identity, cache_dir
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, str, torch.Tensor | None, str | None]:
+        index, key = self.indices[k], ""
+        try:
+            key = _key_of(self.videos, index, self.identity)
+            if entry_path(self.cache_dir, key).is_file():
+                return index, key, None, None
+            return index, key, self.videos.load(index, random_start=False), None
+        except Exception as err:  # reported by precompute, which goes on with the other clips
+            return index, key, None, f"{type(err).__name__}: {err}"
+
+
 @torch.no_grad()
 def precompute(
     cfg: DataConfig,
@@ -208,7 +232,8 @@ def precompute(
     """Encodes this rank's clips of ``cfg.manifest`` into the cache; resumable (existing entries are skipped).
 
     Args:
-        cfg: the data config of the stage (its buckets, frames and interval decide the keys).
+        cfg: the data config of the stage (its buckets, frames and interval decide the keys;
+            ``cfg.num_workers`` processes hash and decode clips while this one encodes).
         vae: the autoencoder training will use (eval mode).
         text_encoder: the text encoder training will use.
         cache_dir: cache root (usually ``cfg.cache_dir``); shared by all ranks.
@@ -251,22 +276,22 @@ def precompute(
                 save_file(tensors, str(tmp), metadata={"path": videos.paths[index], "text": videos.texts[index]})
             report.written += 1
 
-    for index in tqdm(mine, desc=f"precompute rank {rank}", disable=not progress):
-        bucket = videos.bucket_keys[index]
-        try:
-            key = _key_of(videos, index, identity)
-            if entry_path(cache_dir, key).is_file():
-                report.existing += 1
-                continue
-            video = videos.load(index, random_start=False)  # (3, T, H, W)
-        except Exception as err:  # broken clip: record it and go on with the others
-            failure = dict(path=videos.paths[index], error=f"{type(err).__name__}: {err}")
+    # Hashing, the existence check and decoding run in DataLoader workers (cfg.num_workers): decoding
+    # is the slow part on a GPU machine, and the encoders stay in this process.
+    jobs = DataLoader(_PrecomputeJobs(videos, mine, identity, Path(cache_dir)), batch_size=None,
+                      num_workers=cfg.num_workers, collate_fn=_identity_collate)
+    for index, key, video, error in tqdm(jobs, total=len(mine), desc=f"precompute rank {rank}", disable=not progress):
+        if error is not None:  # broken clip: record it and go on with the others
+            failure = dict(path=videos.paths[index], error=error)
             report.failed.append(failure)
             record_failure(failures_path, id=videos.ids[index], index=index, **failure)
-            continue
-        pending.setdefault(bucket, []).append((index, key, video))
-        if len(pending[bucket]) >= batch_size:
-            flush(bucket)
+        elif video is None:
+            report.existing += 1
+        else:
+            bucket = videos.bucket_keys[index]
+            pending.setdefault(bucket, []).append((index, key, video))
+            if len(pending[bucket]) >= batch_size:
+                flush(bucket)
     for bucket in list(pending):
         flush(bucket)
     return report
