@@ -1,0 +1,190 @@
+"""Ulysses sequence parallelism over the frame axis T of STDiT (DeepSpeed-Ulysses, arXiv:2309.14509).
+
+Between blocks STDiT keeps activations as (B, T, S, D). The ``P`` ranks of one sequence-parallel (SP) group
+receive the *same* sample; each keeps one contiguous slice of T, so block activation memory drops by ``P``:
+
+* spatial attention, cross-attention, the MLP and the adaLN modulation act on one frame (or one token) at
+  a time, so they run on a T shard unchanged;
+* temporal attention needs every frame: its ``core`` (parameter-free SDPA on (B*S, heads, T, d)) is replaced
+  by :class:`UlyssesAttention`, which all-to-alls q/k/v from "all heads, T/P frames" to "heads/P, all T",
+  attends, and all-to-alls back;
+* the temporal position embedding (T, D) enters block 0 as an argument and is sliced there with x.
+
+Hooks (installed by :func:`apply_sequence_parallel`, never by the model): block 0's pre-hook slices x and the
+temporal embedding; the last block's forward hook all-gathers x again, so the final layer, the loss and
+everything outside the blocks see the full video and are computed identically on every rank.
+
+Gradients. Each rank's backward through the blocks only sees its own frames, so block parameters and the
+conditioning tensors that feed every block (t0 from ``t_block``, y from ``y_embedder``) get *partial*
+gradients. We scale the gradient entering the blocks by ``P`` (gather backward) and divide it by ``P`` where
+it leaves them (slice backward all-gathers, conditioning backward all-reduces and divides), so that:
+
+* parameters outside the blocks end with the full gradient on every rank (identical across the SP group);
+* block parameters end with ``P`` x their partial gradient, whose mean over the SP group is the full gradient.
+
+Data parallelism over the *whole* world (FSDP2 / DDP / ZeRO average gradients over all ranks) is then exact:
+the mean over ``dp * P`` ranks of these gradients is the mean over the ``dp`` distinct samples. No separate
+SP all-reduce of parameter gradients is needed, and FSDP2 may shard over all ranks including the SP group.
+The trainer must feed the ranks of one SP group the same batch, timesteps, noise and caption-dropout draws
+(see :func:`opensora.distributed.parallel.ParallelDims`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@torch.compiler.disable
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Splits ``x`` into P pieces along ``scatter_dim``, sends piece j to rank j, concatenates what arrives
+    along ``gather_dim`` in rank order."""
+    P = dist.get_world_size(group)
+    send = torch.stack(x.chunk(P, dim=scatter_dim)).contiguous()  # (P, ...) piece j goes to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+@torch.compiler.disable
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    P = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(P)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _own_slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, ctx.group, gather_dim, scatter_dim), None, None, None
+
+
+class _SliceSeq(torch.autograd.Function):
+    """Forward: keep this rank's slice. Backward: all-gather the slices' gradients and divide by P (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _own_slice(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, ctx.dim) / dist.get_world_size(ctx.group), None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Forward: all-gather the slices. Backward: keep this rank's slice of the (replicated) gradient times P."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_slice(grad, ctx.group, ctx.dim) * dist.get_world_size(ctx.group), None, None
+
+
+class _ReduceGradMean(torch.autograd.Function):
+    """Identity forward; backward averages the gradient over the group (used for tensors every block reads)."""
+
+    @staticmethod
+    @torch.compiler.disable
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    @torch.compiler.disable
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Differentiable all-to-all: scatter ``scatter_dim`` over the ranks of ``group``, gather ``gather_dim``."""
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+class UlyssesAttention(nn.Module):
+    """Replaces an attention ``core`` whose sequence axis is sharded over ``group``.
+
+    Takes q, k, v of shape (B', H, N/P, d) (all heads, this rank's N/P positions), returns (B', H, N/P, d).
+    Requires H divisible by P.
+    """
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__()
+        self.inner = inner
+        self.group = group
+
+    def forward(self, q, k, v, attn_mask=None):
+        if attn_mask is not None:
+            raise ValueError("UlyssesAttention does not support an attention mask over the sharded axis")
+        qkv = torch.stack([q, k, v])  # (3, B', H, N/P, d): one collective instead of three
+        q, k, v = all_to_all(qkv, self.group, scatter_dim=2, gather_dim=3).unbind(0)  # each (B', H/P, N, d)
+        out = self.inner(q, k, v)  # (B', H/P, N, d)
+        return all_to_all(out, self.group, scatter_dim=2, gather_dim=1)  # (B', H, N/P, d)
+
+
+def apply_sequence_parallel(model: nn.Module, group) -> None:
+    """Shards STDiT's block activations (B, T, S, D) along T over ``group`` (in place, hooks only).
+
+    Args:
+        model: an ``opensora.models.stdit.STDiT`` (uses ``blocks``, ``t_block``, ``y_embedder`` and each
+            block's ``attn_temp.core``; see the module docstring for why each is touched).
+        group: the sequence-parallel process group; its size P must divide the number of heads and, at run
+            time, the latent frame count T (after temporal patching).
+    """
+    P = dist.get_world_size(group)
+    num_heads = model.config.num_heads
+    if num_heads % P:
+        raise ValueError(f"sequence parallelism over {P} ranks needs num_heads ({num_heads}) divisible by {P}")
+    blocks = model.blocks
+    for block in blocks:
+        block.attn_temp.core = UlyssesAttention(block.attn_temp.core, group)
+
+    signature = inspect.signature(blocks[0].forward)
+
+    @torch.compiler.disable
+    def shard_inputs(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        x, tpe = bound.arguments["x"], bound.arguments.get("tpe")
+        T = x.shape[1]
+        if T % P:
+            raise ValueError(
+                f"sequence parallelism over {P} ranks needs the latent frame count T={T} to be divisible by {P}"
+            )
+        bound.arguments["x"] = _SliceSeq.apply(x, group, 1)  # (B, T/P, S, D)
+        if tpe is not None:
+            bound.arguments["tpe"] = _own_slice(tpe, group, 0)  # (T/P, D); a constant, no gradient
+        return bound.args, bound.kwargs
+
+    @torch.compiler.disable
+    def gather_output(module, args, kwargs, output):
+        return _GatherSeq.apply(output, group, 1)  # (B, T, S, D)
+
+    @torch.compiler.disable
+    def reduce_grad(module, args, output):
+        return _ReduceGradMean.apply(output, group)
+
+    blocks[0].register_forward_pre_hook(shard_inputs, with_kwargs=True)
+    blocks[-1].register_forward_hook(gather_output, with_kwargs=True)
+    # t0 (B, 6D) and y (B, 1, L, D) are read by every block on every rank's frames: their gradients are partial.
+    model.t_block.register_forward_hook(reduce_grad)
+    model.y_embedder.register_forward_hook(reduce_grad)

@@ -1,0 +1,172 @@
+"""torchrun worker for tests/test_distributed.py and tests/test_checkpoint.py (gloo, CPU, fp32).
+
+Every rank also computes the single-process reference on its own copy of the model, so the comparison
+needs no file exchange; rank 0 writes the measured differences as JSON for the test to assert on.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_workers/engine_worker.py step --engine fsdp --out DIR
+    ... sp --engine ddp [--grad-ckpt] --out DIR      # Ulysses SP over 2 ranks vs one process
+    ... ckpt --out DIR                               # FSDP2 step, sharded save, full reference dump
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, when run as a script
+
+from opensora.checkpoint import CheckpointManager, RNGState, engine_state  # noqa: E402
+from opensora.distributed import ParallelConfig, build_engine, init_distributed, destroy_distributed  # noqa: E402
+from opensora.models.stdit import STDiT, stdit_config  # noqa: E402
+
+LR, WD, MAX_NORM = 1e-2, 0.01, 0.5
+
+
+def make_model(seed: int = 0) -> STDiT:
+    """STDiT-debug with every parameter random (the zero-initialised projections would hide errors)."""
+    torch.manual_seed(seed)
+    model = STDiT(stdit_config("STDiT-debug", class_dropout_prob=0.0))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def make_batch(n: int, T: int = 4, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    cfg = stdit_config("STDiT-debug")
+    mask = torch.ones(n, cfg.model_max_length)
+    mask[:, cfg.model_max_length // 2:] = torch.rand(n, cfg.model_max_length // 2, generator=g) > 0.5
+    return dict(
+        x=torch.randn(n, 4, T, 8, 8, generator=g),
+        t=torch.randint(0, 1000, (n,), generator=g),
+        y=torch.randn(n, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
+        mask=mask,
+        target=torch.randn(n, 8, T, 8, 8, generator=g),
+    )
+
+
+def loss_fn(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(b["x"], b["t"], b["y"], b["mask"])
+    return F.mse_loss(out, b["target"]), out
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((full(a[k]).float() - full(b[k]).float()).abs().max()) for k in a)
+
+
+def cmd_step(args, info) -> dict:
+    """One optimizer step on 2 ranks x 2 samples vs one process on the 4 samples."""
+    W, r = info.world_size, info.rank
+    batch = make_batch(2 * W)
+    ref = make_model()
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WD)
+    ref_loss, _ = loss_fn(ref, batch)
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+    ref_opt.step()
+
+    engine = build_engine(ParallelConfig(engine=args.engine, param_dtype="fp32"), info)
+    model = make_model()
+    model, opt = engine.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD))
+    shard = {k: v[2 * r: 2 * (r + 1)] for k, v in batch.items()}
+    loss, _ = loss_fn(model, shard)
+    engine.backward(loss)
+    norm = engine.clip_grad_norm(MAX_NORM)
+    engine.optimizer_step()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= W
+    params = engine.full_model_state_dict()
+    out = dict(loss=float(mean_loss), ref_loss=float(ref_loss), norm=float(norm), ref_norm=float(ref_norm),
+               engine=type(engine).__name__, wrapped=type(model).__name__)
+    if r == 0:
+        out["param_diff"] = max_diff(params, ref.state_dict())
+        out["param_change"] = max_diff(before, ref.state_dict())
+    return out
+
+
+def cmd_sp(args, info) -> dict:
+    """Ulysses SP over all ranks (dp = 1: every rank gets the same batch) vs one process: outputs and grads."""
+    batch = make_batch(2, T=4)
+    ref = make_model()
+    ref_loss, ref_out = loss_fn(ref, batch)
+    ref_loss.backward()
+
+    pcfg = ParallelConfig(engine=args.engine, sp_size=info.world_size, grad_ckpt=args.grad_ckpt, param_dtype="fp32")
+    engine = build_engine(pcfg, info)
+    model = make_model()
+    model, _ = engine.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    seen_T = []
+    engine.unwrap().blocks[-1].register_forward_pre_hook(lambda m, a: seen_T.append(a[0].shape[1]))
+    loss, out = loss_fn(model, batch)
+    engine.backward(loss)
+    grads = {n: full(p.grad) for n, p in engine.unwrap().named_parameters()}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    return dict(
+        seen_T=seen_T,
+        out_diff=float((out - ref_out).detach().abs().max()),
+        loss_diff=float((loss - ref_loss).detach().abs()),
+        # per parameter, relative to that parameter's largest gradient entry
+        grad_rel_diff=max(float((grads[n] - g).abs().max() / g.abs().max()) for n, g in ref_grads.items()),
+        min_grad=min(float(g.abs().max()) for g in ref_grads.values()),
+    )
+
+
+def cmd_ckpt(args, info) -> dict:
+    """FSDP2 on all ranks: one step, a sharded save, and the full tensors (model + Adam state) as reference."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    engine = build_engine(ParallelConfig(engine="fsdp", param_dtype="fp32"), info)
+    model = make_model()
+    model, opt = engine.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD))
+    b = make_batch(2, seed=2 + info.rank)
+    loss, _ = loss_fn(model, b)
+    engine.backward(loss)
+    engine.optimizer_step()
+    ckpt = CheckpointManager(Path(args.out) / "ckpt", keep=2)
+    app_state = {**engine_state(engine), "rng": RNGState(), "train": {"step": 1, "samples": 2 * info.world_size}}
+    path = ckpt.save(1, app_state)
+    model_full = engine.full_model_state_dict()
+    opt_full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.rank == 0:
+        flat = {f"model.{k}": v.contiguous() for k, v in model_full.items()}
+        for fqn, state in opt_full["state"].items():
+            flat.update({f"optim.{fqn}.{k}": v.reshape(v.shape).contiguous() for k, v in state.items()})
+        save_file(flat, str(Path(args.out) / "reference.safetensors"))
+    return dict(path=str(path))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["step", "sp", "ckpt"])
+    p.add_argument("--engine", default="fsdp")
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    info = init_distributed()
+    result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt}[args.mode](args, info)
+    results = [None] * info.world_size
+    dist.all_gather_object(results, result)
+    if info.rank == 0:
+        Path(args.out, "result.json").write_text(json.dumps(results))
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
