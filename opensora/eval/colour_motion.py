@@ -30,7 +30,7 @@ import numpy as np
 # pipeline's blank-frame filter looks at luma contrast).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
-    "green": (40, 190, 60),
+    "green": (30, 160, 50),
     "blue": (40, 80, 230),
     "yellow": (235, 210, 40),
 }
@@ -38,7 +38,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # pipeline's black-frame filter (mean luma < 16) does not take a dark shot for a fade.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
-    "gray": (160, 160, 160),
+    "gray": (128, 128, 128),
     "black": (24, 24, 24),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
