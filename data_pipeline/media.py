@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import av
+import cv2
 import numpy as np
 
 
@@ -48,6 +49,34 @@ def even_size(width: int, height: int, short_side: int = 0) -> tuple[int, int]:
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
+def _plane(frame: av.VideoFrame, index: int, height: int, width: int) -> np.ndarray:
+    """A zero-copy (height, width) view of one plane (planes are padded to ``line_size`` bytes per row)."""
+    plane = frame.planes[index]
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width]
+
+
+def resize_yuv420p(frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
+    """Resizes a yuv420p frame plane by plane with OpenCV (AREA when shrinking, bilinear when enlarging).
+
+    Measured on 720p -> 360p: about 2.5x cheaper than swscale's AREA on the same frame, with the same
+    anti-aliasing (a box filter); the planes stay YUV, so there is no colour conversion either way.
+
+    Args:
+        frame: a decoded ``yuv420p`` frame.
+        width, height: the output size (even).
+    """
+    src_w, src_h = frame.width, frame.height
+    shrink = width * height <= src_w * src_h
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    out = np.empty((height * 3 // 2, width), np.uint8)  # (H*3/2, W): Y, then U and V of (H/2, W/2) each
+    cv2.resize(_plane(frame, 0, src_h, src_w), (width, height), dst=out[:height], interpolation=interp)
+    chroma = out[height:].reshape(2, height // 2, width // 2)
+    for i in (1, 2):
+        src = _plane(frame, i, (src_h + 1) // 2, (src_w + 1) // 2)
+        cv2.resize(src, (width // 2, height // 2), dst=chroma[i - 1], interpolation=interp)
+    return av.VideoFrame.from_ndarray(out, format="yuv420p")
+
+
 class ClipWriter:
     """Encodes frames into ``path`` (H.264 by default) through a temp file; ``close()`` publishes it.
 
@@ -73,14 +102,18 @@ class ClipWriter:
         self.stream.codec_context.thread_count = 1
         if codec in ("libx264", "libx265"):
             self.stream.options = {"crf": str(crf), "preset": preset}
-        self.interpolation = "AREA"  # downscaling without aliasing; costs about as much as the encode at 720p
         self.count = 0
 
     def write(self, frame: av.VideoFrame | np.ndarray) -> None:
         """Appends one frame (a decoded ``av.VideoFrame`` or an RGB uint8 array of shape (H, W, 3))."""
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation=self.interpolation)
+        if frame.format.name == "yuv420p" and (frame.width, frame.height) != (self.width, self.height):
+            out = resize_yuv420p(frame, self.width, self.height)
+        else:
+            # Same size and format: swscale hands the frame back untouched; other formats need its conversion
+            # (yuvj420p is full range, rgb24 is not YUV), where AREA avoids aliasing when shrinking.
+            out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
         out.pts = self.count
         out.time_base = self.stream.codec_context.time_base
         out.pict_type = av.video.frame.PictureType.NONE  # do not inherit the source's frame types

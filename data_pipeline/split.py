@@ -1,12 +1,16 @@
-"""split: shot detection with PySceneDetect, then frame-accurate H.264 clips cut at the detected frames.
+"""split: shot detection with PySceneDetect and frame-accurate H.264 clips cut at the detected frames.
 
-Two sequential decodes of the source, no seeking, frames counted from 0 in presentation order:
+One decode of the source, no seeking, frames counted from 0 in presentation order. Each frame is
 
-1. detection - each decoded frame is shrunk to ~``detect_width`` pixels straight from its YUV planes
-   (strided sampling, far cheaper than swscale at 720p) and fed to ``ContentDetector`` /
-   ``AdaptiveDetector.process_frame``; a cut at frame k means a new shot starts at frame k;
-2. cutting - the frames of each clip span are re-encoded, so a clip starts and ends exactly on the
-   detected frames (stream copy would round to keyframes; Open-Sora 1.0's clips were off by up to 0.5 s).
+1. shrunk to ~``detect_width`` pixels straight from its YUV planes (strided sampling, far cheaper than
+   swscale at 720p) and fed to ``ContentDetector`` / ``AdaptiveDetector.process_frame``; a cut at frame k
+   means a new shot starts at frame k;
+2. held back for the detector's lag (a few frames), then re-encoded into its clip, so a clip starts and ends
+   exactly on the detected frames (stream copy would round to keyframes; Open-Sora 1.0's clips were off
+   by up to 0.5 s).
+
+``detect_cuts`` + ``plan_clips`` are the same decisions as a separate detection pass (the definition
+``split_video`` is tested against, and the bench's detection-only number).
 
 Clip files are named ``<row id>_<k>.mp4`` and written through a temp file, so a redone video
 overwrites its own clips.
@@ -15,8 +19,11 @@ overwrites its own clips.
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import cv2
@@ -112,64 +119,171 @@ def _keep(offset: int, src_fps: Fraction, out_fps: Fraction) -> bool:
     return offset == 0 or math.floor(offset * out_fps / src_fps) != math.floor((offset - 1) * out_fps / src_fps)
 
 
-def cut_clips(path: str, spans: list[tuple[int, int]], out_paths: list[Path], cfg: SplitConfig,
-              expected_frames: int) -> tuple[list[int], Fraction, int, int]:
-    """Decodes ``path`` once and encodes each span [start, end) to its clip.
+@dataclass
+class SplitResult:
+    """What ``split_video`` wrote: one entry per clip in ``spans``/``counts``/``paths``."""
 
+    spans: list[tuple[int, int]]  # [start, end) source frames, as plan_clips(cuts, num_frames) gives them
+    counts: list[int]  # frames written per clip (fewer than end - start when re-timed)
+    paths: list[Path]
+    cuts: list[int]  # first frames of new shots
+    num_frames: int  # frames decoded (all of them, unless max_clips stopped the decode early)
+    fps: Fraction  # source
+    out_fps: Fraction
+    width: int  # clip size
+    height: int
+
+
+class _ClipCutter:
+    """Takes the source frames in order, each once the cuts that decide its fate are known, and encodes the
+    spans of ``plan_clips`` as they go by: edges trimmed, long shots cut every ``max_clip_s``, and a span that
+    ends shorter than ``min_clip_s`` aborted (its few frames of encoding are the price of not buffering it)."""
+
+    def __init__(self, cfg: SplitConfig, fps: Fraction, out_fps: Fraction, size: tuple[int, int],
+                 out_path: Callable[[int], Path]):
+        self.cfg, self.fps, self.out_fps, self.size, self.out_path = cfg, fps, out_fps, size, out_path
+        self.min_len = max(1, math.ceil(cfg.min_clip_s * fps - 1e-6))
+        self.max_len = math.floor(cfg.max_clip_s * fps + 1e-6) if cfg.max_clip_s else 0
+        self.ahead: deque[int] = deque()  # known cuts after the last committed frame, ascending
+        self.cuts: list[int] = []
+        self.shot_start = 0
+        self.committed = -1  # the last frame handed to commit()
+        self.span: list[int] | None = None  # [start, end) of the span being written
+        self.writer: ClipWriter | None = None
+        self.count = 0
+        self.result = SplitResult([], [], [], self.cuts, 0, fps, out_fps, *size)
+
+    @property
+    def full(self) -> bool:
+        return bool(self.cfg.max_clips) and len(self.result.spans) >= self.cfg.max_clips
+
+    def add_cut(self, cut: int, is_end: bool = False) -> None:
+        """Registers a cut (or, with ``is_end``, the end of the video) reported by the detector."""
+        if cut <= (self.cuts[-1] if self.cuts else 0):
+            return
+        if cut - self.cfg.drop_edge_frames <= self.committed:
+            # Cannot happen with scenedetect 0.7's detectors (their lag is event_buffer_length, which the
+            # caller waits for); failing beats writing a clip that straddles a cut.
+            raise RuntimeError(f"the detector reported a cut at frame {cut} after frame {self.committed} was "
+                               "already encoded (its lag exceeds event_buffer_length)")
+        self.ahead.append(cut)
+        if not is_end:
+            self.cuts.append(cut)
+
+    def commit(self, index: int, frame: av.VideoFrame) -> None:
+        """Hands over source frame ``index``: no cut at or before ``index + drop_edge_frames`` is still unknown."""
+        self.committed = index
+        if self.full:
+            return
+        while self.ahead and self.ahead[0] <= index:
+            self.shot_start = self.ahead.popleft()
+        start = self.shot_start + self.cfg.drop_edge_frames
+        if index < start or (self.ahead and index >= self.ahead[0] - self.cfg.drop_edge_frames):
+            self.close_span()  # an edge frame of a shot
+            return
+        piece_start = start + (index - start) // self.max_len * self.max_len if self.max_len else start
+        if self.span is None or self.span[0] != piece_start:
+            self.close_span()
+            self.span = [piece_start, piece_start]
+        self.span[1] = index + 1
+        if _keep(index - piece_start, self.fps, self.out_fps):
+            if self.writer is None:
+                self.writer = ClipWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.size,
+                                         self.cfg.codec, self.cfg.crf, self.cfg.preset)
+            self.writer.write(frame)
+            self.count += 1
+
+    def close_span(self) -> None:
+        """Publishes the span being written if it is long enough, else drops it."""
+        if self.span is None:
+            return
+        writer, (start, end), count = self.writer, self.span, self.count
+        self.span, self.writer, self.count = None, None, 0
+        if end - start < self.min_len or self.full:
+            if writer is not None:
+                writer.abort()
+            return
+        self.result.spans.append((start, end))
+        self.result.counts.append(count)
+        self.result.paths.append(writer.close())
+
+    def abort(self) -> None:
+        """Drops the span being written (on an error)."""
+        if self.writer is not None:
+            self.writer.abort()
+        self.span, self.writer = None, None
+
+
+def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) -> SplitResult:
+    """Detects shots and writes frame-accurate clips in ONE decode of ``path``.
+
+    Each decoded frame goes to the detector (as a small thumbnail) and waits in a short queue until no cut can
+    still change where it belongs: PySceneDetect reports a cut at most ``event_buffer_length`` frames late
+    (ContentDetector's merge filter: ``min_scene_len``; AdaptiveDetector: ``window_width``), and trimming
+    ``drop_edge_frames`` before a cut needs that many more. Then it is encoded into the current clip. The clips
+    are exactly ``plan_clips(*detect_cuts(path))``, at half the decoding of detecting first and cutting after.
+
+    Args:
+        path: the source video.
+        cfg: detector, clip length rules, fps/size and encoder settings.
+        out_path: clip number (0, 1, ... in time order) -> the file to write it to.
     Returns:
-        (frames written per clip, clip fps, clip width, clip height).
+        the clips written and the cuts found.
     """
     container, stream = _open(path)
-    writers: dict[int, ClipWriter] = {}
-    counts = [0] * len(spans)
-    try:
-        with container:
-            src_fps = Fraction(stream.average_rate or stream.guessed_rate)
-            out_fps = min(src_fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else src_fps
-            width, height = even_size(stream.codec_context.width, stream.codec_context.height, cfg.short_side)
-            k = 0  # the first span that may still receive frames (spans are sorted, non-overlapping)
-            n = 0
+    with container:
+        fps = Fraction(stream.average_rate or stream.guessed_rate)
+        out_fps = min(fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else fps
+        size = even_size(stream.codec_context.width, stream.codec_context.height, cfg.short_side)
+        detector = _detector(cfg)
+        step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
+        step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly
+        delay = detector.event_buffer_length + cfg.drop_edge_frames
+        cutter = _ClipCutter(cfg, fps, out_fps, size, out_path)
+        queue: deque[tuple[int, av.VideoFrame]] = deque()  # decoded, not yet committed; at most `delay` frames
+        n = 0
+        try:
             for frame in container.decode(stream):
-                while k < len(spans) and n >= spans[k][1]:
-                    if k in writers:
-                        writers.pop(k).close()
-                    k += 1
-                if k == len(spans):
-                    break
-                start, end = spans[k]
-                if start <= n < end and _keep(n - start, src_fps, out_fps):
-                    if k not in writers:
-                        writers[k] = ClipWriter(out_paths[k], out_fps, width, height, cfg.codec, cfg.crf, cfg.preset)
-                    writers[k].write(frame)
-                    counts[k] += 1
+                for cut in detector.process_frame(FrameTimecode(n, fps=fps), _small_bgr(frame, step)):
+                    cutter.add_cut(cut.frame_num)
+                queue.append((n, frame))
                 n += 1
-            for i in sorted(writers):
-                if n < spans[i][1]:
-                    raise RuntimeError(f"decoded {n} frames, fewer than the {expected_frames} seen while detecting")
-                writers.pop(i).close()
-    finally:
-        for writer in writers.values():
-            writer.abort()
-    return counts, out_fps, width, height
+                while len(queue) > delay:
+                    cutter.commit(*queue.popleft())
+                if cutter.full:
+                    cutter.abort()
+                    break
+            else:
+                if n:
+                    for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(n - 1, fps=fps))):
+                        if 0 < cut < n:
+                            cutter.add_cut(cut)
+                cutter.add_cut(n, is_end=True)
+                while queue:
+                    cutter.commit(*queue.popleft())
+                cutter.close_span()
+        except BaseException:
+            cutter.abort()
+            raise
+    cutter.result.num_frames = n
+    return cutter.result
 
 
 def split(row: Row, cfg: SplitConfig) -> list[Row]:
     """Stage function: one video row -> one row per clip (lineage: source video, start/end time and frame)."""
     if is_missing(row.get("path")):
         raise RuntimeError("row has no path")
-    cuts, num_frames, fps = detect_cuts(row["path"], cfg)
-    if num_frames == 0:
-        raise RuntimeError("no decodable frames")
-    spans = plan_clips(cuts, num_frames, float(fps), cfg)
-    if not spans:
-        raise Reject(f"no shot of at least {cfg.min_clip_s}s ({len(cuts) + 1} shots, {num_frames} frames)",
-                     {"split_cuts": cuts})
     stem = safe_name(str(row["id"]))
-    out_paths = [Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4" for k in range(len(spans))]
-    counts, out_fps, width, height = cut_clips(row["path"], spans, out_paths, cfg, num_frames)
+    res = split_video(row["path"], cfg, lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4")
+    if res.num_frames == 0:
+        raise RuntimeError("no decodable frames")
+    if not res.spans:
+        raise Reject(f"no shot of at least {cfg.min_clip_s}s ({len(res.cuts) + 1} shots, {res.num_frames} frames)",
+                     {"split_cuts": res.cuts})
+    fps, out_fps, width, height = res.fps, res.out_fps, res.width, res.height
     source = row.get("source") if not is_missing(row.get("source")) else (row.get("url") or row["path"])
     clips = []
-    for k, ((start, end), count, path) in enumerate(zip(spans, counts, out_paths)):
+    for k, ((start, end), count, path) in enumerate(zip(res.spans, res.counts, res.paths)):
         parent = {key: value for key, value in row.items() if key not in ("codec", "pix_fmt")}
         clips.append({
             **parent,

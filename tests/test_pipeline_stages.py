@@ -9,7 +9,7 @@ from data_pipeline.__main__ import main
 from data_pipeline.config import FilterConfig, ProbeConfig, RunnerConfig, SplitConfig
 from data_pipeline.pipeline import make_stage
 from data_pipeline.runner import run_stage
-from data_pipeline.split import detect_cuts, plan_clips, split
+from data_pipeline.split import detect_cuts, plan_clips, split, split_video
 from opensora.data.manifest import read_manifest
 
 SERIAL = RunnerConfig(workers=0, progress=False)
@@ -55,6 +55,34 @@ def test_long_shots_are_split_and_retimed_and_resized(tmp_path):
 def test_plan_clips_edges_and_limits():
     cfg = SplitConfig(min_clip_s=1.0, max_clip_s=2.0, drop_edge_frames=2, max_clips=3)
     assert plan_clips([30], 100, 10.0, cfg) == [(2, 22), (32, 52), (52, 72)]
+
+
+@pytest.mark.parametrize("detector,extra", [
+    ("content", {"max_clip_s": 1.0, "drop_edge_frames": 2}),
+    ("adaptive", {"max_clip_s": 1.0, "drop_edge_frames": 2}),
+    ("content", {"max_clip_s": 0, "max_clips": 2}),
+    ("content", {"max_clip_s": 1.5, "target_fps": 10, "short_side": 32}),
+])
+def test_one_pass_split_writes_exactly_the_planned_clips(tmp_path, detector, extra):
+    # A 5-frame shot (shorter than min_clip_s) is written on the fly and must be dropped again.
+    make_video(tmp_path / "v.mp4", [30, 41, 5, 52, 17], fps=24, gop=250)
+    cfg = SplitConfig(detector=detector, min_scene_len=4, min_clip_s=0.5, **extra)
+    cuts, n, fps = detect_cuts(str(tmp_path / "v.mp4"), cfg)
+    res = split_video(str(tmp_path / "v.mp4"), cfg, lambda k: tmp_path / "clips" / f"c{k}.mp4")
+    assert len(cuts) == 4
+    # max_clips stops the decode once its clips are written, so only the cuts seen so far are known.
+    assert res.cuts == (cuts[: len(res.cuts)] if cfg.max_clips else cuts)
+    assert res.num_frames < n if cfg.max_clips else res.num_frames == n
+    assert res.spans == plan_clips(cuts, n, float(fps), cfg) and res.spans
+    assert sorted((tmp_path / "clips").iterdir()) == sorted(res.paths)  # aborted clips leave no file
+    shots = np.searchsorted(cuts, [start for start, _ in res.spans], side="right")
+    for (start, end), count, path, shot in zip(res.spans, res.counts, res.paths, shots):
+        reader = decord.VideoReader(str(path))
+        assert len(reader) == count == (end - start if not cfg.target_fps else (end - start - 1) * 10 // 24 + 1)
+        assert reader[0].shape[:2] == (res.height, res.width)
+        for index in (0, count - 1):
+            rgb = first_frame_rgb(path, index)
+            assert np.abs(rgb - np.array(PALETTE[shot])).max() < 40, (path, index, rgb)
 
 
 def test_broken_inputs_are_recorded_not_fatal(tmp_path):
