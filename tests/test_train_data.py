@@ -299,6 +299,22 @@ def test_sampler_resume_on_another_world_size():
     assert len(flat) == len(set(flat)) and not set(flat) & taken
 
 
+def test_sampler_state_survives_distributed_checkpoint(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from opensora.checkpoint import FnState
+
+    saved = DistributedBucketSampler(KEYS, 2, 0, 2, seed=4)
+    saved.advance(3)
+    regrouped = DistributedBucketSampler(KEYS, 3, 0, 2, seed=4)  # a second global batch size: two segments
+    regrouped.load_state_dict(saved.state_dict())
+    regrouped.advance(2)
+    dcp.save({"data": FnState(regrouped.state_dict, regrouped.load_state_dict)}, checkpoint_id=str(tmp_path))
+    fresh = DistributedBucketSampler(KEYS, 3, 0, 2, seed=4)  # its own state has one segment
+    dcp.load({"data": FnState(fresh.state_dict, fresh.load_state_dict)}, checkpoint_id=str(tmp_path))
+    assert fresh.state_dict() == regrouped.state_dict() and list(fresh) == list(regrouped)
+
+
 def test_sampler_needs_one_full_batch():
     with pytest.raises(ValueError, match="no complete global batch"):
         DistributedBucketSampler(Keys([(1, 8, 8)] * 3), batch_size=2, rank=0, world_size=2)

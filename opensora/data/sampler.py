@@ -175,9 +175,8 @@ class DistributedBucketSampler(Sampler[list[int]]):
         """
         for name in ("seed", "num_samples", "drop_last"):
             if state[name] != getattr(self, name):
-                raise ValueError(
-                    f"cannot resume the data order: saved {name}={state[name]!r} but this run has {getattr(self, name)!r}"
-                )
+                raise ValueError(f"cannot resume the data order: saved {name}={state[name]!r} but this run "
+                                 f"has {getattr(self, name)!r}")
         segments = [[int(size), int(consumed)] for size, consumed in state["segments"]]
         self.epoch = int(state["epoch"])
         if segments[-1][0] != self.global_batch_size:
