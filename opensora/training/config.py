@@ -1,0 +1,290 @@
+"""The schema of a training recipe: an ordered list of stages plus what they share.
+
+A recipe file is data (YAML/TOML) validated against :class:`RecipeConfig`; every field has one line of
+doc here and a default in one place. Load it with :func:`load_recipe`, which accepts dotted overrides that
+index into the stage list (``stages.1.steps=2000``), something plain ``opensora.config.load_config`` cannot
+merge::
+
+    recipe = load_recipe("configs/demo/train.yaml", ["stages.0.steps=4", "optim.grad_clip=0.5"])
+
+The fields ``vae_downsample`` and ``stages[*].{name, model, num_frames, image_size, batch_size, steps}``
+are also read by the cost forecast (``opensora.accounting.forecast.read_cost_recipe``): keep their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from opensora.accounting import BudgetConfig
+from opensora.config import ConfigError, read_file
+from opensora.data.dataset import DataConfig
+from opensora.diffusion import SCHEDULERS
+from opensora.distributed import ParallelConfig
+from opensora.models.stdit import STDiT_models, STDiTConfig
+
+LR_SCHEDULES = ("constant", "cosine")
+CHECKPOINT_FORMATS = ("opensora_v1", "pixart")
+# STDiTConfig fields that decide parameter shapes: a stage cannot change them (it continues the weights),
+# and they must agree with the stage's named ``model`` size.
+SHAPE_FIELDS = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size")
+# Fields the stage's data config takes from the stage itself, not from ``data`` / ``stages[i].data``.
+STAGE_DATA_FIELDS = ("num_frames", "image_size")
+
+
+@dataclass
+class InitConfig:
+    """Where a stage's starting weights (and its VAE and text encoder) come from.
+
+    All None (the default): the previous stage's export. Otherwise exactly one source of the model:
+    ``bundle`` (a pipeline bundle), or ``vae`` + ``text_encoder`` (a new model of the stage's ``model``
+    size fitted to them). ``checkpoint`` then optionally replaces the weights.
+    """
+
+    bundle: str | None = None  # pipeline bundle dir (tools/init_checkpoint.py or a stage export)
+    vae: str | None = None  # new model: a local AutoencoderKL dir, "identity" (pixel space) or "tiny" (random, built in)
+    vae_subfolder: str | None = None  # e.g. "vae" inside a Stable Diffusion repo
+    text_encoder: str | None = None  # new model: a local T5 encoder dir (with tokenizer) or "tiny"
+    seed: int = 0  # seed of a new model's random initialisation (and of the tiny encoders)
+    checkpoint: str | None = None  # weights file loaded over the model (.pth / .safetensors)
+    checkpoint_format: str = "opensora_v1"  # "opensora_v1" (STDiT, strict) or "pixart" (PixArt-α: spatial part only)
+
+    def __post_init__(self):
+        if self.bundle is not None and (self.vae is not None or self.text_encoder is not None):
+            raise ValueError("init: give either init.bundle or init.vae + init.text_encoder, not both")
+        if (self.vae is None) != (self.text_encoder is None):
+            raise ValueError("init: a new model needs both init.vae and init.text_encoder")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"init.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
+
+    @property
+    def from_previous(self) -> bool:
+        """True when the model comes from the previous stage's export."""
+        return self.bundle is None and self.vae is None
+
+
+@dataclass
+class StageConfig:
+    """One stage: a data set at one resolution and length, a schedule, and where its weights start."""
+
+    name: str = MISSING  # directory name under the output dir; unique in the recipe
+    model: str = MISSING  # named STDiT size (opensora.models.STDiT_models); must match the init weights' shape
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # non-shape STDiTConfig fields, e.g. space_scale
+    num_frames: int = MISSING  # frames per sample (1: images)
+    image_size: tuple[int, int] = MISSING  # [H, W] in pixels
+    batch_size: int = MISSING  # global samples per optimizer step (all ranks, all accumulation steps)
+    micro_batch_size: int | None = None  # samples per rank per forward; None: batch_size / data-parallel size
+    steps: int = MISSING  # optimizer steps; 0 exports the init unchanged (e.g. a converted PixArt-α checkpoint)
+    lr: float = MISSING  # peak learning rate
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (down to min_lr at `steps`)
+    min_lr: float = 0.0  # end of the cosine schedule
+    data: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's `data` for this stage (e.g. manifest)
+    init: InitConfig = field(default_factory=InitConfig)  # default: the previous stage's export
+    budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps for this stage alone
+
+    def __post_init__(self):
+        if self.model not in STDiT_models:
+            raise ValueError(f"stage '{self.name}': model: unknown STDiT size {self.model!r}; known: {', '.join(STDiT_models)}")
+        known = {f.name for f in dataclasses.fields(STDiTConfig)}
+        for key in self.model_overrides:
+            if key not in known:
+                raise ValueError(f"stage '{self.name}': model_overrides.{key}: not an STDiTConfig field")
+            if key in SHAPE_FIELDS:
+                raise ValueError(f"stage '{self.name}': model_overrides.{key}: changes parameter shapes; pick another `model`")
+        for name, minimum in (("num_frames", 1), ("batch_size", 1), ("steps", 0), ("warmup_steps", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"stage '{self.name}': {name} must be >= {minimum}, got {getattr(self, name)}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"stage '{self.name}': image_size must be [H, W], got {list(self.image_size)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"stage '{self.name}': micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"stage '{self.name}': need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"stage '{self.name}': lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for key in self.data:
+            if key in STAGE_DATA_FIELDS:
+                raise ValueError(f"stage '{self.name}': data.{key}: set the stage's own `{key}` instead")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient handling, shared by all stages (the learning rate is per stage)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moments
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # decoupled weight decay (Open-Sora 1.0: 0)
+    grad_clip: float = 1.0  # max global L2 norm of the gradients; 0 disables clipping
+    fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
+
+    def __post_init__(self):
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not self.eps > 0:
+            raise ValueError("optim: need weight_decay >= 0, grad_clip >= 0 and eps > 0")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, kept in fp32; the stage export holds the EMA weights."""
+
+    decay: float = 0.9999  # Open-Sora 1.0's value
+    warmup: bool = False  # use min(decay, (1 + step) / (10 + step)): lets short runs' EMA move off the init
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class LoggingConfig:
+    """How often the trainer reports and saves."""
+
+    log_every: int = 10  # steps between metric lines (the only GPU->CPU syncs of the loop)
+    ckpt_every: int = 1000  # steps between checkpoints (and one at every stop)
+    keep_checkpoints: int = 3  # newest checkpoints kept per stage
+    tensorboard: bool = True  # <stage>/tensorboard/ (needs the tensorboard package; skipped with a warning otherwise)
+    wandb: bool = False  # also log to Weights & Biases (needs wandb installed and logged in)
+    wandb_project: str = "opensora"  # W&B project
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self):
+        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"logging.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class AccountingConfig:
+    """What one GPU-hour costs; recorded in OUTPUT_DIR/ledger.jsonl (opensora.accounting)."""
+
+    gpu_type: str | None = None  # canonical GPU type; None detects it ("cpu" without CUDA)
+    price_per_gpu_hour: float | None = None  # USD; None takes the table's price of gpu_type
+    heartbeat_s: float = 30.0  # seconds between ledger heartbeats: the most paid time a crash can hide
+
+
+@dataclass
+class RecipeConfig:
+    """A training recipe: stages run in order, each starting from the previous stage's export."""
+
+    stages: list[StageConfig] = MISSING  # in order; at least one
+    data: DataConfig = field(default_factory=DataConfig)  # data defaults (num_frames / image_size come from each stage)
+    vae_downsample: int = 8  # spatial factor of the VAE (1: identity); checked against the real VAE, read by the forecast
+    diffusion: str = "iddpm"  # training objective: "iddpm" (Open-Sora 1.0) or "rflow"; recorded in the exports
+    seed: int = 0  # seed of the data order, noise, timesteps and caption dropout
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, sequence parallelism, checkpointing
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps for all stages together
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages: a recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stages: names must be unique, repeated: {duplicates}")
+        for i, stage in enumerate(self.stages):
+            if not stage.name or Path(stage.name).name != stage.name or stage.name in (".", ".."):
+                raise ValueError(f"stages[{i}].name: {stage.name!r} must be a plain directory name")
+            try:
+                stage_data_config(self, stage)
+            except ConfigError as err:
+                raise ValueError(f"stages[{i}].{err}") from err
+        if self.stages[0].init.from_previous:
+            raise ValueError(
+                f"stages[0].init: the first stage ('{self.stages[0].name}') has no previous stage; "
+                "set init.bundle, or init.vae + init.text_encoder"
+            )
+        if self.diffusion not in SCHEDULERS:
+            raise ValueError(f"diffusion must be one of {sorted(SCHEDULERS)}, got {self.diffusion!r}")
+        if self.vae_downsample < 1:
+            raise ValueError(f"vae_downsample must be >= 1, got {self.vae_downsample}")
+
+
+def stage_data_config(recipe: RecipeConfig, stage: StageConfig) -> DataConfig:
+    """The data config of ``stage``: the recipe's ``data``, the stage's ``data`` overrides, its frames and size."""
+    base = OmegaConf.structured(recipe.data)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(dict(stage.data)))
+        merged.num_frames = stage.num_frames
+        merged.image_size = tuple(stage.image_size)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"data.{key}: {getattr(err, 'msg', err)}" if key else f"data: {err}") from err
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"data: {err}") from err
+
+
+def _override_value(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.0.steps=100")
+    key = item.split("=", 1)[0].strip()
+    try:
+        # from_dotlist parses the value with OmegaConf's YAML rules (2e-5 is a float, [1, 2] a list, null None).
+        node = OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"])
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"--set {item}: {err}") from err
+    return key, node.value
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Loads a recipe file (YAML/TOML) onto :class:`RecipeConfig` and applies ``key=value`` overrides.
+
+    Args:
+        path: the recipe file. A mistyped or unknown key raises :class:`ConfigError` naming the key and file.
+        overrides: dotted ``key=value`` strings; list entries by index (``stages.1.lr=1e-5``).
+    Returns:
+        the validated recipe (all ``__post_init__`` checks have run).
+    """
+    cfg: DictConfig = OmegaConf.structured(RecipeConfig)
+    try:
+        cfg = OmegaConf.merge(cfg, read_file(path))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: key '{getattr(err, 'full_key', '?')}': {getattr(err, 'msg', err)}") from err
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+    for item in overrides:
+        key, value = _override_value(item)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"--set {item}: key '{getattr(err, 'full_key', key)}': {getattr(err, 'msg', err)}") from err
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"--set {item}: {err}") from err
+    sources = ", ".join([str(path)] + [f"--set {o}" for o in overrides])
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"key '{getattr(err, 'full_key', '?')}': {getattr(err, 'msg', err)} (sources: {sources})") from err
+    except (ValueError, TypeError) as err:  # a __post_init__ check
+        raise ConfigError(f"{err} (sources: {sources})") from err
+
+
+def stage_model_config(stage: StageConfig, init_config: STDiTConfig) -> STDiTConfig:
+    """The model config a stage trains: the init weights' config with the stage's overrides applied.
+
+    Raises ConfigError if the init weights do not have the shape of the stage's named ``model`` size
+    (the forecast and the reader of the recipe trust that name).
+    """
+    named = STDiT_models[stage.model]
+    for key in SHAPE_FIELDS:
+        if tuple(_as_tuple(getattr(named, key))) != tuple(_as_tuple(getattr(init_config, key))):
+            raise ConfigError(
+                f"stage '{stage.name}': model {stage.model} has {key}={getattr(named, key)} but the init weights "
+                f"have {key}={getattr(init_config, key)}"
+            )
+    return dataclasses.replace(init_config, **stage.model_overrides)
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)

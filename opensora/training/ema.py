@@ -1,0 +1,82 @@
+"""Exponential moving average of the model weights, in fp32, sharded like the model.
+
+The EMA keeps one fp32 copy per parameter, made from the parameter itself: under FSDP2 the parameters are
+sharded DTensors, so each rank keeps only its shard of the average (ZeRO-style), and ``state_dict`` goes to
+``torch.distributed.checkpoint`` as the sharded tensors. Buffers (STDiT's null caption) are not averaged:
+the export takes them from the model.
+
+Update rule (DiT's ``update_ema``): ``ema = decay * ema + (1 - decay) * param`` after every optimizer step,
+with an optional warm-up ``decay_t = min(decay, (1 + t) / (10 + t))`` (TensorFlow's
+``ExponentialMovingAverage(num_updates=...)``) so that the EMA of a short run is not just its init.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+class EMA:
+    """fp32 EMA of ``model``'s parameters (``torch.distributed.checkpoint`` Stateful).
+
+    Args:
+        model: the model being trained (after ``parallelize``: its parameters may be DTensors).
+        decay: the EMA decay.
+        warmup: ramp the decay up as ``(1 + step) / (10 + step)`` until it reaches ``decay``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.params]
+
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update that completes optimizer step ``step`` (1-based)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Moves the average towards the current weights; call after the optimizer step ``step``."""
+        weight = 1.0 - self.decay_at(step)
+        current = [p.detach().to(torch.float32) for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> fp32 average (sharded DTensors under FSDP2)."""
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies a saved average in place (DCP loads into the tensors of :meth:`state_dict`)."""
+        missing = sorted(set(self.names) - set(state))
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, tensor in zip(self.names, self.shadow):
+                if state[name] is not tensor:
+                    tensor.copy_(state[name])
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's full state with the averaged parameters, unsharded, fp32, on CPU.
+
+        Collective under FSDP2 (every rank must call it); every rank gets the whole state.
+
+        Args:
+            model: the trained model, for its buffers.
+        """
+        out = {}
+        for name, tensor in model.state_dict().items():
+            out[name] = _full(tensor)
+        for name, tensor in zip(self.names, self.shadow):
+            out[name] = _full(tensor).to(torch.float32)
+        return out
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone()

@@ -1,0 +1,114 @@
+"""Where a stage's weights come from: a bundle, a new model fitted to a VAE and a text encoder, or a
+checkpoint of Open-Sora 1.0 / PixArt-α loaded over the model."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from opensora.config import ConfigError
+from opensora.models.stdit import STDiT, STDiT_models, convert_opensora_v1_state_dict, load_opensora_v1_checkpoint
+from opensora.models.text_encoder import TextEncoderConfig, make_tiny_t5
+from opensora.models.vae import VAEConfig, build_vae, make_tiny_vae
+from opensora.pipeline import BUNDLE_FILE, BundleConfig, write_bundle
+from opensora.training.config import InitConfig
+
+TINY = "tiny"
+# PixArt-α has no temporal attention: these STDiT parameters keep their init (zero output projection, so
+# each block starts as PixArt-α's image block; Open-Sora 1.0 did the same).
+PIXART_NEW_PARAMS = ".attn_temp."
+# Fixed-size buffers PixArt-α saved for one resolution; STDiT computes them per input.
+PIXART_DERIVED_KEYS = ("pos_embed",)
+
+
+def write_new_bundle(out_dir: Path, init: InitConfig, model_name: str, model_overrides: dict, diffusion: str) -> Path:
+    """Writes a randomly initialised bundle of size ``model_name`` fitted to ``init.vae`` / ``init.text_encoder``.
+
+    The same thing ``tools/init_checkpoint.py`` writes: "tiny" encoders are generated inside the bundle,
+    local directories are referenced by absolute path. ``bundle.yaml`` is written last; an existing bundle
+    is reused (the init must not change when a run is resumed).
+
+    Args:
+        out_dir: bundle directory (the trainer uses ``OUTPUT_DIR/<stage>/init``).
+        init: the stage's init section (``vae``, ``vae_subfolder``, ``text_encoder``, ``seed``).
+        model_name: named STDiT size.
+        model_overrides: STDiTConfig fields of the stage (e.g. ``space_scale``).
+        diffusion: objective recorded in the bundle.
+    """
+    if (out_dir / BUNDLE_FILE).is_file():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if init.vae == TINY:
+        make_tiny_vae(out_dir / "vae", seed=init.seed)
+        vae_cfg, vae_build = VAEConfig(type="kl", path="vae"), VAEConfig(type="kl", path=str(out_dir / "vae"))
+    elif init.vae == "identity":
+        vae_cfg = vae_build = VAEConfig(type="identity")
+    else:
+        path = _existing_dir(init.vae, "init.vae")
+        vae_cfg = vae_build = VAEConfig(type="kl", path=path, subfolder=init.vae_subfolder)
+    if init.text_encoder == TINY:
+        make_tiny_t5(out_dir / "text_encoder", seed=init.seed)
+        te_path, te_read = "text_encoder", str(out_dir / "text_encoder")
+    else:
+        te_path = te_read = _existing_dir(init.text_encoder, "init.text_encoder")
+    vae = build_vae(vae_build)
+    # The text width is read from the T5 config: no need to load billions of weights for a random init.
+    te_width = AutoConfig.from_pretrained(te_read, local_files_only=True).d_model
+    config = dataclasses.replace(
+        STDiT_models[model_name], in_channels=vae.out_channels, caption_channels=te_width, **model_overrides
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init.seed)
+        model = STDiT(config)
+    te_cfg = TextEncoderConfig(path=te_path, max_length=config.model_max_length)
+    write_bundle(out_dir, model, BundleConfig(vae=vae_cfg, text_encoder=te_cfg, diffusion=diffusion))
+    return out_dir
+
+
+def _existing_dir(path: str | None, key: str) -> str:
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"{key}: {path} is not a directory (a local model dir, or '{TINY}'); nothing is downloaded")
+    return str(p.resolve())
+
+
+def load_init_checkpoint(model: STDiT, path: str | Path, fmt: str) -> None:
+    """Loads a weights file over ``model`` in place.
+
+    Args:
+        model: the STDiT (on CPU, fp32).
+        path: ``.pth`` (read with ``weights_only=True``) or ``.safetensors``.
+        fmt: "opensora_v1": an Open-Sora 1.0 STDiT checkpoint, every parameter must fit (strict).
+            "pixart": a PixArt-α checkpoint (e.g. PixArt-XL-2-512x512.pth): every spatial parameter must fit;
+            the temporal attention keeps its identity init; the 2D patch embedding gains a time axis of 1.
+    """
+    path = Path(path)
+    if fmt == "opensora_v1":
+        load_opensora_v1_checkpoint(model, path)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"init.checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = convert_opensora_v1_state_dict(state)  # unwraps "state_dict"/"ema"/"module." containers
+    state = {k: v for k, v in state.items() if k not in PIXART_DERIVED_KEYS}
+    key = "x_embedder.proj.weight"
+    if key in state and state[key].dim() == 4:  # (D, C, ph, pw) Conv2d -> (D, C, 1, ph, pw) Conv3d
+        state[key] = state[key].unsqueeze(2)
+    own = model.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if PIXART_NEW_PARAMS not in k)
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} is not a PixArt-α checkpoint of this model's size: missing {missing[:6]}, "
+            f"unexpected {unexpected[:6]}, wrong shapes {wrong[:6]}"
+        )
+    model.load_state_dict(state, strict=False)

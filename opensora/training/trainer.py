@@ -1,0 +1,536 @@
+"""The trainer of one stage: named steps (``forward_backward_step``, ``train_step``, ``train``, ``state_dict``,
+``close``), each short, in the manner of torchtitan's ``Trainer``.
+
+What one optimizer step does:
+
+1. ``accum`` micro-batches, each: encode the video with the frozen VAE and the caption with the frozen text
+   encoder (or take both from the latent cache), draw timesteps and noise, and back-propagate the diffusion
+   loss of ``opensora.diffusion`` through the parallelized model (caption dropout for classifier-free
+   guidance happens inside the model's caption embedder while it is in training mode);
+2. clip the gradient norm, AdamW step, LR schedule step, fp32 EMA update;
+3. bookkeeping in Python numbers only (samples, tokens, FLOPs for the ledger); the loss and grad-norm
+   tensors stay on the device until the next log step, the only place the loop synchronises.
+
+Randomness: before every micro-step the global generators and the diffusion generator are seeded from
+(recipe seed, step, micro-step, data-parallel rank). A resumed run therefore draws exactly the numbers the
+uninterrupted run drew, on any world size, and the ranks of one sequence-parallel group draw the same
+ones. The data order is the sampler's (saved position); the dataset's random crops depend on (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from opensora.accounting import Ledger, check_budget, train_flops_per_sample
+from opensora.checkpoint import CheckpointManager, FnState, RNGState, engine_state, export_bundle
+from opensora.config import ConfigError, to_dict
+from opensora.data.dataset import build_dataloader
+from opensora.diffusion import build_scheduler
+from opensora.distributed import DistInfo, ParallelDims, build_engine
+from opensora.distributed.parallel import uses_mixed_precision
+from opensora.models.stdit import STDiT
+from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder
+from opensora.models.vae import VAEConfig, build_vae
+from opensora.pipeline import BundleConfig, _resolve, check_compatible, load_bundle_config
+from opensora.training.config import RecipeConfig, StageConfig, stage_data_config, stage_model_config
+from opensora.training.ema import EMA
+from opensora.training.init import load_init_checkpoint
+from opensora.training.optim import build_lr_scheduler, build_optimizer
+
+# Ledger end reasons that stop the recipe early (the stage can be resumed later).
+EARLY_STOPS = ("sigterm", "budget", "max_steps")
+
+
+@dataclass
+class StopFlag:
+    """Set asynchronously (a signal handler) to ask the trainer to checkpoint and stop."""
+
+    reason: str | None = None
+
+
+def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
+    """A 63-bit seed for one micro-step of one data-parallel rank (distinct inputs give distinct seeds)."""
+    x = (seed * 1_000_003 + step) * 1_000_033 + micro
+    x = x * 1_000_037 + dp_rank
+    return x % (2**63 - 1)
+
+
+class Trainer:
+    """Trains one stage of a recipe from ``init_dir`` (a pipeline bundle) and exports ``<stage>/export``.
+
+    Args:
+        recipe: the whole recipe (shared sections: data, parallel, optim, ema, logging, accounting, budget).
+        stage: the stage to train.
+        run_dir: OUTPUT_DIR; the stage writes ``run_dir/<stage.name>/`` and appends to ``run_dir/ledger.jsonl``.
+        init_dir: the bundle the stage starts from (model weights, VAE, text encoder).
+        dist_info: from ``opensora.distributed.init_distributed``.
+        stop: shared flag a signal handler sets (reason "sigterm").
+        max_steps: stop with a checkpoint once the stage has reached this step (None: the stage's ``steps``).
+    """
+
+    def __init__(self, recipe: RecipeConfig, stage: StageConfig, run_dir: Path, init_dir: Path, dist_info: DistInfo,
+                 stop: StopFlag | None = None, max_steps: int | None = None):
+        self.recipe, self.stage, self.dist = recipe, stage, dist_info
+        self.run_dir, self.init_dir = Path(run_dir), Path(init_dir)
+        self.stage_dir = self.run_dir / stage.name
+        self.stop = stop or StopFlag()
+        self.max_steps = max_steps
+        self.device = dist_info.device
+        self.is_main = dist_info.rank == 0
+        self.step = 0
+        self.dims = ParallelDims.build(recipe.parallel, dist_info)
+        self.micro_batch, self.accum = self._batch_split()
+
+        # 1. Model (fp32 master weights), encoders and the objective.
+        bundle = load_bundle_config(self.init_dir)
+        self.bundle_config = BundleConfig(vae=bundle.vae, text_encoder=bundle.text_encoder, diffusion=recipe.diffusion)
+        model = STDiT.from_pretrained(_resolve(self.init_dir, bundle.model_dir))
+        self.model_config = stage_model_config(stage, model.config)
+        if self.model_config != model.config:
+            model = STDiT.from_pretrained(_resolve(self.init_dir, bundle.model_dir), **stage.model_overrides)
+        if stage.init.checkpoint is not None:
+            load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
+        self.diffusion = build_scheduler(recipe.diffusion)
+        self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
+        if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
+            self.vae, self.text_encoder = self._build_encoders(bundle, model)
+
+            # 2. Data: this data-parallel rank's loader; its sampler's state is the data position.
+            data_cfg = stage_data_config(recipe, stage)
+            identity = None
+            if data_cfg.cache_dir is not None:
+                from opensora.data.latent_cache import encoder_identity
+
+                identity = encoder_identity(self.vae, self.text_encoder)
+                self.vae = self.text_encoder = None  # training reads cached latents: free the encoders' memory
+            self.loader, self.sampler = build_dataloader(
+                data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
+                failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
+                pin_memory=self.device.type == "cuda",
+            )
+
+        # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
+        self.engine = build_engine(recipe.parallel, dist_info)
+        optimizer = build_optimizer(model, recipe.optim, stage.lr, self.device)
+        self.model_fn, self.optimizer = self.engine.prepare(model, optimizer)
+        self.model = self.engine.unwrap()
+        self.model.train()
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage)
+        self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
+
+        # 4. Checkpoints, cost ledger, logs.
+        self.ckpt = CheckpointManager(self.stage_dir / "checkpoints", keep=recipe.logging.keep_checkpoints)
+        acc = recipe.accounting
+        self.ledger = Ledger(self.run_dir, stage.name, num_gpus=dist_info.world_size, gpu_type=acc.gpu_type,
+                             price_per_gpu_hour=acc.price_per_gpu_hour, heartbeat_s=acc.heartbeat_s,
+                             enabled=self.is_main)
+        self._flops_cache: dict[tuple[int, int, int], float] = {}
+        self._budget_message: str | None = None
+        self._writers: list = []
+        self._metrics_file = None
+        self._bar = None
+
+    # -- set-up helpers ------------------------------------------------------------------------------------
+    def _batch_split(self) -> tuple[int, int]:
+        """(samples per rank per forward, micro-steps per optimizer step) from the stage's global batch."""
+        stage, dp = self.stage, self.dims.dp_size
+        micro = stage.micro_batch_size or stage.batch_size // dp
+        if micro < 1 or stage.batch_size % (micro * dp):
+            raise ConfigError(
+                f"stage '{stage.name}': batch_size {stage.batch_size} must be a multiple of micro_batch_size "
+                f"{micro} x data-parallel size {dp}"
+            )
+        return micro, stage.batch_size // (micro * dp)
+
+    def _build_encoders(self, bundle: BundleConfig, model: STDiT):
+        """The frozen VAE and text encoder of the init bundle, on the device (bf16 there when training in bf16)."""
+        dtype = torch.bfloat16 if uses_mixed_precision(self.recipe.parallel, self.dist) else None
+        vae_cfg = bundle.vae
+        if vae_cfg.path is not None:
+            vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": _resolve(self.init_dir, vae_cfg.path)})
+        vae = build_vae(vae_cfg, device=self.device, dtype=dtype)
+        te_cfg = TextEncoderConfig(**{**bundle.text_encoder.__dict__,
+                                      "path": _resolve(self.init_dir, bundle.text_encoder.path)})
+        text_encoder = build_text_encoder(te_cfg, device=self.device, dtype=dtype).eval().requires_grad_(False)
+        check_compatible(model, vae, text_encoder, source=self.init_dir)
+        factor = 64 // vae.get_latent_size((1, 64, 64))[1]
+        if factor != self.recipe.vae_downsample:
+            raise ConfigError(
+                f"vae_downsample is {self.recipe.vae_downsample} but the VAE of {self.init_dir} downsamples by {factor}"
+            )
+        return vae, text_encoder
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The checkpoint's app state: model, optimizer, EMA, LR schedule, data position, RNG, step."""
+        state = {
+            **engine_state(self.engine),
+            "ema": self.ema,
+            "lr_scheduler": FnState(self.lr_scheduler.state_dict, self.lr_scheduler.load_state_dict),
+            "rng": RNGState(),
+            "train": FnState(lambda: {"step": self.step}, self._set_step),
+        }
+        if self.sampler is not None:
+            state["data"] = FnState(self.sampler.state_dict, self.sampler.load_state_dict)
+        return state
+
+    def _set_step(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def resume(self) -> None:
+        """Loads the stage's latest checkpoint, if any (collective)."""
+        if self.ckpt.latest_step() is None:
+            return
+        self.ckpt.load(self.state_dict())
+        self._batches = None  # the next batch comes from the restored position
+        self._print(f"stage '{self.stage.name}': resumed from step {self.step} ({self.ckpt.path(self.step)})")
+
+    def save(self) -> None:
+        """Writes a checkpoint of the current step and records it in the ledger (collective)."""
+        self.ckpt.save(self.step, self.state_dict())
+        self.ledger.checkpoint_saved(self.step)
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def _next_batch(self) -> tuple[dict, float]:
+        """The next batch and the seconds spent waiting for it (epochs roll over without end)."""
+        t0 = time.perf_counter()
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            try:
+                batch = next(self._batches)
+                return batch, time.perf_counter() - t0
+            except StopIteration:
+                self._batches = None
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (B, C, T, h, w) fp32, text tokens (B, 1, L, Ct) and mask (B, L) of a batch, on the device."""
+        if "latent" in batch:  # from the latent cache
+            x = batch["latent"].to(self.device, non_blocking=True)
+            y, mask = batch["y"].to(self.device, non_blocking=True), batch["mask"].to(self.device, non_blocking=True)
+        else:
+            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
+            vae_dtype = next(self.vae.parameters(), video).dtype
+            x = self.vae.encode(video.to(vae_dtype), generator=generator)
+            text = self.text_encoder.encode(list(batch["text"]), device=self.device)
+            y, mask = text["y"], text["mask"]
+        return x.float(), y, mask
+
+    def forward_backward_step(self, batch: dict, micro: int, last: bool) -> torch.Tensor:
+        """Loss and backward of one micro-batch (scaled by 1/accum); returns the detached mean loss.
+
+        Args:
+            batch: a collated batch (``video`` + ``text``, or cached ``latent`` + ``y`` + ``mask``).
+            micro: index of the micro-step within the optimizer step (part of the seed).
+            last: whether gradients are synchronised after this backward (the last micro-step).
+        """
+        seed = step_seed(self.recipe.seed, self.step, micro, self.dims.dp_rank)
+        torch.manual_seed(seed)  # caption dropout inside the model draws from the global generator
+        generator = torch.Generator(self.device).manual_seed(seed)
+        x, y, mask = self.encode(batch, generator)
+        self._set_grad_sync(last)
+        with self.engine.autocast():
+            terms = self.diffusion.training_losses(self.model_fn, x, dict(y=y, mask=mask), generator=generator)
+        loss = terms["loss"].mean()
+        self.engine.backward(loss / self.accum)
+        return loss.detach()
+
+    def _set_grad_sync(self, enabled: bool) -> None:
+        """Skips the gradient all-reduce of the micro-steps before the last (FSDP2 / DDP)."""
+        if hasattr(self.model_fn, "set_requires_gradient_sync"):  # FSDP2 module
+            self.model_fn.set_requires_gradient_sync(enabled)
+        elif isinstance(self.model_fn, DistributedDataParallel):
+            self.model_fn.require_backward_grad_sync = enabled
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``accum`` micro-batches; returns device tensors (no sync) and host numbers."""
+        losses, wait, samples, tokens, flops = [], 0.0, 0, 0, 0.0
+        for micro in range(self.accum):
+            batch, waited = self._next_batch()
+            wait += waited
+            losses.append(self.forward_backward_step(batch, micro, last=micro == self.accum - 1))
+            n, latent = self._batch_shape(batch)
+            samples += n
+            tokens += n * self._tokens(latent)
+            flops += n * self._flops(latent)
+        max_norm = self.recipe.optim.grad_clip or math.inf
+        grad_norm = self.engine.clip_grad_norm(max_norm)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+        self.engine.optimizer_step()
+        self.lr_scheduler.step()
+        self.step += 1
+        self.ema.update(self.step)
+        loss = torch.stack(losses)
+        scale = self.dims.dp_size  # every data-parallel rank did the same amount of work
+        return dict(loss=loss.mean(), loss_max=loss.max(), grad_norm=grad_norm, lr=lr, data_wait=wait,
+                    samples=samples * scale, tokens=tokens * scale, flops=flops * scale)
+
+    def _batch_shape(self, batch: dict) -> tuple[int, tuple[int, int, int]]:
+        """(samples, latent (T, h, w)) of a batch, from shapes only."""
+        if "latent" in batch:
+            return batch["latent"].shape[0], tuple(batch["latent"].shape[2:])
+        T, H, W = batch["video"].shape[2:]
+        return batch["video"].shape[0], tuple(self._latent_size((T, H, W)))
+
+    def _latent_size(self, size: tuple[int, int, int]) -> tuple[int, int, int]:
+        f = self.recipe.vae_downsample
+        return size[0], size[1] // f, size[2] // f
+
+    def _tokens(self, latent: tuple[int, int, int]) -> int:
+        p = self.model_config.patch_size
+        return (latent[0] // p[0]) * (latent[1] // p[1]) * (latent[2] // p[2])
+
+    def _flops(self, latent: tuple[int, int, int]) -> float:
+        if latent not in self._flops_cache:
+            self._flops_cache[latent] = train_flops_per_sample(self.model_config, latent, self.model_config.model_max_length)
+        return self._flops_cache[latent]
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> str:
+        """Trains until the stage's ``steps`` (then exports), a stop request, the budget or ``max_steps``.
+
+        Returns:
+            the ledger end reason: "finished", "sigterm", "budget" or "max_steps".
+        """
+        self.resume()
+        self.ledger.start_segment(self.step)
+        target = self.stage.steps if self.max_steps is None else min(self.stage.steps, self.max_steps)
+        self._open_logs()
+        log_every, window = self.recipe.logging.log_every, _Window()
+        reason = None
+        try:
+            while reason is None:
+                reason = self._should_stop(target, check_all=self.step % log_every == 0)
+                if reason is not None:
+                    break
+                out = self.train_step()
+                self.ledger.update(self.step, out["samples"], out["tokens"], out["flops"])
+                window.add(out)
+                if self._bar is not None:
+                    self._bar.update(1)
+                if self.step % log_every == 0 or self.step == target:
+                    self._log(window)
+                    window = _Window()
+                if self.step % self.recipe.logging.ckpt_every == 0 and self.step < target:
+                    self.save()
+            if self.step > 0 and (self.ckpt.latest_step() != self.step):
+                self.save()
+            if reason == "finished":
+                self.export()
+            self.ledger.end_segment(reason, self.step)
+        except BaseException:
+            self.ledger.end_segment("error", self.step)
+            raise
+        finally:
+            self._close_logs()
+        self._report(reason)
+        return reason
+
+    def _should_stop(self, target: int, check_all: bool) -> str | None:
+        """The reason to stop before the next step, agreed by all ranks, or None.
+
+        A stage end or ``max_steps`` is known to every rank. A signal and the budget (decided on rank 0 from
+        the ledger) are agreed with one all-reduce, only on log steps in a multi-rank job (a collective every
+        step would synchronise the device every step).
+        """
+        if self.step >= self.stage.steps:
+            return "finished"
+        if self.step >= target:
+            return "max_steps"
+        if not check_all and self.dist.world_size > 1:
+            return None
+        flags = [self.stop.reason == "sigterm", False]
+        if self.is_main and (check_all or self.dist.world_size == 1):
+            self._budget_message = check_budget(self.ledger, self.stage.budget, self.recipe.budget)
+            flags[1] = self._budget_message is not None
+        if self.dist.world_size > 1:
+            t = torch.tensor([float(f) for f in flags], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [bool(v) for v in t.tolist()]
+        if flags[0]:
+            return "sigterm"
+        if flags[1]:
+            return "budget"
+        return None
+
+    def export(self) -> Path:
+        """Writes ``<stage>/export``: a pipeline bundle of the EMA weights (``bundle.yaml`` last). Collective."""
+        state = {**self.model.state_dict(), **self.ema.state_dict()}  # buffers from the model, weights averaged
+        out = export_bundle(state, self.model_config, self.bundle_config, self.stage_dir / "export",
+                            copy_from=self.init_dir)
+        self._print(f"stage '{self.stage.name}': exported the EMA weights to {out}")
+        return out
+
+    # -- logging -------------------------------------------------------------------------------------------
+    def _print(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def _open_logs(self) -> None:
+        if not self.is_main:
+            return
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(self.stage_dir / "metrics.jsonl", "a", encoding="utf-8")
+        logging = self.recipe.logging
+        if logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("logging.tensorboard is on but the tensorboard package is not installed; skipped")
+            else:
+                self._writers.append(_TensorBoard(SummaryWriter(str(self.stage_dir / "tensorboard"))))
+        if logging.wandb:
+            import wandb  # an explicit opt-in: a missing package is an error, not a silent skip
+
+            run = wandb.init(project=logging.wandb_project, name=f"{self.run_dir.name}/{self.stage.name}",
+                             dir=str(self.stage_dir), config=to_dict(self.recipe), resume="allow")
+            self._writers.append(_WandB(run))
+        if logging.progress:
+            self._bar = tqdm(total=self.stage.steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True,
+                             file=sys.stderr)
+
+    def _close_logs(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers = []
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _log(self, window: "_Window") -> None:
+        """Reduces the window's metrics over ranks (the loop's one sync point) and writes them on rank 0."""
+        loss = torch.stack(window.losses).mean()
+        loss_max = torch.stack(window.loss_maxes).max()
+        if self.dist.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            dist.all_reduce(loss_max, op=dist.ReduceOp.MAX)
+            loss = loss / self.dist.world_size
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        spend = self.ledger.spent(self.stage.name)
+        peak = self.ledger.peak_tflops
+        row = dict(
+            step=self.step,
+            loss=loss.item(),
+            loss_max=loss_max.item(),
+            grad_norm=window.grad_norm.item(),
+            lr=window.lr,
+            samples_per_s=window.samples / elapsed,
+            tokens_per_s=window.tokens / elapsed,
+            mfu=(window.flops / elapsed / (peak * 1e12 * self.dist.world_size)) if peak else None,
+            data_wait=window.data_wait / elapsed,
+            memory_gb=_peak_memory_gb(self.device),
+            gpu_hours=spend.gpu_hours,
+            dollars=spend.dollars,
+            time=time.time(),
+        )
+        if not self.is_main:
+            return
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+        for writer in self._writers:
+            writer.log(row)
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        line = (f"[{self.stage.name}] step {self.step}/{self.stage.steps} loss {row['loss']:.4f} "
+                f"grad_norm {row['grad_norm']:.3f} lr {row['lr']:.3g} {row['samples_per_s']:.2f} samples/s "
+                f"MFU {mfu} data_wait {row['data_wait']:.0%} mem {row['memory_gb']:.2f} GB ${row['dollars']:.2f}")
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _report(self, reason: str) -> None:
+        spend = self.ledger.spent(self.stage.name)
+        spent = f"{spend.gpu_hours:.4f} GPU-hours, ${spend.dollars:.2f}, {spend.samples} samples"
+        if reason == "finished":
+            self._print(f"stage '{self.stage.name}' finished at step {self.step}; spent {spent}")
+        saved = "with a checkpoint" if self.step > 0 else "before its first step (nothing to save)"
+        if reason == "budget":
+            self._print(f"stage '{self.stage.name}' stopped at step {self.step} {saved}: "
+                        f"{self._budget_message}. Raise the budget and re-run to continue.")
+        else:
+            self._print(f"stage '{self.stage.name}' stopped ({reason}) at step {self.step} {saved}; "
+                        f"spent {spent}. Re-run the same command to continue.")
+
+    def close(self) -> None:
+        """Stops the data workers and frees the stage's models (the next stage builds its own)."""
+        self._batches = None
+        self._close_logs()
+        self.loader = self.sampler = None
+        self.model = self.model_fn = self.optimizer = self.ema = self.vae = self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _Window:
+    """Metrics accumulated between two log steps (device tensors stay on the device)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.losses: list[torch.Tensor] = []
+        self.loss_maxes: list[torch.Tensor] = []
+        self.grad_norm = torch.zeros(())
+        self.lr = 0.0
+        self.samples = self.tokens = 0
+        self.flops = self.data_wait = 0.0
+
+    def add(self, out: dict) -> None:
+        self.losses.append(out["loss"])
+        self.loss_maxes.append(out["loss_max"])
+        self.grad_norm = out["grad_norm"]
+        self.lr = out["lr"]
+        self.samples += out["samples"]
+        self.tokens += out["tokens"]
+        self.flops += out["flops"]
+        self.data_wait += out["data_wait"]
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class _TensorBoard:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def log(self, row: dict) -> None:
+        for key, value in row.items():
+            if key not in ("step", "time") and value is not None:
+                self.writer.add_scalar(f"train/{key}", value, row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, run):
+        self.run = run
+
+    def log(self, row: dict) -> None:
+        self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()

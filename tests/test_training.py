@@ -1,0 +1,308 @@
+"""Training: recipe schema and its errors, LR schedule, EMA, a 2-stage recipe end to end in-process, budget
+stop, and (slow) exact resume after kill -9, SIGTERM checkpoint, and a 2-process torchrun run of FSDP2.
+
+Everything is tiny: STDiT-debug in pixel space (identity VAE) with the tiny random T5, 16x16 clips of a few
+frames written in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from opensora.accounting import read_ledger
+from opensora.config import ConfigError
+from opensora.data.manifest import write_manifest
+from opensora.data.video_io import write_video
+from opensora.distributed import init_distributed
+from opensora.pipeline import load_bundle
+from opensora.training import EMA, StopFlag, WarmupSchedule, load_recipe, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230), "yellow": (230, 210, 40)}
+
+RECIPE = """
+vae_downsample: 1
+seed: 0
+data:
+  manifest: {manifest}
+  frame_interval: 1
+  num_workers: 0
+parallel: {{engine: fsdp, param_dtype: fp32}}
+ema: {{decay: 0.9, warmup: true}}
+logging: {{log_every: 1, ckpt_every: {ckpt_every}, keep_checkpoints: 2, tensorboard: false, progress: false}}
+accounting: {{price_per_gpu_hour: 1.0, heartbeat_s: 0}}
+stages:
+  - name: short
+    model: STDiT-debug
+    num_frames: 2
+    image_size: [16, 16]
+    batch_size: 4
+    micro_batch_size: 2
+    steps: {steps0}
+    lr: 1.0e-3
+    warmup_steps: 2
+    init: {{vae: identity, text_encoder: tiny}}
+  - name: long
+    model: STDiT-debug
+    model_overrides: {{class_dropout_prob: 0.2}}
+    num_frames: 4
+    image_size: [16, 16]
+    batch_size: 4
+    steps: {steps1}
+    lr: 5.0e-4
+    lr_schedule: cosine
+"""
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Eight 6-frame 16x16 clips: a coloured square moving left or right on white."""
+    out = tmp_path_factory.mktemp("clips")
+    rows = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        for direction in ("left", "right"):
+            frames = np.full((6, 16, 16, 3), 255, np.uint8)
+            for t in range(6):
+                x = 2 + 2 * t if direction == "right" else 12 - 2 * t
+                frames[t, 6:10, x : x + 4] = rgb
+            path = write_video(out / f"{name}_{direction}.mp4", frames, fps=8, crf=0)
+            rows.append(dict(path=str(path), text=f"a {name} square moving {direction}", num_frames=6,
+                             height=16, width=16, fps=8.0))
+    return write_manifest(pd.DataFrame(rows), out / "manifest.parquet")
+
+
+def write_recipe(tmp_path: Path, manifest: Path, steps0: int = 3, steps1: int = 2, ckpt_every: int = 100) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(manifest=manifest, steps0=steps0, steps1=steps1, ckpt_every=ckpt_every))
+    return path
+
+
+def metrics(run: Path, stage: str) -> dict[int, dict]:
+    """Rows of a stage's metrics.jsonl by step (a resumed run's later row for a step wins)."""
+    rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row for row in rows}
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# -- schema -----------------------------------------------------------------------------------------------------
+def test_config_errors_name_the_key_and_the_file(tmp_path, manifest):
+    recipe = write_recipe(tmp_path, manifest)
+    cfg = load_recipe(recipe, ["stages.1.steps=7", "optim.grad_clip=0.5"])
+    assert cfg.stages[1].steps == 7 and cfg.optim.grad_clip == 0.5 and cfg.stages[0].image_size == (16, 16)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("warmup_steps: 2", "warmup_stepz: 2"))
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*warmup_stepz"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match=r"--set stages\.0\.lr=fast.*stages\[0\]\.lr"):
+        load_recipe(recipe, ["stages.0.lr=fast"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.init.*first stage"):
+        load_recipe(recipe, ["stages.0.init.vae=null", "stages.0.init.text_encoder=null"])
+    with pytest.raises(ConfigError, match=r"unknown STDiT size 'STDiT-XXL'"):
+        load_recipe(recipe, ["stages.1.model=STDiT-XXL"])
+    with pytest.raises(ConfigError, match=r"model_overrides\.depth.*parameter shapes"):
+        load_recipe(recipe, ["stages.1.model_overrides.depth=3"])
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.data\.num_workerz"):
+        load_recipe(recipe, ["stages.1.data.num_workerz=1"])
+    with pytest.raises(ConfigError, match=r"names must be unique"):
+        load_recipe(recipe, ["stages.1.name=short"])
+
+
+def test_forecast_reads_the_recipe_files():
+    from opensora.accounting.forecast import read_cost_recipe
+
+    v1 = read_cost_recipe(ROOT / "configs/opensora_v1/recipe.yaml")
+    pretrain = next(s for s in v1 if s.name == "pretrain-16x256")
+    assert (pretrain.batch_size, pretrain.steps, pretrain.image_size) == (512, 80_000, (256, 256))
+    assert load_recipe(ROOT / "configs/opensora_v1/recipe.yaml").stages[0].init.checkpoint_format == "pixart"
+    demo = load_recipe(ROOT / "configs/demo/train.yaml")
+    assert [s.num_frames for s in demo.stages] == [4, 8]
+
+
+# -- LR schedule and EMA ---------------------------------------------------------------------------------------
+def test_warmup_then_constant_or_cosine():
+    constant = WarmupSchedule(warmup_steps=4, total_steps=10, schedule="constant", min_ratio=0.0)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = WarmupSchedule(warmup_steps=2, total_steps=10, schedule="cosine", min_ratio=0.1)
+    assert cosine(0) == 0.5 and cosine(2) == pytest.approx(1.0)
+    assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
+    values = [cosine(s) for s in range(2, 11)]
+    assert all(a > b for a, b in zip(values, values[1:])), "decreasing after warm-up"
+
+
+def test_ema_is_an_fp32_average_of_the_weights():
+    model = nn.Linear(3, 2).to(torch.bfloat16)
+    ema = EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    assert all(v.dtype == torch.float32 for v in start.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(step=1)
+    for name, p in model.named_parameters():
+        expected = 0.9 * start[name] + 0.1 * p.float()
+        torch.testing.assert_close(ema.state_dict()[name], expected)
+    warm = EMA(model, decay=0.999, warmup=True)
+    assert warm.decay_at(1) == pytest.approx(2 / 11) and warm.decay_at(10**6) == 0.999
+
+
+# -- end to end --------------------------------------------------------------------------------------------------
+def test_two_stage_recipe_end_to_end_and_rerun_skips(tmp_path, manifest, capsys):
+    recipe = load_recipe(write_recipe(tmp_path, manifest))
+    run = tmp_path / "run"
+    assert run_recipe(recipe, run, init_distributed()) == "finished"
+
+    # The agreed run-dir layout.
+    assert (run / "recipe.yaml").is_file() and (run / "ledger.jsonl").is_file()
+    for stage, steps in (("short", 3), ("long", 2)):
+        rows = metrics(run, stage)
+        assert sorted(rows) == list(range(1, steps + 1))
+        for row in rows.values():
+            assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["samples_per_s"] > 0
+            assert 0 <= row["data_wait"] <= 1 and row["mfu"] > 0 and row["dollars"] >= 0
+        assert (run / stage / "checkpoints" / f"step-{steps:08d}").is_dir()
+    assert metrics(run, "short")[1]["lr"] == pytest.approx(1e-3 / 2), "warm-up: first update at lr/2"
+
+    # Each export is a bundle tools/sample.py can load; the second stage started from the first one's export
+    # and carries the stage's own model overrides.
+    bundle = load_bundle(run / "long" / "export", device="cpu")
+    assert bundle.model.config.class_dropout_prob == 0.2 and bundle.config.vae.type == "identity"
+    video = bundle.generate(["a red square moving left"], num_frames=4, height=16, width=16, steps=2, progress=False)
+    assert video.shape == (1, 3, 4, 16, 16)
+    short = load_bundle(run / "short" / "export", device="cpu")
+    assert not torch.equal(short.model.final_layer.linear.weight, torch.zeros_like(short.model.final_layer.linear.weight))
+
+    segments = read_ledger(run)
+    assert [(s.stage, s.end_reason) for s in segments] == [("short", "finished"), ("long", "finished")]
+    assert segments[0].marks[-1].samples == 3 * 4
+
+    capsys.readouterr()
+    assert run_recipe(recipe, run, init_distributed()) == "finished"
+    out = capsys.readouterr().out
+    assert "stage 'short': finished before" in out and "stage 'long': finished before" in out
+    assert len(read_ledger(run)) == 2, "skipped stages open no ledger segment"
+
+
+def test_budget_stop_writes_a_checkpoint_and_says_what_was_spent(tmp_path, manifest, capsys):
+    # 3 GPU-seconds at $3600/GPU-hour: reached after a few steps of the 1000.
+    recipe = load_recipe(write_recipe(tmp_path, manifest, steps0=1000),
+                         ["accounting.price_per_gpu_hour=3600", "stages.0.budget.max_dollars=3"])
+    run = tmp_path / "run"
+    assert run_recipe(recipe, run, init_distributed()) == "budget"
+    out = capsys.readouterr().out
+    segment = read_ledger(run)[-1]
+    step = segment.last_step
+    assert segment.end_reason == "budget" and 1 <= step < 1000 and segment.dollars >= 3
+    assert f"stopped at step {step} with a checkpoint: budget reached: stage 'short' spent" in out
+    assert "cap max_dollars $3.00" in out
+    assert (run / "short" / "checkpoints" / f"step-{step:08d}").is_dir()
+    assert not (run / "short" / "export").exists() and not (run / "long").exists()
+
+    # Raising the cap continues from the checkpoint.
+    recipe = load_recipe(write_recipe(tmp_path, manifest, steps0=step + 1))
+    assert run_recipe(recipe, run, init_distributed(), only_stage="short") == "finished"
+    assert read_ledger(run)[-1].start_step == step
+    assert sorted(metrics(run, "short")) == list(range(1, step + 2))
+
+
+def test_stop_flag_checkpoints_and_stage_cannot_start_without_its_init(tmp_path, manifest):
+    recipe = load_recipe(write_recipe(tmp_path, manifest))
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="starts from the export of stage 'short'"):
+        run_recipe(recipe, run, init_distributed(), only_stage="long")
+    stop = StopFlag(reason="sigterm")
+    assert run_recipe(recipe, run, init_distributed(), stop=stop) == "sigterm"
+    assert read_ledger(run)[-1].end_reason == "sigterm"
+
+
+# -- slow: real processes ------------------------------------------------------------------------------------------
+def train_cmd(recipe: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(run), *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_the_same_losses(tmp_path, manifest):
+    """N steps straight vs. killed (-9) after its checkpoint at N/2 and resumed: identical losses, bit for bit."""
+    recipe = write_recipe(tmp_path, manifest, steps0=6, steps1=1, ckpt_every=3)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("--stage", "short")
+    subprocess.run(train_cmd(recipe, straight, *args), env=env(), check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(train_cmd(recipe, killed, *args), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    # Kill once the checkpoint of step 3 exists and step 4 has been logged (so work after it is lost).
+    while time.time() < deadline and proc.poll() is None:
+        path = killed / "short" / "metrics.jsonl"
+        if (killed / "short" / "checkpoints" / "step-00000003").is_dir() and path.is_file() and 4 in metrics(killed, "short"):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "short" / "export").exists()
+    subprocess.run(train_cmd(recipe, killed, *args), env=env(), check=True, capture_output=True, timeout=300)
+
+    a, b = metrics(straight, "short"), metrics(killed, "short")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
+    assert [a[s]["grad_norm"] for s in a] == [b[s]["grad_norm"] for s in a]
+    wa = load_bundle(straight / "short" / "export", device="cpu").model.state_dict()
+    wb = load_bundle(killed / "short" / "export", device="cpu").model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "the exported EMA weights are identical"
+    segments = read_ledger(killed)
+    assert segments[0].crashed and segments[1].start_step == 3 and segments[1].end_reason == "finished"
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, manifest):
+    recipe = write_recipe(tmp_path, manifest, steps0=1000, ckpt_every=1000)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(recipe, run), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        path = run / "short" / "metrics.jsonl"
+        if path.is_file() and len(metrics(run, "short")) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped (sigterm)" in out
+    step = read_ledger(run)[-1].last_step
+    assert read_ledger(run)[-1].end_reason == "sigterm" and 2 <= step < 1000
+    assert (run / "short" / "checkpoints" / f"step-{step:08d}").is_dir()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_fsdp(tmp_path, manifest):
+    recipe = write_recipe(tmp_path, manifest, steps0=2, steps1=1)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(run)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("training finished") == 1, "only rank 0 reports"
+    segments = read_ledger(run)
+    assert [s.num_gpus for s in segments] == [2, 2] and all(s.end_reason == "finished" for s in segments)
+    assert sorted(metrics(run, "short")) == [1, 2]
+    bundle = load_bundle(run / "long" / "export", device="cpu")
+    assert all(torch.isfinite(v).all() for v in bundle.model.state_dict().values())
