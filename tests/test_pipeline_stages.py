@@ -179,3 +179,17 @@ def test_aesthetic_score_from_a_tiny_random_local_model(tmp_path):
     assert out["aesthetic"] == pytest.approx(5.0)
     with pytest.raises(Exception, match="aesthetic 5.00 < 6.0"):
         filter_clip(row, FilterConfig(aesthetic_model=str(tmp_path / "aes"), blank_std=0.0, min_aesthetic=6.0))
+
+
+def test_bench_pipeline_reports_split_per_cpu_second(tmp_path):
+    from tools.bench_pipeline import main as bench
+
+    out = bench(["--seconds", "1.2", "--videos", "1", "--presets", "ultrafast", "--sizes", "360",
+                 "--json", str(tmp_path / "b.json")])
+    rows = {row["stage"]: row for row in out["stages"]}
+    split_row = rows["split, 360p clips, ultrafast"]
+    assert split_row["clips"] == 1 and split_row["clip_psnr_db"] > 30 and split_row["clip_mbit_s"] > 0
+    # Detection and cutting both decode every frame, so neither can beat decoding alone by much.
+    assert 0 < split_row["x_realtime_per_cpu_s"] < 1.5 * rows["decode only (PyAV, 1 thread)"]["x_realtime_per_cpu_s"]
+    assert {"probe", "detect only (ContentDetector)", "filter (on the 360p clips)"} <= set(rows)
+    assert (tmp_path / "b.json").exists()
