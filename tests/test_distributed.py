@@ -124,12 +124,16 @@ def test_sequence_parallel_checks_heads_and_world():
 @pytest.mark.parametrize("engine, wrapped", [("fsdp", "FSDPSTDiT"), ("ddp", "DistributedDataParallel"),
                                              ("colossalai", "TorchDDPModel")])
 def test_engine_step_matches_single_process(tmp_path, engine, wrapped):
-    """2 ranks x 2 samples, one clipped AdamW step == one process on the 4 samples (loss, grad norm, params)."""
+    """2 ranks x 2 accumulated samples, one clipped AdamW step == one process on the 4 samples (loss, grad
+    norm, params)."""
     results = torchrun(tmp_path, "step", "--engine", engine)
     r0 = results[0]
     assert r0["wrapped"] == wrapped
     assert r0["param_change"] > 1e-3  # the step moved the weights, so equal params mean equal steps
     assert r0["param_diff"] < 1e-4
+    # set_grad_sync(False) really skipped the reduction of the first accumulation micro-step
+    unsynced = [r["unsynced_grad"] for r in results]
+    assert unsynced == [None, None] if engine == "fsdp" else unsynced[0] != unsynced[1]
     for r in results:
         assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
         assert r["ref_norm"] > 0.5  # clipping was active

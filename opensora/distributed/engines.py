@@ -4,6 +4,7 @@ The trainer only talks to an :class:`Engine`::
 
     engine = build_engine(pcfg, dist_info)
     model, optimizer = engine.prepare(model, optimizer)
+    engine.set_grad_sync(last_micro_step)    # gradient accumulation; before the forward
     with engine.autocast():
         loss = ...
     engine.backward(loss)
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from opensora.distributed.env import DistInfo
 from opensora.distributed.parallel import DTYPES, ParallelConfig, parallelize, unwrap, uses_mixed_precision
@@ -69,6 +71,16 @@ class Engine:
     # -- one step -----------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Turns the gradient all-reduce / reduce-scatter on or off: off for the micro-steps of a gradient
+        accumulation except the last (they accumulate locally). Call it before the micro-step's forward
+        (DDP decides in the forward whether the backward will reduce)."""
+        model = self.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles
+        else:
+            model.set_requires_gradient_sync(enabled)  # FSDP2
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clips all gradients to a global L2 norm of ``max_norm``; returns the norm before clipping (a tensor
@@ -124,6 +136,12 @@ class ColossalAIEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.booster.backward(loss, self.optimizer)
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        if self.zero:
+            self.optimizer.require_grad_sync = enabled  # what LowLevelZeroOptimizer.no_sync() toggles
+        else:
+            self.model.module.require_backward_grad_sync = enabled  # TorchDDPModel.module is the DDP wrapper
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if not self.zero:

@@ -14,17 +14,16 @@ Hooks (installed by :func:`apply_sequence_parallel`, never by the model): block 
 temporal embedding; the last block's forward hook all-gathers x again, so the final layer, the loss and
 everything outside the blocks see the full video and are computed identically on every rank.
 
-Gradients. Each rank's backward through the blocks only sees its own frames, so block parameters and the
-conditioning tensors that feed every block (t0 from ``t_block``, y from ``y_embedder``) get *partial*
-gradients. We scale the gradient entering the blocks by ``P`` (gather backward) and divide it by ``P`` where
-it leaves them (slice backward all-gathers, conditioning backward all-reduces and divides), so that:
+Gradients. Each rank's backward through the blocks only sees its own frames, so every parameter it reaches
+through the blocks (block weights, and the embedders and ``t_block`` whose outputs feed the blocks) gets a
+*partial* gradient, while the final layer gets the full one on every rank. Gradients are linear in the
+gradient that flows in, so scaling the gradient entering the blocks by ``P`` (the gather's backward) makes
+the mean over the SP group of every parameter's gradient equal to the single-process gradient. Data
+parallelism over the *whole* world (FSDP2 / DDP / ZeRO all average gradients over all ranks) therefore gives
+the exact gradient of the mean loss over the ``dp`` distinct samples: no separate SP all-reduce of parameter
+gradients and no gather of activation gradients is needed, and FSDP2 may shard over all ranks including the
+SP group. (Per-rank gradients before that average are not meaningful on their own.)
 
-* parameters outside the blocks end with the full gradient on every rank (identical across the SP group);
-* block parameters end with ``P`` x their partial gradient, whose mean over the SP group is the full gradient.
-
-Data parallelism over the *whole* world (FSDP2 / DDP / ZeRO average gradients over all ranks) is then exact:
-the mean over ``dp * P`` ranks of these gradients is the mean over the ``dp`` distinct samples. No separate
-SP all-reduce of parameter gradients is needed, and FSDP2 may shard over all ranks including the SP group.
 The trainer must feed the ranks of one SP group the same batch, timesteps, noise and caption-dropout draws
 (see :func:`opensora.distributed.parallel.ParallelDims`).
 """
@@ -74,20 +73,23 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _SliceSeq(torch.autograd.Function):
-    """Forward: keep this rank's slice. Backward: all-gather the slices' gradients and divide by P (see module doc)."""
+    """Forward: keep this rank's slice. Backward: the slice's gradient in place, zeros elsewhere (no
+    communication: the data-parallel average adds the other ranks' slices, see the module doc)."""
 
     @staticmethod
     def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
+        ctx.group, ctx.dim, ctx.shape = group, dim, x.shape
         return _own_slice(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim) / dist.get_world_size(ctx.group), None, None
+        full = grad.new_zeros(ctx.shape)
+        full.chunk(dist.get_world_size(ctx.group), dim=ctx.dim)[dist.get_rank(ctx.group)].copy_(grad)
+        return full, None, None
 
 
 class _GatherSeq(torch.autograd.Function):
-    """Forward: all-gather the slices. Backward: keep this rank's slice of the (replicated) gradient times P."""
+    """Forward: all-gather the slices. Backward: this rank's slice of the (replicated) gradient, times P."""
 
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -97,23 +99,6 @@ class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _own_slice(grad, ctx.group, ctx.dim) * dist.get_world_size(ctx.group), None, None
-
-
-class _ReduceGradMean(torch.autograd.Function):
-    """Identity forward; backward averages the gradient over the group (used for tensors every block reads)."""
-
-    @staticmethod
-    @torch.compiler.disable
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    @torch.compiler.disable
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad / dist.get_world_size(ctx.group), None
 
 
 def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -146,8 +131,8 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     """Shards STDiT's block activations (B, T, S, D) along T over ``group`` (in place, hooks only).
 
     Args:
-        model: an ``opensora.models.stdit.STDiT`` (uses ``blocks``, ``t_block``, ``y_embedder`` and each
-            block's ``attn_temp.core``; see the module docstring for why each is touched).
+        model: an ``opensora.models.stdit.STDiT`` (uses ``config.num_heads``, ``blocks`` and each block's
+            ``attn_temp.core``; see the module docstring).
         group: the sequence-parallel process group; its size P must divide the number of heads and, at run
             time, the latent frame count T (after temporal patching).
     """
@@ -179,12 +164,5 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     def gather_output(module, args, kwargs, output):
         return _GatherSeq.apply(output, group, 1)  # (B, T, S, D)
 
-    @torch.compiler.disable
-    def reduce_grad(module, args, output):
-        return _ReduceGradMean.apply(output, group)
-
     blocks[0].register_forward_pre_hook(shard_inputs, with_kwargs=True)
     blocks[-1].register_forward_hook(gather_output, with_kwargs=True)
-    # t0 (B, 6D) and y (B, 1, L, D) are read by every block on every rank's frames: their gradients are partial.
-    model.t_block.register_forward_hook(reduce_grad)
-    model.y_embedder.register_forward_hook(reduce_grad)

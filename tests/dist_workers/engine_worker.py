@@ -67,7 +67,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def cmd_step(args, info) -> dict:
-    """One optimizer step on 2 ranks x 2 samples vs one process on the 4 samples."""
+    """One optimizer step on 2 ranks x 2 accumulated samples vs one process on the 4 samples."""
     W, r = info.world_size, info.rank
     batch = make_batch(2 * W)
     ref = make_model()
@@ -81,17 +81,25 @@ def cmd_step(args, info) -> dict:
     engine = build_engine(ParallelConfig(engine=args.engine, param_dtype="fp32"), info)
     model = make_model()
     model, opt = engine.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD))
-    shard = {k: v[2 * r: 2 * (r + 1)] for k, v in batch.items()}
-    loss, _ = loss_fn(model, shard)
-    engine.backward(loss)
+    # Two accumulated micro-steps of one sample each; gradients are synchronised after the second only.
+    losses = []
+    for micro in range(2):
+        sample = {k: v[2 * r + micro: 2 * r + micro + 1] for k, v in batch.items()}
+        engine.set_grad_sync(micro == 1)
+        loss, _ = loss_fn(model, sample)
+        engine.backward(loss / 2)
+        losses.append(loss.detach())
+        if micro == 0:  # not reduced yet: DDP grads differ between ranks, FSDP2 keeps them off the shards
+            grad = next(engine.unwrap().parameters()).grad
+            unsynced_grad = None if grad is None else float(grad.sum())
     norm = engine.clip_grad_norm(MAX_NORM)
     engine.optimizer_step()
-    mean_loss = loss.detach().clone()
+    mean_loss = torch.stack(losses).mean()
     dist.all_reduce(mean_loss)
     mean_loss /= W
     params = engine.full_model_state_dict()
     out = dict(loss=float(mean_loss), ref_loss=float(ref_loss), norm=float(norm), ref_norm=float(ref_norm),
-               engine=type(engine).__name__, wrapped=type(model).__name__)
+               engine=type(engine).__name__, wrapped=type(model).__name__, unsynced_grad=unsynced_grad)
     if r == 0:
         out["param_diff"] = max_diff(params, ref.state_dict())
         out["param_change"] = max_diff(before, ref.state_dict())
