@@ -139,7 +139,10 @@ class ColossalAIEngine(Engine):
 
     def set_grad_sync(self, enabled: bool) -> None:
         if self.zero:
-            self.optimizer.require_grad_sync = enabled  # what LowLevelZeroOptimizer.no_sync() toggles
+            # ZeRO-2 partitions gradients as they are reduced and cannot skip a reduction (colossalai asserts);
+            # it accumulates the reduced partitions instead. ZeRO-1 can defer, as DDP does.
+            if self.pcfg.zero_stage == 1:
+                self.optimizer.require_grad_sync = enabled  # what LowLevelZeroOptimizer.no_sync() toggles
         else:
             self.model.module.require_backward_grad_sync = enabled  # TorchDDPModel.module is the DDP wrapper
 
