@@ -327,4 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        raise SystemExit(130) from None
