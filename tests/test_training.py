@@ -232,6 +232,19 @@ def test_stop_flag_checkpoints_and_stage_cannot_start_without_its_init(tmp_path,
     assert read_ledger(run)[-1].end_reason == "sigterm"
 
 
+@pytest.mark.slow
+def test_engines_agree_in_one_process(tmp_path, manifest):
+    """FSDP2, DDP and the ColossalAI booster (TorchDDPPlugin on CPU) train the same first steps."""
+    losses = {}
+    for engine in ("fsdp", "ddp", "colossalai"):
+        recipe = load_recipe(write_recipe(tmp_path, manifest, steps0=2), [f"parallel.engine={engine}"])
+        run = tmp_path / engine
+        assert run_recipe(recipe, run, init_distributed(), only_stage="short") == "finished"
+        losses[engine] = [metrics(run, "short")[s]["loss"] for s in (1, 2)]
+    assert losses["ddp"] == pytest.approx(losses["fsdp"], rel=1e-5)
+    assert losses["colossalai"] == pytest.approx(losses["fsdp"], rel=1e-5)
+
+
 # -- slow: real processes ------------------------------------------------------------------------------------------
 def train_cmd(recipe: Path, run: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(run), *extra]
@@ -243,8 +256,9 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path, manifest):
     recipe = write_recipe(tmp_path, manifest, steps0=6, steps1=1, ckpt_every=3)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = ("--stage", "short")
-    subprocess.run(train_cmd(recipe, straight, *args), env=env(), check=True, capture_output=True, timeout=300)
-
+    # The straight run goes alongside the one to be killed (separate processes, same thread count).
+    reference = subprocess.Popen(train_cmd(recipe, straight, *args), env=env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
     proc = subprocess.Popen(train_cmd(recipe, killed, *args), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -259,6 +273,7 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path, manifest):
     proc.wait()
     assert not (killed / "short" / "export").exists()
     subprocess.run(train_cmd(recipe, killed, *args), env=env(), check=True, capture_output=True, timeout=300)
+    assert reference.wait(timeout=300) == 0
 
     a, b = metrics(straight, "short"), metrics(killed, "short")
     assert sorted(a) == sorted(b) == list(range(1, 7))

@@ -127,7 +127,8 @@ class Trainer:
         self.model_fn, self.optimizer = self.engine.prepare(model, optimizer)
         self.model = self.engine.unwrap()
         self.model.train()
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage)
+        # The ColossalAI booster wraps the optimizer; the schedule drives the torch optimizer inside.
+        self.lr_scheduler = build_lr_scheduler(getattr(self.optimizer, "optim", self.optimizer), stage)
         self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
 
         # 4. Checkpoints, cost ledger, logs.
@@ -464,6 +465,7 @@ class Trainer:
         spent = f"{spend.gpu_hours:.4f} GPU-hours, ${spend.dollars:.2f}, {spend.samples} samples"
         if reason == "finished":
             self._print(f"stage '{self.stage.name}' finished at step {self.step}; spent {spent}")
+            return
         saved = "with a checkpoint" if self.step > 0 else "before its first step (nothing to save)"
         if reason == "budget":
             self._print(f"stage '{self.stage.name}' stopped at step {self.step} {saved}: "
