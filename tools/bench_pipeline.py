@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python tools/bench_pipeline.py --seconds 20 --videos 2 --json bench_pipeline.json
 
 Makes ``--videos`` 1280x720 30 fps H.264 videos (x264 ``veryfast``: CABAC and B-frames, like typical web
-video; ``--source-mbit`` 2 by default) with a textured, moving, grainy picture and a hard cut every 4 s, then
-times, each in this process (``workers=0``, decoders and encoders on one thread): probe, decoding alone (the floor under everything
-that reads every frame), shot detection alone, split (one decode: detection + cutting + H.264 clips) for each
+video; ``--source-mbit`` 2 by default) with a textured, moving, grainy picture and a hard cut every 4 s,
+then times, each in this process (``workers=0``, decoders and encoders on one thread): probe, decoding
+alone (the floor under everything that reads every frame), shot detection alone, split (one decode: detection + cutting + H.264 clips) for each
 ``--presets`` x ``--sizes`` (with the clips' bit rate, and the luma PSNR of the first clip against its source
 frames resized the same way, i.e. the encoder's loss) and filter.
 
