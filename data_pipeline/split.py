@@ -18,6 +18,7 @@ overwrites its own clips.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ class _ClipCutter:
         self.cfg, self.fps, self.out_fps, self.size, self.out_path = cfg, fps, out_fps, size, out_path
         self.min_len = max(1, math.ceil(cfg.min_clip_s * fps - 1e-6))
         self.max_len = math.floor(cfg.max_clip_s * fps + 1e-6) if cfg.max_clip_s else 0
-        self.ahead: deque[int] = deque()  # known cuts after the last committed frame, ascending
+        self.ahead: list[int] = []  # known cuts after the last committed frame, ascending
         self.cuts: list[int] = []
         self.shot_start = 0
         self.committed = -1  # the last frame handed to commit()
@@ -159,16 +160,16 @@ class _ClipCutter:
 
     def add_cut(self, cut: int, is_end: bool = False) -> None:
         """Registers a cut (or, with ``is_end``, the end of the video) reported by the detector."""
-        if cut <= (self.cuts[-1] if self.cuts else 0):
+        if cut <= 0 or cut in self.ahead or cut in self.cuts:
             return
         if cut - self.cfg.drop_edge_frames <= self.committed:
             # Cannot happen with scenedetect 0.7's detectors (their lag is event_buffer_length, which the
             # caller waits for); failing beats writing a clip that straddles a cut.
             raise RuntimeError(f"the detector reported a cut at frame {cut} after frame {self.committed} was "
                                "already encoded (its lag exceeds event_buffer_length)")
-        self.ahead.append(cut)
+        bisect.insort(self.ahead, cut)
         if not is_end:
-            self.cuts.append(cut)
+            bisect.insort(self.cuts, cut)
 
     def commit(self, index: int, frame: av.VideoFrame) -> None:
         """Hands over source frame ``index``: no cut at or before ``index + drop_edge_frames`` is still unknown."""
@@ -176,7 +177,7 @@ class _ClipCutter:
         if self.full:
             return
         while self.ahead and self.ahead[0] <= index:
-            self.shot_start = self.ahead.popleft()
+            self.shot_start = self.ahead.pop(0)
         start = self.shot_start + self.cfg.drop_edge_frames
         if index < start or (self.ahead and index >= self.ahead[0] - self.cfg.drop_edge_frames):
             self.close_span()  # an edge frame of a shot

@@ -1,5 +1,7 @@
 """probe / split / filter on synthetic videos made here (PyAV, 64x48, a few seconds)."""
 
+from fractions import Fraction
+
 import decord
 import numpy as np
 import pytest
@@ -83,6 +85,24 @@ def test_one_pass_split_writes_exactly_the_planned_clips(tmp_path, detector, ext
         for index in (0, count - 1):
             rgb = first_frame_rgb(path, index)
             assert np.abs(rgb - np.array(PALETTE[shot])).max() < 40, (path, index, rgb)
+
+
+def test_a_cut_reported_after_its_frames_were_encoded_is_an_error(tmp_path):
+    import av
+
+    from data_pipeline.split import _ClipCutter
+
+    cfg = SplitConfig(min_clip_s=0.1, max_clip_s=0, drop_edge_frames=1)
+    cutter = _ClipCutter(cfg, Fraction(24), Fraction(24), (64, 48), lambda k: tmp_path / f"c{k}.mp4")
+    for index in range(4):
+        cutter.commit(index, av.VideoFrame(64, 48, "yuv420p"))
+    cutter.add_cut(8)
+    cutter.add_cut(6)  # late and out of order, but frames 5.. (its trimmed edge and shot) are not encoded yet
+    assert cutter.cuts == [6, 8]
+    with pytest.raises(RuntimeError, match="cut at frame 4 after frame 3"):
+        cutter.add_cut(4)  # would move frame 3 into the trimmed edge, but it is already in the clip
+    cutter.abort()
+    assert not list(tmp_path.iterdir())
 
 
 def test_broken_inputs_are_recorded_not_fatal(tmp_path):
