@@ -7,6 +7,7 @@ frames written in the test.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from opensora.config import ConfigError
 from opensora.data.manifest import write_manifest
 from opensora.data.video_io import write_video
 from opensora.distributed import init_distributed
+from opensora.models.stdit import STDiT, stdit_config
 from opensora.pipeline import load_bundle
 from opensora.training import EMA, StopFlag, WarmupSchedule, load_recipe, run_recipe
 
@@ -222,14 +224,56 @@ def test_budget_stop_writes_a_checkpoint_and_says_what_was_spent(tmp_path, manif
     assert sorted(metrics(run, "short")) == list(range(1, step + 2))
 
 
-def test_stop_flag_checkpoints_and_stage_cannot_start_without_its_init(tmp_path, manifest):
+def test_max_steps_and_stop_flag_checkpoint_and_a_stage_needs_its_init(tmp_path, manifest, capsys):
     recipe = load_recipe(write_recipe(tmp_path, manifest))
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match="starts from the export of stage 'short'"):
         run_recipe(recipe, run, init_distributed(), only_stage="long")
-    stop = StopFlag(reason="sigterm")
+    assert run_recipe(recipe, run, init_distributed(), max_steps=1) == "max_steps"
+    assert (run / "short" / "checkpoints" / "step-00000001").is_dir() and not (run / "short" / "export").exists()
+    assert "stopped (max_steps) at step 1 with a checkpoint" in capsys.readouterr().out
+    stop = StopFlag(reason="sigterm")  # what the SIGTERM handler sets
     assert run_recipe(recipe, run, init_distributed(), stop=stop) == "sigterm"
-    assert read_ledger(run)[-1].end_reason == "sigterm"
+    assert [(s.start_step, s.end_reason) for s in read_ledger(run)] == [(0, "max_steps"), (1, "sigterm")]
+
+
+def test_cli_config_error_exit_code(tmp_path, manifest, capsys):
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train" / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    recipe = write_recipe(tmp_path, manifest)
+    assert entry.main(["--config", str(recipe), "--output-dir", str(tmp_path / "run"), "--set", "optim.lr=1"]) == 2
+    assert "--set optim.lr=1: key 'optim.lr'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pixart_checkpoint_into_a_zero_step_stage(tmp_path, manifest):
+    """A 0-step stage converts a PixArt-α checkpoint: spatial weights taken over, temporal attention an identity."""
+    pixart = STDiT(stdit_config("STDiT-debug", in_channels=3))
+    state = {k: v for k, v in pixart.state_dict().items() if ".attn_temp." not in k}
+    state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"][:, :, 0]  # PixArt's Conv2d patch embedding
+    state["pos_embed"] = torch.zeros(1, 64, 64)  # a fixed-size buffer PixArt saved
+    torch.save({"state_dict": state}, tmp_path / "PixArt-debug.pth")
+    recipe = load_recipe(write_recipe(tmp_path, manifest), [
+        "stages.0.steps=0", f"stages.0.init.checkpoint={tmp_path / 'PixArt-debug.pth'}",
+        "stages.0.init.checkpoint_format=pixart",
+    ])
+    run = tmp_path / "run"
+    assert run_recipe(recipe, run, init_distributed(), only_stage="short") == "finished"
+    exported = load_bundle(run / "short" / "export", device="cpu").model.state_dict()
+    for key, value in pixart.state_dict().items():
+        if ".attn_temp." not in key:
+            assert torch.equal(exported[key], value), key
+    assert not exported["blocks.0.attn_temp.proj.weight"].any(), "temporal attention starts with a zero output"
+    assert not (run / "short" / "checkpoints").exists(), "nothing trained, nothing to checkpoint"
+
+    wrong = STDiT(stdit_config("STDiT-debug", in_channels=3, hidden_size=32))
+    torch.save(wrong.state_dict(), tmp_path / "wrong.pth")
+    bad = load_recipe(write_recipe(tmp_path, manifest), [
+        "stages.0.steps=0", f"stages.0.init.checkpoint={tmp_path / 'wrong.pth'}", "stages.0.init.checkpoint_format=pixart",
+    ])
+    with pytest.raises(ValueError, match="wrong.pth is not a PixArt-α checkpoint"):
+        run_recipe(bad, tmp_path / "run2", init_distributed(), only_stage="short")
 
 
 @pytest.mark.slow
@@ -311,8 +355,11 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, manifest):
 def test_torchrun_two_processes_fsdp(tmp_path, manifest):
     recipe = write_recipe(tmp_path, manifest, steps0=2, steps1=1)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(run)]
+    # --standalone: a free port on localhost, so parallel test runs do not collide. One sample per rank per
+    # forward makes the first stage accumulate gradients over 2 micro-steps on each of the 2 ranks.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(run),
+           "--set", "stages.0.micro_batch_size=1"]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("training finished") == 1, "only rank 0 reports"
