@@ -79,7 +79,8 @@ class SplitConfig:
     threshold: float = _f(27.0, "ContentDetector threshold on the HSV/edge frame difference")
     adaptive_threshold: float = _f(3.0, "AdaptiveDetector ratio of a frame's score to its neighbours'")
     min_content_val: float = _f(15.0, "AdaptiveDetector: minimum frame score for a cut")
-    min_scene_len: int = _f(8, "frames: no two cuts closer than this")
+    min_scene_len: int = _f(8, "frames: no two cuts closer than this (ContentDetector reports a cut up to this "
+                            "many frames late, so split keeps this many decoded frames in memory)")
     detect_width: int = _f(160, "frames are downscaled to about this width for detection (speed)")
     min_clip_s: float = _f(1.0, "shots shorter than this are dropped")
     max_clip_s: float = _f(10.0, "longer shots are cut into pieces of at most this length (0 = no limit)")
