@@ -189,7 +189,7 @@ def test_two_stage_recipe_end_to_end_and_rerun_skips(tmp_path, manifest, capsys)
     video = bundle.generate(["a red square moving left"], num_frames=4, height=16, width=16, steps=2, progress=False)
     assert video.shape == (1, 3, 4, 16, 16)
     short = load_bundle(run / "short" / "export", device="cpu")
-    assert not torch.equal(short.model.final_layer.linear.weight, torch.zeros_like(short.model.final_layer.linear.weight))
+    assert short.model.final_layer.linear.weight.any(), "the zero-initialised output layer was trained"
 
     segments = read_ledger(run)
     assert [(s.stage, s.end_reason) for s in segments] == [("short", "finished"), ("long", "finished")]
@@ -270,7 +270,8 @@ def test_pixart_checkpoint_into_a_zero_step_stage(tmp_path, manifest):
     wrong = STDiT(stdit_config("STDiT-debug", in_channels=3, hidden_size=32))
     torch.save(wrong.state_dict(), tmp_path / "wrong.pth")
     bad = load_recipe(write_recipe(tmp_path, manifest), [
-        "stages.0.steps=0", f"stages.0.init.checkpoint={tmp_path / 'wrong.pth'}", "stages.0.init.checkpoint_format=pixart",
+        "stages.0.steps=0", f"stages.0.init.checkpoint={tmp_path / 'wrong.pth'}",
+        "stages.0.init.checkpoint_format=pixart",
     ])
     with pytest.raises(ValueError, match="wrong.pth is not a PixArt-α checkpoint"):
         run_recipe(bad, tmp_path / "run2", init_distributed(), only_stage="short")
@@ -309,7 +310,8 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path, manifest):
     # Kill once the checkpoint of step 3 exists and step 4 has been logged (so work after it is lost).
     while time.time() < deadline and proc.poll() is None:
         path = killed / "short" / "metrics.jsonl"
-        if (killed / "short" / "checkpoints" / "step-00000003").is_dir() and path.is_file() and 4 in metrics(killed, "short"):
+        saved = (killed / "short" / "checkpoints" / "step-00000003").is_dir()
+        if saved and path.is_file() and 4 in metrics(killed, "short"):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"

@@ -47,7 +47,8 @@ class InitConfig:
     """
 
     bundle: str | None = None  # pipeline bundle dir (tools/init_checkpoint.py or a stage export)
-    vae: str | None = None  # new model: a local AutoencoderKL dir, "identity" (pixel space) or "tiny" (random, built in)
+    # New model: a local AutoencoderKL dir, "identity" (pixel space) or "tiny" (random, built in).
+    vae: str | None = None
     vae_subfolder: str | None = None  # e.g. "vae" inside a Stable Diffusion repo
     text_encoder: str | None = None  # new model: a local T5 encoder dir (with tokenizer) or "tiny"
     seed: int = 0  # seed of a new model's random initialisation (and of the tiny encoders)
@@ -60,7 +61,9 @@ class InitConfig:
         if (self.vae is None) != (self.text_encoder is None):
             raise ValueError("init: a new model needs both init.vae and init.text_encoder")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ValueError(f"init.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
+            raise ValueError(
+                f"init.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}"
+            )
 
     @property
     def from_previous(self) -> bool:
@@ -84,19 +87,23 @@ class StageConfig:
     warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (down to min_lr at `steps`)
     min_lr: float = 0.0  # end of the cosine schedule
-    data: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's `data` for this stage (e.g. manifest)
+    data: dict[str, Any] = field(default_factory=dict)  # this stage's overrides of the recipe's `data` (e.g. manifest)
     init: InitConfig = field(default_factory=InitConfig)  # default: the previous stage's export
     budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps for this stage alone
 
     def __post_init__(self):
         if self.model not in STDiT_models:
-            raise ValueError(f"stage '{self.name}': model: unknown STDiT size {self.model!r}; known: {', '.join(STDiT_models)}")
+            raise ValueError(
+                f"stage '{self.name}': model: unknown STDiT size {self.model!r}; known: {', '.join(STDiT_models)}"
+            )
         known = {f.name for f in dataclasses.fields(STDiTConfig)}
         for key in self.model_overrides:
             if key not in known:
                 raise ValueError(f"stage '{self.name}': model_overrides.{key}: not an STDiTConfig field")
             if key in SHAPE_FIELDS:
-                raise ValueError(f"stage '{self.name}': model_overrides.{key}: changes parameter shapes; pick another `model`")
+                raise ValueError(
+                    f"stage '{self.name}': model_overrides.{key}: changes parameter shapes; pick another `model`"
+                )
         for name, minimum in (("num_frames", 1), ("batch_size", 1), ("steps", 0), ("warmup_steps", 0)):
             if getattr(self, name) < minimum:
                 raise ValueError(f"stage '{self.name}': {name} must be >= {minimum}, got {getattr(self, name)}")
@@ -105,9 +112,13 @@ class StageConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"stage '{self.name}': micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"stage '{self.name}': need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            raise ValueError(
+                f"stage '{self.name}': need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"stage '{self.name}': lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+            raise ValueError(
+                f"stage '{self.name}': lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
         for key in self.data:
             if key in STAGE_DATA_FIELDS:
                 raise ValueError(f"stage '{self.name}': data.{key}: set the stage's own `{key}` instead")
@@ -175,7 +186,8 @@ class RecipeConfig:
 
     stages: list[StageConfig] = MISSING  # in order; at least one
     data: DataConfig = field(default_factory=DataConfig)  # data defaults (num_frames / image_size come from each stage)
-    vae_downsample: int = 8  # spatial factor of the VAE (1: identity); checked against the real VAE, read by the forecast
+    # Spatial factor of the VAE (1: identity); checked against the real VAE, and read by the cost forecast.
+    vae_downsample: int = 8
     diffusion: str = "iddpm"  # training objective: "iddpm" (Open-Sora 1.0) or "rflow"; recorded in the exports
     seed: int = 0  # seed of the data order, noise, timesteps and caption dropout
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, sequence parallelism, checkpointing
@@ -258,14 +270,16 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"--set {item}: key '{getattr(err, 'full_key', key)}': {getattr(err, 'msg', err)}") from err
+            where = getattr(err, "full_key", key)
+            raise ConfigError(f"--set {item}: key '{where}': {getattr(err, 'msg', err)}") from err
         except (ValueError, TypeError) as err:
             raise ConfigError(f"--set {item}: {err}") from err
     sources = ", ".join([str(path)] + [f"--set {o}" for o in overrides])
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"key '{getattr(err, 'full_key', '?')}': {getattr(err, 'msg', err)} (sources: {sources})") from err
+        where = getattr(err, "full_key", "?")
+        raise ConfigError(f"key '{where}': {getattr(err, 'msg', err)} (sources: {sources})") from err
     except (ValueError, TypeError) as err:  # a __post_init__ check
         raise ConfigError(f"{err} (sources: {sources})") from err
 

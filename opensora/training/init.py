@@ -105,7 +105,8 @@ def load_init_checkpoint(model: STDiT, path: str | Path, fmt: str) -> None:
     own = model.state_dict()
     missing = sorted(k for k in set(own) - set(state) if PIXART_NEW_PARAMS not in k)
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(
             f"{path} is not a PixArt-α checkpoint of this model's size: missing {missing[:6]}, "

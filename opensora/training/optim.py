@@ -59,4 +59,5 @@ class WarmupSchedule:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig) -> LambdaLR:
     """The stage's schedule over ``optimizer`` (step it once after every optimizer step)."""
-    return LambdaLR(optimizer, WarmupSchedule(stage.warmup_steps, stage.steps, stage.lr_schedule, stage.min_lr / stage.lr))
+    schedule = WarmupSchedule(stage.warmup_steps, stage.steps, stage.lr_schedule, stage.min_lr / stage.lr)
+    return LambdaLR(optimizer, schedule)

@@ -296,7 +296,8 @@ class Trainer:
 
     def _flops(self, latent: tuple[int, int, int]) -> float:
         if latent not in self._flops_cache:
-            self._flops_cache[latent] = train_flops_per_sample(self.model_config, latent, self.model_config.model_max_length)
+            cfg = self.model_config
+            self._flops_cache[latent] = train_flops_per_sample(cfg, latent, cfg.model_max_length)
         return self._flops_cache[latent]
 
     # -- the loop ------------------------------------------------------------------------------------------
