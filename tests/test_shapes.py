@@ -70,6 +70,9 @@ def test_check_says_none_without_object_or_motion(tmp_path):
     still = np.repeat(render_shot(ShapeCaption("blue", "square", "up", "white"), 8, 0.5, tiny(""))[3:4], 6, axis=0)
     result = analyze_video(still)
     assert result.colour == "blue" and result.direction is None
+    flash = render_shot(ShapeCaption("red", "circle", "left", "gray"), 8, 0.5, tiny(""))
+    flash[2:] = 128  # the object in 2 of 8 frames (a collapsed sample): no direction from 2 centroids
+    assert analyze_video(flash).direction is None and analyze_video(flash[:2]).direction == "left"
     noise = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     result = analyze_video(noise)
     assert result.colour is None and result.direction is None, "noise names no colour and no motion"

@@ -87,6 +87,7 @@ class CheckConfig:
     colour_radius: float = 90.0  # an object pixel votes for a palette colour only within this distance
     min_colour_share: float = 0.5  # the winning colour needs this share of the votes (noise spreads them)
     min_object_pixels: int = 3  # a frame with fewer object pixels has no centroid
+    min_object_frames: float = 0.5  # a direction needs a centroid in at least this fraction of the frames
     min_displacement: float = 0.05  # total centroid motion below this fraction of the frame width = "none"
 
 
@@ -96,7 +97,7 @@ class VideoAnalysis:
 
     colour: str | None  # dominant palette colour of the object pixels (None: no clear winner, or no votes)
     colour_share: float  # fraction of the voting object pixels that voted for the most voted colour
-    direction: str | None  # left/right/up/down of the centroid motion (None: too few frames or no motion)
+    direction: str | None  # left/right/up/down of the centroid motion (None: object in too few frames, or no motion)
     displacement: tuple[float, float]  # (dx, dy) centroid motion over the whole video, pixels
     object_frames: int  # frames in which an object was found
 
@@ -139,7 +140,7 @@ def analyze_video(frames: np.ndarray, cfg: CheckConfig | None = None) -> VideoAn
         share = float(votes.max() / votes.sum())
         colour = list(COLOURS)[int(votes.argmax())] if share >= cfg.min_colour_share else None
     direction, disp = None, (0.0, 0.0)
-    if len(times) >= 2:
+    if len(times) >= max(2, cfg.min_object_frames * T):
         t_arr = np.array(times, np.float32)
         c_arr = np.array(centroids, np.float32)  # (N, 2) as (x, y)
         slope = np.polyfit(t_arr, c_arr, 1)[0]  # (2,) pixels per frame
