@@ -46,9 +46,11 @@ def test_sample_writes_decodable_mp4_per_prompt(bundle_dir, tmp_path, capsys):
 
 
 def test_same_seed_same_video_other_seed_differs(bundle_dir, tmp_path):
-    run_sample(bundle_dir, tmp_path / "a", prompts=PROMPTS[:1])
-    run_sample(bundle_dir, tmp_path / "b", prompts=PROMPTS[:1])
-    run_sample(bundle_dir, tmp_path / "c", "--seed", "8", prompts=PROMPTS[:1])
+    # Lossless: libx264's lossy decisions were seen to vary between identical encodes on a loaded machine
+    # (the suite failed once at crf 18), so only crf 0 makes "same frames" visible in the decoded file.
+    run_sample(bundle_dir, tmp_path / "a", "--crf", "0", prompts=PROMPTS[:1])
+    run_sample(bundle_dir, tmp_path / "b", "--crf", "0", prompts=PROMPTS[:1])
+    run_sample(bundle_dir, tmp_path / "c", "--crf", "0", "--seed", "8", prompts=PROMPTS[:1])
     (a,), (b,), (c,) = (sorted((tmp_path / d).glob("*.mp4")) for d in "abc")
     assert np.array_equal(decode(a), decode(b))
     assert not np.array_equal(decode(a), decode(c))

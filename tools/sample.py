@@ -37,6 +37,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=DIFFUSIONS, default=None, help="default: the bundle's training objective")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate written into the mp4")
+    p.add_argument("--crf", type=int, default=18,
+                   help="H.264 quality, 0 (lossless) .. 51; 18 is visually lossless. The sampled frames depend only "
+                        "on the seed, but libx264's lossy choices vary with machine load, so only 0 gives "
+                        "bit-identical decoded frames for the same seed")
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # (B, 3, T, H, W)
         for j, (prompt, video) in enumerate(zip(batch, videos)):
             path = args.out / f"{start + j:03d}_{slugify(prompt)}.mp4"
-            write_video(path, tensor_to_frames(video), fps=args.fps)
+            write_video(path, tensor_to_frames(video), fps=args.fps, crf=args.crf)
             written.append((path, prompt))
     elapsed = time.perf_counter() - t_start
     with atomic_write_path(args.out / "prompts.tsv") as tmp:
