@@ -79,9 +79,9 @@ def test_single_process_fsdp_world_of_one_trains_like_plain_model():
     info = init_distributed()
     try:
         assert (info.rank, info.world_size, info.device.type, info.backend) == (0, 1, "cpu", "gloo")
-        engine = build_engine(ParallelConfig(grad_ckpt=True), info)
+        engine = build_engine(ParallelConfig(grad_ckpt=True, grad_ckpt_blocks=1), info)
         model, opt = engine.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
-        assert model.gradient_checkpointing
+        assert model.gradient_checkpointing and model.gradient_checkpointing_blocks == 1  # selective: block 0 only
         assert [id(p) for g in opt.param_groups for p in g["params"]] == [id(p) for p in model.parameters()]
         engine.backward(model(x, t, y, mask).square().mean())
         for name, p in model.named_parameters():

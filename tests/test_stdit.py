@@ -95,9 +95,9 @@ def test_zero_init_layers():
     assert torch.count_nonzero(m(x, t, y, mask)) == 0  # zero final layer: a fresh model predicts zeros
 
 
-def _grads(model, ckpt):
+def _grads(model, ckpt, num_blocks=None):
     model.zero_grad()
-    model.enable_gradient_checkpointing(ckpt)
+    model.enable_gradient_checkpointing(ckpt, num_blocks)
     x, t, y, mask = inputs()
     model(x, t, y, mask).square().mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -119,6 +119,23 @@ def test_gradient_checkpointing_gives_same_gradients():
     ckpt = _grads(m, True)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_selective_checkpointing_recomputes_only_the_first_blocks():
+    m = randomize(tiny_model()).train()
+    m.y_embedder.uncond_prob = 0.0
+    calls = [0] * len(m.blocks)
+    for i, block in enumerate(m.blocks):
+        block.register_forward_pre_hook(lambda mod, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    plain = _grads(m, False)
+    assert calls == [1] * len(m.blocks)
+    calls[:] = [0] * len(m.blocks)
+    partial = _grads(m, True, num_blocks=1)
+    assert calls == [2] + [1] * (len(m.blocks) - 1)  # block 0 ran again in the backward, the others did not
+    for name in plain:
+        torch.testing.assert_close(partial[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="depth"):
+        m.enable_gradient_checkpointing(True, num_blocks=len(m.blocks) + 1)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -30,7 +30,8 @@ class ParallelConfig:
 
     engine: str = "fsdp"  # "fsdp" (torch FSDP2), "ddp" (torch DDP) or "colossalai" (booster; ZeRO on CUDA)
     sp_size: int = 1  # ranks per sequence-parallel group (Ulysses over frames); must divide the world size
-    grad_ckpt: bool = False  # activation checkpointing of every STDiT block
+    grad_ckpt: bool = False  # activation checkpointing of STDiT blocks (all, or the first grad_ckpt_blocks)
+    grad_ckpt_blocks: int | None = None  # selective checkpointing: only the first N blocks recompute; None = all
     compile: bool = False  # torch.compile each block
     param_dtype: str = "bf16"  # compute dtype on CUDA ("fp32" or "bf16"); CPU always computes in fp32
     reduce_dtype: str = "fp32"  # gradient reduction dtype (FSDP2); only fp32 is supported
@@ -45,6 +46,8 @@ class ParallelConfig:
             raise ValueError(f"param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}")
         if self.reduce_dtype != "fp32":
             raise ValueError(f"reduce_dtype must be 'fp32' (bf16 gradient sums lose too much), got {self.reduce_dtype!r}")
+        if self.grad_ckpt_blocks is not None and self.grad_ckpt_blocks < 0:
+            raise ValueError(f"grad_ckpt_blocks must be >= 0 or null, got {self.grad_ckpt_blocks}")
         if self.zero_stage not in (1, 2):
             raise ValueError(f"zero_stage must be 1 or 2, got {self.zero_stage}")
 
@@ -112,11 +115,11 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
     if pcfg.sp_size > 1:
         apply_sequence_parallel(model, new_sp_group(pcfg, dist_info))
 
-    # 2. Activation checkpointing through the model's own switch (it wraps every block call).
+    # 2. Activation checkpointing through the model's own switch (it wraps every block call, or the first N).
     if pcfg.grad_ckpt:
         if not getattr(model, "_supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not declare _supports_gradient_checkpointing")
-        model.enable_gradient_checkpointing(True)
+        model.enable_gradient_checkpointing(True, pcfg.grad_ckpt_blocks)
 
     # 3. Compile each block in place (parameter names stay the same, so checkpoints are unaffected).
     if pcfg.compile:

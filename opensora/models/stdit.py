@@ -334,6 +334,7 @@ class STDiT(nn.Module):
         self.patch_size = c.patch_size
         self.hidden_size = c.hidden_size
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_blocks = c.depth  # how many blocks (from the first) recompute in backward
 
         self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
@@ -426,7 +427,7 @@ class STDiT(nn.Module):
         # 3. Blocks. The temporal embedding is added in the first block only (Open-Sora 1.0).
         for i, block in enumerate(self.blocks):
             args = (x, y, t0, mask, tpe if i == 0 else None)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and i < self.gradient_checkpointing_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
@@ -442,8 +443,20 @@ class STDiT(nn.Module):
         return x.float()
 
     # -- activation checkpointing switch -----------------------------------------------------------------
-    def enable_gradient_checkpointing(self, enabled: bool = True):
+    def enable_gradient_checkpointing(self, enabled: bool = True, num_blocks: int | None = None):
+        """Switches activation checkpointing on or off.
+
+        Args:
+            enabled: recompute checkpointed blocks in the backward instead of keeping their activations.
+            num_blocks: selective checkpointing: only the first ``num_blocks`` blocks recompute (None = all).
+                Each checkpointed block trades ~1/3 more of its FLOPs for most of its activation memory, so
+                checkpointing just enough blocks to fit a batch is faster than checkpointing all of them.
+        """
+        depth = len(self.blocks)
+        if num_blocks is not None and not 0 <= num_blocks <= depth:
+            raise ValueError(f"num_blocks must be in [0, {depth}] (the model's depth), got {num_blocks}")
         self.gradient_checkpointing = enabled
+        self.gradient_checkpointing_blocks = depth if num_blocks is None else num_blocks
         return self
 
     # -- save / load -------------------------------------------------------------------------------------
