@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/bench-gpu}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 XL="--model STDiT-XL/2 --frames 16 --steps 10 --warmup 3"
 run() {  # name, then benchmark arguments
   local name=$1; shift
   echo "== $name"
+  rm -f "$OUT/$name.json"  # a failed run must not leave an old record in the table
   $PY tools/benchmark.py "$@" --out "$OUT/$name.json" || echo "!! $name failed (exit $?)"
 }
 # 16x256x256

@@ -13,7 +13,8 @@ BASE = ["--model", "STDiT-debug", "--frames", "4", "--height", "32", "--width", 
 
 
 @pytest.mark.parametrize("extra", [["--cached-latents", "--vae-downsample", "1"],
-                                   ["--vae-downsample", "1", "--grad-ckpt"]])
+                                   ["--vae-downsample", "1", "--grad-ckpt-blocks", "1"],
+                                   ["--cached-latents", "--vae-downsample", "1", "--engine", "fsdp"]])
 def test_benchmark_record(tmp_path, extra, capsys):
     out = tmp_path / "b.json"
     assert benchmark.main(BASE + extra + ["--out", str(out)]) == 0
@@ -30,6 +31,7 @@ def test_benchmark_record(tmp_path, extra, capsys):
         assert r["time_shares"] == {}
     else:
         assert sum(r["time_shares"].values()) == pytest.approx(1.0) and r["grad_ckpt"]
+        assert (r["grad_ckpt_blocks"], r["depth"]) == (1, 2)
     assert "samples/s/device" in capsys.readouterr().out
 
 

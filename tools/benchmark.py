@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="parallel engine (as in training); 'none' = the bare model, one process")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--grad-ckpt-blocks", type=int, default=None, metavar="N",
+                   help="selective checkpointing: only the first N blocks (implies --grad-ckpt)")
     p.add_argument("--cached-latents", action="store_true", help="feed latents + text embeddings (no VAE / T5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -82,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON file for the result")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set depth=4")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.grad_ckpt = args.grad_ckpt or args.grad_ckpt_blocks is not None
+    return args
 
 
 def _dist_setup(engine: str):
@@ -178,7 +182,7 @@ def run(args) -> dict:
     opt_kwargs = dict(lr=1e-4, weight_decay=0.0, fused=on_cuda)
     if args.engine == "none":
         if args.grad_ckpt:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(True, args.grad_ckpt_blocks)
         if args.compile:
             for block in model.blocks:
                 block.compile()
@@ -188,14 +192,13 @@ def run(args) -> dict:
         opt_step = optimizer.step
         zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     else:
-        from opensora.distributed import ParallelConfig, build_engine, parallelize
+        from opensora.distributed import ParallelConfig, build_engine
 
-        pcfg = ParallelConfig(engine=args.engine, grad_ckpt=args.grad_ckpt, compile=args.compile,
-                              param_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
-        model = parallelize(model, pcfg, info)
+        pcfg = ParallelConfig(engine=args.engine, grad_ckpt=args.grad_ckpt, grad_ckpt_blocks=args.grad_ckpt_blocks,
+                              compile=args.compile, param_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
         optimizer = optimizer_cls(model.parameters(), **opt_kwargs)
         engine = build_engine(pcfg, info)
-        model, optimizer = engine.prepare(model, optimizer)
+        model, optimizer = engine.prepare(model, optimizer)  # parallelize() + the engine's wrapping, as in training
         backward, opt_step = engine.backward, engine.optimizer_step
         clip = lambda: engine.clip_grad_norm(1.0)  # noqa: E731
         zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
@@ -294,6 +297,8 @@ def run(args) -> dict:
     result = dict(
         model=args.model, frames=args.frames, height=args.height, width=args.width, latent=list(latent),
         batch_per_device=B, world_size=world, engine=args.engine, compile=args.compile, grad_ckpt=args.grad_ckpt,
+        depth=cfg.depth,
+        grad_ckpt_blocks=(cfg.depth if args.grad_ckpt_blocks is None else args.grad_ckpt_blocks) if args.grad_ckpt else 0,
         cached_latents=args.cached_latents, dtype=str(dtype).replace("torch.", ""), device=gpu,
         device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu", torch=torch.__version__,
         step_s=step_s, samples_per_s_per_device=samples_per_s, tokens_per_s_per_device=samples_per_s * video_tokens(
@@ -329,7 +334,8 @@ def format_table(r: dict) -> str:
     rows = [
         ("config", f"{r['model']} {r['frames']}x{r['height']}x{r['width']} batch {r['batch_per_device']}/device "
                    f"x {r['world_size']}, {r['engine']}, {r['dtype']}"
-                   + (", compile" if r["compile"] else "") + (", grad-ckpt" if r["grad_ckpt"] else "")
+                   + (", compile" if r["compile"] else "")
+                   + (f", grad-ckpt {r['grad_ckpt_blocks']}/{r['depth']} blocks" if r["grad_ckpt"] else "")
                    + (", cached latents" if r["cached_latents"] else ", inline VAE+T5")),
         ("device", f"{r['device_name']} ({r['device']})"),
         ("step time (s)", fmt(r["step_s"])),
