@@ -172,6 +172,9 @@ def main(argv=None) -> int:
     dist.all_gather_object(results, result)
     if info.rank == 0:
         Path(args.out, "result.json").write_text(json.dumps(results))
+    # Tear down together: in one full-suite run rank 1 aborted in gloo's teardown ("terminate called without
+    # an active exception") after racing ahead of rank 0; synchronising first is the usual remedy.
+    dist.barrier()
     destroy_distributed()
     return 0
 
