@@ -88,6 +88,7 @@ def test_generate_is_guided_and_deterministic(bundle_dir):
         (lambda b, o: ["--ckpt", str(b), "--prompt", "x", "--width", "31"], "W=31 is not divisible"),
         (lambda b, o: ["--ckpt", str(b), "--prompt", "  "], "--prompt number 1 is empty"),
         (lambda b, o: ["--ckpt", str(b)], "no prompt given"),
+        (lambda b, o: ["--ckpt", str(b), "--prompt", "x", "--crf", "60"], "--crf must be in"),
         (lambda b, o: ["--ckpt", str(b), "--prompt-file", str(o / "nope.txt")], "prompt file not found"),
     ],
 )

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num_frames", "height", "width", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.crf <= 51:  # checked here, not by the writer after the first video was sampled
+        raise SystemExit(f"error: --crf must be in [0, 51], got {args.crf}")
     try:
         load_bundle_config(args.ckpt)  # cheap: a bad path fails before anything heavy loads
     except (FileNotFoundError, ValueError) as err:
