@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opensora.accounting.flops import train_flops_per_sample, video_tokens  # noqa: E402
 from opensora.accounting.gpu import detect_gpu_type, measure_matmul_tflops, peak_tflops  # noqa: E402
 from opensora.diffusion import build_scheduler  # noqa: E402
+from opensora.distributed import exit_process  # noqa: E402
 from opensora.models.stdit import STDiT, STDiT_models, stdit_config  # noqa: E402
 from opensora.utils import atomic_write_path  # noqa: E402
 
@@ -367,4 +368,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not a plain exit: see exit_process (a rare abort in torch's teardown at exit)

@@ -34,7 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opensora.config import ConfigError
-from opensora.distributed import destroy_distributed, init_distributed
+from opensora.distributed import destroy_distributed, exit_process, init_distributed
 from opensora.training import load_recipe, run_recipe
 
 
@@ -74,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # not SystemExit: see exit_process (a rare abort in torch's teardown at exit)
