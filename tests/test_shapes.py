@@ -113,6 +113,13 @@ def test_config_checks():
         ShapesConfig(out_dir="x", colours=["red", "purple"])
     with pytest.raises(ValueError, match="held_out"):
         ShapesConfig(out_dir="x", held_out=["red circle sideways"])
+    with pytest.raises(ValueError, match="cross_range"):
+        ShapesConfig(out_dir="x", cross_range=[0.6, 0.4])
+    with pytest.raises(ValueError, match="cross_range"):
+        ShapesConfig(out_dir="x", cross_range=[0.5])
+    narrow = ShapesConfig(out_dir="x", cross_range=[0.45, 0.55])
+    crosses = [s["cross"] for i in range(narrow.num_videos) for s in plan_video(i, narrow)]
+    assert min(crosses) >= 0.45 and max(crosses) <= 0.55 and max(crosses) - min(crosses) > 0.05
     with pytest.raises(ValueError, match="every training shot with colour"):
         ShapesConfig(out_dir="x", colours=["red", "blue"], shapes=["circle"], directions=["left"],
                      held_out=["red circle left"])

@@ -95,6 +95,21 @@ def test_zero_init_layers():
     assert torch.count_nonzero(m(x, t, y, mask)) == 0  # zero final layer: a fresh model predicts zeros
 
 
+def test_temporal_position_on_tokens_makes_identical_frames_differ():
+    """Open-Sora 1.0 puts the frame index only into block 0's temporal attention, whose output projection
+    starts at zero: identical input frames then give identical output frames. With
+    ``temporal_pos_on_tokens`` every token carries its frame index from the start."""
+    x, t, y, mask = inputs()
+    same = x[:, :, :1].expand_as(x).contiguous()  # every frame the same
+    for on_tokens in (False, True):
+        m = tiny_model(temporal_pos_on_tokens=on_tokens).eval()
+        torch.manual_seed(3)
+        torch.nn.init.normal_(m.final_layer.linear.weight, std=0.2)  # a fresh final layer predicts zeros
+        out = m(same, t, y, mask)
+        spread = (out - out[:, :, :1]).abs().max().item()
+        assert (spread > 1e-3) if on_tokens else (spread < 1e-6), (on_tokens, spread)
+
+
 def _grads(model, ckpt, num_blocks=None):
     model.zero_grad()
     model.enable_gradient_checkpointing(ckpt, num_blocks)

@@ -124,6 +124,10 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, manifest):
         load_recipe(recipe, ["stages.1.data.num_workerz=1"])
     with pytest.raises(ConfigError, match=r"names must be unique"):
         load_recipe(recipe, ["stages.1.name=short"])
+    with pytest.raises(ConfigError, match=r"rflow: timestep options.*'iddpm'"):
+        load_recipe(recipe, ["diffusion=iddpm", "rflow.logit_mean=1.0"])
+    with pytest.raises(ConfigError, match=r"rflow\.logit_std"):
+        load_recipe(recipe, ["diffusion=rflow", "rflow.logit_std=0"])
 
 
 def test_forecast_reads_the_recipe_files():
@@ -288,6 +292,21 @@ def test_engines_agree_in_one_process(tmp_path, manifest):
         losses[engine] = [metrics(run, "short")[s]["loss"] for s in (1, 2)]
     assert losses["ddp"] == pytest.approx(losses["fsdp"], rel=1e-5)
     assert losses["colossalai"] == pytest.approx(losses["fsdp"], rel=1e-5)
+
+
+def test_rflow_timestep_options_reach_the_trainer(tmp_path, manifest):
+    """rflow.logit_mean moves the training timesteps: same data and seed, different losses once the model moved.
+
+    Step 1 is the same for both: a fresh model (zero final layer) predicts zero velocity, and the velocity
+    target x0 - noise does not depend on t. After one update the prediction depends on x_t, so on t."""
+    losses = {}
+    for mean in (-3.0, 3.0):
+        recipe = load_recipe(write_recipe(tmp_path, manifest, steps0=3), ["diffusion=rflow", f"rflow.logit_mean={mean}"])
+        run = tmp_path / f"mean{mean}"
+        assert run_recipe(recipe, run, init_distributed(), only_stage="short") == "finished"
+        losses[mean] = [metrics(run, "short")[s]["loss"] for s in (1, 2, 3)]
+    assert losses[-3.0][0] == pytest.approx(losses[3.0][0], rel=1e-6), losses
+    assert all(abs(a - b) > 1e-4 for a, b in zip(losses[-3.0][1:], losses[3.0][1:])), losses
 
 
 # -- slow: real processes ------------------------------------------------------------------------------------------

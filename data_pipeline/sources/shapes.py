@@ -60,6 +60,9 @@ class ShapesConfig:
     size: int = 64  # frames are size x size pixels
     object_size: float = 0.38  # shape diameter as a fraction of the frame side
     margin: float = 0.06  # the shape stays this fraction of the side away from the border
+    # Where a shot's path lies across its direction of motion, as [lo, hi] fractions of the free range
+    # (drawn uniformly per shot). [0, 1]: anywhere; a narrow band near 0.5 keeps every path near the middle.
+    cross_range: list = field(default_factory=lambda: [0.0, 1.0])
     colours: list = field(default_factory=lambda: list(COLOURS))  # object colours used (names from COLOURS)
     shapes: list = field(default_factory=lambda: list(SHAPES))
     directions: list = field(default_factory=lambda: list(DIRECTIONS))
@@ -85,6 +88,8 @@ class ShapesConfig:
             raise ValueError("shapes: need 2 <= min_shot_frames <= max_shot_frames")
         if self.num_videos < 1 or self.shots_per_video < 1 or self.size < 8:
             raise ValueError("shapes: num_videos and shots_per_video must be >= 1, size >= 8")
+        if len(self.cross_range) != 2 or not 0.0 <= float(self.cross_range[0]) <= float(self.cross_range[1]) <= 1.0:
+            raise ValueError(f"shapes.cross_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(self.cross_range)}")
         if not 0 < self.object_size < 1 - 2 * self.margin:
             raise ValueError("shapes.object_size must be in (0, 1 - 2 * margin)")
         for combo in self.held_out:
@@ -176,7 +181,7 @@ def plan_video(index: int, cfg: ShapesConfig) -> list[dict]:
         length = int(rng.integers(cfg.min_shot_frames, cfg.max_shot_frames + 1))
         shots.append({"start_frame": start, "end_frame": start + length, "text": facts.text, "colour": colour,
                       "shape": shape, "direction": direction, "background": background,
-                      "cross": float(rng.uniform(0.0, 1.0))})
+                      "cross": float(rng.uniform(*map(float, cfg.cross_range)))})
         start += length
         prev_bg = background
     return shots

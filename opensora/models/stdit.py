@@ -53,6 +53,10 @@ class STDiTConfig:
     space_scale: float = 1.0  # spatial pos-embed positions are divided by this (0.5 at 256px in Open-Sora 1.0)
     time_scale: float = 1.0  # temporal pos-embed positions are divided by this
     no_temporal_pos_emb: bool = False  # drop the temporal position embedding
+    # Also add the temporal embedding to every token after the patch embedding (Latte style), so every
+    # layer sees the frame index, not only block 0's temporal attention (Open-Sora 1.0: False). The CPU demo
+    # needs it to learn caption-dependent motion within minutes (docs/demo.md).
+    temporal_pos_on_tokens: bool = False
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML lists arrive as lists
@@ -413,6 +417,8 @@ class STDiT(nn.Module):
         _, T, Hp, Wp, _ = x.shape
         pos_s, pos_t = self.pos_embeds((T, Hp, Wp), x.device, x.dtype)
         x = rearrange(x, "B T H W D -> B T (H W) D") + pos_s  # (B, T, S, D)
+        if self.config.temporal_pos_on_tokens:
+            x = x + pos_t[:, None]
         tpe = None if self.config.no_temporal_pos_emb else pos_t
 
         # 2. Timestep (adaLN-single) and caption.

@@ -125,6 +125,22 @@ class StageConfig:
 
 
 @dataclass
+class RFlowConfig:
+    """Training timesteps of rectified flow (``diffusion: rflow``): t = sigmoid(N(logit_mean, logit_std^2)).
+
+    Sampling does not depend on these, so bundles need not record them. A positive ``logit_mean`` trains
+    more often near pure noise, where the layout of a video (and so its motion) is decided.
+    """
+
+    logit_mean: float = 0.0  # SD3 / Open-Sora 1.2: 0
+    logit_std: float = 1.0
+
+    def __post_init__(self):
+        if self.logit_std <= 0:
+            raise ValueError(f"rflow.logit_std must be > 0, got {self.logit_std}")
+
+
+@dataclass
 class OptimConfig:
     """AdamW and gradient handling, shared by all stages (the learning rate is per stage)."""
 
@@ -189,6 +205,7 @@ class RecipeConfig:
     # Spatial factor of the VAE (1: identity); checked against the real VAE, and read by the cost forecast.
     vae_downsample: int = 8
     diffusion: str = "iddpm"  # training objective: "iddpm" (Open-Sora 1.0) or "rflow"; recorded in the exports
+    rflow: RFlowConfig = field(default_factory=RFlowConfig)  # timestep distribution when diffusion is rflow
     seed: int = 0  # seed of the data order, noise, timesteps and caption dropout
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, sequence parallelism, checkpointing
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -218,6 +235,8 @@ class RecipeConfig:
             )
         if self.diffusion not in SCHEDULERS:
             raise ValueError(f"diffusion must be one of {sorted(SCHEDULERS)}, got {self.diffusion!r}")
+        if self.diffusion != "rflow" and self.rflow != RFlowConfig():
+            raise ValueError(f"rflow: timestep options are set but diffusion is {self.diffusion!r} (they apply to rflow only)")
         if self.vae_downsample < 1:
             raise ValueError(f"vae_downsample must be >= 1, got {self.vae_downsample}")
 
