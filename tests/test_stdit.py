@@ -108,6 +108,8 @@ def test_temporal_position_on_tokens_makes_identical_frames_differ():
         out = m(same, t, y, mask)
         spread = (out - out[:, :, :1]).abs().max().item()
         assert (spread > 1e-3) if on_tokens else (spread < 1e-6), (on_tokens, spread)
+    with pytest.raises(ValueError, match="temporal_pos_on_tokens"):
+        stdit_config("STDiT-debug", no_temporal_pos_emb=True, temporal_pos_on_tokens=True)
 
 
 def _grads(model, ckpt, num_blocks=None):

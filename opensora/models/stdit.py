@@ -66,6 +66,8 @@ class STDiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2 or self.hidden_size % 4:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the 2D sin-cos embedding")
+        if self.no_temporal_pos_emb and self.temporal_pos_on_tokens:
+            raise ValueError("temporal_pos_on_tokens needs the temporal position embedding (no_temporal_pos_emb is set)")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 

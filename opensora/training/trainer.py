@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -102,8 +102,7 @@ class Trainer:
             model = STDiT.from_pretrained(_resolve(self.init_dir, bundle.model_dir), **stage.model_overrides)
         if stage.init.checkpoint is not None:
             load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
-        self.diffusion = build_scheduler(recipe.diffusion, **(
-            dict(logit_mean=recipe.rflow.logit_mean, logit_std=recipe.rflow.logit_std) if recipe.diffusion == "rflow" else {}))
+        self.diffusion = build_scheduler(recipe.diffusion, **(asdict(recipe.rflow) if recipe.diffusion == "rflow" else {}))
         self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
         if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
             self.vae, self.text_encoder = self._build_encoders(bundle, model)
