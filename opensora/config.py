@@ -3,6 +3,8 @@
 Merging, type checking and dotted overrides are OmegaConf structured configs; this module only adds
 error messages that name the offending key *and* the file (or the ``--set`` argument) it came from.
 YAML is read with OmegaConf (``yaml.SafeLoader``) and TOML with ``tomllib``: a config never runs code.
+Every command line's ``--set`` goes through :func:`parse_overrides` and :func:`merge`, so all of them
+take the same syntax, list entries by index included (``--set stages.1.steps=2000``).
 
 Example::
 
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 if sys.version_info >= (3, 11):
@@ -36,7 +39,8 @@ class ConfigError(ValueError):
 
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
-    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    # OmegaConf appends full_key / reference_type lines to the message; the key is named here already.
+    msg = (getattr(err, "msg", None) or str(err)).partition("\n")[0]
     return f"key '{key}': {msg}" if key else msg
 
 
@@ -63,14 +67,65 @@ def read_file(path: str | Path) -> DictConfig:
     return node
 
 
+@dataclass(frozen=True)
+class Override:
+    """One ``--set KEY=VALUE``: a dotted key (list entries by index: ``stages.1.steps``) and its value."""
+
+    key: str
+    value: Any
+
+
+def _check_indices(cfg: DictConfig, key: str) -> None:
+    """Raises ConfigError when ``key`` indexes past the end of a list (OmegaConf's own error blames the type)."""
+    node: Any = cfg
+    walked = []
+    for part in key.split("."):
+        if isinstance(node, ListConfig):
+            try:
+                index = int(part)
+            except ValueError:
+                raise ConfigError(f"key '{'.'.join(walked)}' is a list: '{part}' is not an index") from None
+            if not -len(node) <= index < len(node):
+                raise ConfigError(f"key '{'.'.join(walked + [part])}': index {index} is out of range "
+                                  f"(the list has {len(node)} entries)")
+            node = node[index]
+        elif isinstance(node, DictConfig) and part in node and not OmegaConf.is_missing(node, part):
+            node = node[part]
+        else:
+            return
+        walked.append(part)
+
+
+def _apply(cfg: DictConfig, node: Any) -> DictConfig:
+    if isinstance(node, Override):
+        # update, not merge: a dotted key's path is walked in the existing config, so an index selects a
+        # list entry (merging from_dotlist's {"stages": {"1": ...}} onto a list fails).
+        _check_indices(cfg, node.key)
+        OmegaConf.update(cfg, node.key, node.value, merge=True)
+        return cfg
+    return OmegaConf.merge(cfg, node)  # type: ignore[return-value]
+
+
 def merge(schema: type[T] | T, sources: Sequence[tuple[str, Any]]) -> T:
-    """Merges ``sources`` (pairs of (name for errors, dict/DictConfig)) onto ``schema`` and returns a dataclass."""
+    """Merges ``sources`` onto ``schema`` in order and returns the dataclass.
+
+    Args:
+        schema: a dataclass type, or an instance whose values are the defaults.
+        sources: pairs of (name for errors, dict / DictConfig / :class:`Override`); a file's name is its
+            path, an override's is its ``--set`` argument (see :func:`parse_overrides`).
+    Returns:
+        an instance of the schema's type (its ``__post_init__`` checks have run).
+    """
     cfg = OmegaConf.structured(schema)
     for name, node in sources:
         try:
-            cfg = OmegaConf.merge(cfg, node)
+            cfg = _apply(cfg, node)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from err
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from err
+        except (ValueError, TypeError) as err:  # e.g. a list index that is not a number
+            raise ConfigError(f"{name}: {err}") from err
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -80,16 +135,24 @@ def merge(schema: type[T] | T, sources: Sequence[tuple[str, Any]]) -> T:
     return obj  # type: ignore[return-value]
 
 
-def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, DictConfig]]:
-    """Turns ``["a.b=1", ...]`` into merge sources, each named by its own argument."""
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Override]]:
+    """Turns ``["a.b=1", "stages.0.steps=4", ...]`` into :func:`merge` sources, each named by its argument.
+
+    Args:
+        overrides: ``KEY=VALUE`` strings. KEY is dotted, with list entries by index; VALUE follows YAML
+            (``2e-5`` is a float, ``[1, 2]`` a list, ``null`` None).
+    """
     out = []
     for item in overrides:
-        if "=" not in item:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=2e-5")
         try:
-            out.append((f"--set {item}", OmegaConf.from_dotlist([item])))
+            parsed = OmegaConf.from_dotlist([f"value={value}"]).value
         except OmegaConfBaseException as err:
             raise ConfigError(f"--set {item}: {_describe(err)}") from err
+        out.append((f"--set {item}", Override(key, parsed)))
     return out
 
 
@@ -99,7 +162,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     Args:
         schema: a dataclass type whose fields (with defaults) are the whole config.
         path: optional YAML or TOML file; unknown or mistyped keys raise :class:`ConfigError` naming the file.
-        overrides: dotted ``key=value`` strings (``--set`` on the command line).
+        overrides: ``KEY=VALUE`` strings (``--set`` on the command line), see :func:`parse_overrides`.
     Returns:
         an instance of ``schema`` (its ``__post_init__`` checks have run).
     """

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opensora.accounting.flops import train_flops_per_sample, video_tokens  # noqa: E402
 from opensora.accounting.gpu import detect_gpu_type, measure_matmul_tflops, peak_tflops  # noqa: E402
+from opensora.config import ConfigError, merge, parse_overrides  # noqa: E402
 from opensora.diffusion import build_scheduler  # noqa: E402
 from opensora.distributed import exit_process  # noqa: E402
 from opensora.models.stdit import STDiT, STDiT_models, stdit_config  # noqa: E402
@@ -129,14 +130,6 @@ def _build_encoders(args, device, dtype, cfg):
     return vae.to(device, dtype).eval(), t5.to(device, dtype).eval()
 
 
-def _parse_value(text: str):
-    """``--set`` values are YAML scalars/lists (data, never code)."""
-    import yaml
-
-    value = yaml.safe_load(text)
-    return tuple(value) if isinstance(value, list) else value
-
-
 def _attention_backend(step_fn) -> str:
     """Which SDPA kernel the step ran, from kernel names in a one-step CUDA profile."""
     from torch.profiler import ProfilerActivity, profile
@@ -157,17 +150,13 @@ def run(args) -> dict:
     on_cuda = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[args.dtype]
-    overrides = {}
-    for kv in args.overrides:
-        if "=" not in kv:
-            raise SystemExit(f"error: --set {kv!r}: expected KEY=VALUE")
-        key, value = kv.split("=", 1)
-        overrides[key] = _parse_value(value)
+    overrides = list(args.overrides)
     if args.vae_downsample == 1 and not args.cached_latents and not args.vae:
-        overrides.setdefault("in_channels", 3)  # pixel space: the identity autoencoder passes RGB through
+        # pixel space: the identity autoencoder passes RGB through; first, so a --set in_channels=... wins
+        overrides.insert(0, "in_channels=3")
     try:
-        cfg = stdit_config(args.model, **overrides)
-    except (KeyError, TypeError) as err:
+        cfg = merge(stdit_config(args.model), parse_overrides(overrides))
+    except (KeyError, ConfigError) as err:
         raise SystemExit(f"error: --model/--set: {err}") from err
     f = args.vae_downsample
     if args.height % (f * cfg.patch_size[1]) or args.width % (f * cfg.patch_size[2]):

@@ -1,14 +1,13 @@
 """The schema of a training recipe: an ordered list of stages plus what they share.
 
 A recipe file is data (YAML/TOML) validated against :class:`RecipeConfig`; every field has one line of
-doc here and a default in one place. Load it with :func:`load_recipe`, which accepts dotted overrides that
-index into the stage list (``stages.1.steps=2000``), something plain ``opensora.config.load_config`` cannot
-merge::
+doc here and a default in one place. Load it with :func:`load_recipe` (``opensora.config.load_config`` on
+this schema), whose dotted overrides index into the stage list (``stages.1.steps=2000``)::
 
     recipe = load_recipe("configs/demo/train.yaml", ["stages.0.steps=4", "optim.grad_clip=0.5"])
 
-The fields ``vae_downsample`` and ``stages[*].{name, model, num_frames, image_size, batch_size, steps}``
-are also read by the cost forecast (``opensora.accounting.forecast.read_cost_recipe``): keep their names.
+The cost forecast (``opensora.accounting.forecast.cost_stages``) prices a loaded recipe from
+``vae_downsample`` and ``stages[*].{name, model, model_overrides, num_frames, image_size, batch_size, steps}``.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opensora.accounting import BudgetConfig
-from opensora.config import ConfigError, read_file
+from opensora.config import ConfigError, load_config
 from opensora.data.dataset import DataConfig
 from opensora.diffusion import SCHEDULERS
 from opensora.distributed import ParallelConfig
@@ -256,18 +255,6 @@ def stage_data_config(recipe: RecipeConfig, stage: StageConfig) -> DataConfig:
         raise ConfigError(f"data: {err}") from err
 
 
-def _override_value(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.0.steps=100")
-    key = item.split("=", 1)[0].strip()
-    try:
-        # from_dotlist parses the value with OmegaConf's YAML rules (2e-5 is a float, [1, 2] a list, null None).
-        node = OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"])
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"--set {item}: {err}") from err
-    return key, node.value
-
-
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
     """Loads a recipe file (YAML/TOML) onto :class:`RecipeConfig` and applies ``key=value`` overrides.
 
@@ -277,30 +264,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig
     Returns:
         the validated recipe (all ``__post_init__`` checks have run).
     """
-    cfg: DictConfig = OmegaConf.structured(RecipeConfig)
-    try:
-        cfg = OmegaConf.merge(cfg, read_file(path))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: key '{getattr(err, 'full_key', '?')}': {getattr(err, 'msg', err)}") from err
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{path}: {err}") from err
-    for item in overrides:
-        key, value = _override_value(item)
-        try:
-            OmegaConf.update(cfg, key, value, merge=True)
-        except OmegaConfBaseException as err:
-            where = getattr(err, "full_key", key)
-            raise ConfigError(f"--set {item}: key '{where}': {getattr(err, 'msg', err)}") from err
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"--set {item}: {err}") from err
-    sources = ", ".join([str(path)] + [f"--set {o}" for o in overrides])
-    try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        where = getattr(err, "full_key", "?")
-        raise ConfigError(f"key '{where}': {getattr(err, 'msg', err)} (sources: {sources})") from err
-    except (ValueError, TypeError) as err:  # a __post_init__ check
-        raise ConfigError(f"{err} (sources: {sources})") from err
+    return load_config(RecipeConfig, path, overrides)
 
 
 def stage_model_config(stage: StageConfig, init_config: STDiTConfig) -> STDiTConfig:
