@@ -3,6 +3,8 @@ budgets, and the report / forecast CLI."""
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +25,13 @@ from opensora.accounting import (
     train_flops_per_sample,
     video_tokens,
 )
-from opensora.accounting.forecast import read_cost_recipe
+from opensora.accounting.forecast import cost_stages
 from opensora.config import ConfigError
 from opensora.models import STDiT, STDiT_models, stdit_config
+from opensora.training import load_recipe
 from tools import cost
 
+ROOT = Path(__file__).resolve().parents[1]
 XL2 = STDiT_models["STDiT-XL/2"]
 
 
@@ -347,9 +351,11 @@ def test_report_cli_without_ledger(tmp_path, capsys):
     assert "no ledger.jsonl" in capsys.readouterr().err
 
 
+# A training recipe (RecipeConfig, what train/train.py takes): the forecast reads the same file and checks.
 RECIPE = """
 vae_downsample: 8
-optimizer: {lr: 2.0e-5}          # fields of the trainer's schema are ignored here
+data: {manifest: data/manifest.parquet}
+optim: {grad_clip: 0.5}
 stages:
   - name: stage1
     model: STDiT-XL/2
@@ -357,12 +363,15 @@ stages:
     image_size: [256, 256]
     batch_size: 512
     steps: 1000
+    lr: 2.0e-5
+    init: {vae: /models/sd-vae-ft-ema, text_encoder: /models/t5-v1_1-xxl}
   - name: stage2
-    model: {depth: 2, hidden_size: 64, num_heads: 4, caption_channels: 32, model_max_length: 16}
+    model: STDiT-debug
     num_frames: 8
     image_size: [64, 64]
     batch_size: 4
     steps: 50
+    lr: 1.0e-4
 """
 
 
@@ -404,8 +413,50 @@ def test_forecast_cli_errors(tmp_path, capsys):
     assert "'tpu' is not in the table" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.replace("image_size: [64, 64]", "image_size: [60, 64]"))
-    with pytest.raises(ConfigError, match=r"stages\[1\].*\(60, 64\).*downsampling"):
-        read_cost_recipe(bad)
+    with pytest.raises(ConfigError, match=r"bad\.yaml: stages\[1\] \('stage2'\).*\(60, 64\).*downsampling"):
+        cost_stages(load_recipe(bad), str(bad))
+    # The recipe's own schema and checks: a mistyped key, a missing field, a bad override name the source.
     bad.write_text(RECIPE.replace("steps: 50", "stepz: 50"))
-    with pytest.raises(ConfigError, match=r"stages\[1\]: missing key 'steps'"):
-        read_cost_recipe(bad)
+    assert cost.main(["forecast", "--config", str(bad), "--gpus", "8", "--gpu-type", "h100", "--mfu", "0.4"]) == 2
+    assert re.search(r"bad\.yaml: key 'stepz': Key 'stepz' not in 'StageConfig'", capsys.readouterr().err)
+    bad.write_text(RECIPE.replace("    steps: 50\n", ""))
+    assert cost.main(["forecast", "--config", str(bad), "--gpus", "8", "--gpu-type", "h100", "--mfu", "0.4"]) == 2
+    assert re.search(r"key .stages\[1\]\.steps.: .*missing mandatory value.*bad\.yaml", capsys.readouterr().err)
+    assert cost.main(["forecast", "--config", str(recipe), "--gpus", "8", "--gpu-type", "h100", "--mfu", "0.4",
+                      "--set", "stages.2.steps=1"]) == 2
+    assert "--set stages.2.steps=1: key 'stages.2': index 2 is out of range" in capsys.readouterr().err
+    assert cost.main(["forecast", "--opensora-v1", "--gpus", "8", "--gpu-type", "h100", "--mfu", "0.4",
+                      "--set", "stages.0.steps=1"]) == 2
+    assert "give --config" in capsys.readouterr().err
+
+
+def test_forecast_follows_recipe_overrides(tmp_path, capsys):
+    """`--set` overrides the recipe exactly as train/train.py does; the forecast prices what would be trained."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+
+    def forecast(*overrides: str) -> list[dict]:
+        sets = [a for o in overrides for a in ("--set", o)]
+        assert cost.main(["forecast", "--config", str(recipe), "--gpus", "8", "--gpu-type", "h100", "--mfu", "0.4",
+                          "--json", *sets]) == 0
+        return json.loads(capsys.readouterr().out)["stages"]
+
+    base = forecast()
+    more = forecast("stages.1.steps=500", "stages.1.batch_size=8")
+    assert more[0] == base[0]
+    assert (base[1]["samples"], more[1]["samples"]) == (200, 4000)
+    assert more[1]["gpu_hours"] == pytest.approx(20 * base[1]["gpu_hours"])
+    # model_overrides reach the FLOP count: fewer text tokens, fewer cross-attention FLOPs.
+    shorter = forecast("stages.1.model_overrides={model_max_length: 8}")
+    debug = STDiT_models["STDiT-debug"]
+    assert shorter[1]["flops_per_sample"] == pytest.approx(train_flops_per_sample(debug, (8, 8, 8), 8))
+    assert shorter[1]["flops_per_sample"] < base[1]["flops_per_sample"]
+
+
+def test_forecast_reads_the_shipped_recipes():
+    v1 = cost_stages(load_recipe(ROOT / "configs/opensora_v1/recipe.yaml"))
+    pretrain = next(s for s in v1 if s.name == "pretrain-16x256")
+    assert (pretrain.batch_size, pretrain.steps, pretrain.image_size) == (512, 80_000, (256, 256))
+    assert pretrain.model.space_scale == 0.5  # the stage's model_overrides
+    demo = cost_stages(load_recipe(ROOT / "configs/demo/train.yaml"))
+    assert [(s.num_frames, s.vae_downsample) for s in demo] == [(4, 1), (8, 1)]

@@ -7,6 +7,7 @@
     python tools/cost.py forecast --config configs/my_recipe.yaml --gpus 64 --gpu-type h800 --mfu 0.4
     python tools/cost.py forecast --config configs/my_recipe.yaml --gpus 8 --gpu-type h100 \\
         --benchmark bench.json --run-dir outputs/my_run          # actual figures beside the forecast
+    python tools/cost.py forecast --config configs/my_recipe.yaml --set stages.1.steps=40000 ...  # as train.py
 
     # Open-Sora 1.0's video-pretraining budget (2808 H800 GPU-hours, ~$7,000) at a given MFU:
     python tools/cost.py forecast --opensora-v1 --gpus 8 --gpu-type h100 --mfu 0.45
@@ -29,13 +30,14 @@ from opensora.accounting.flops import mfu as mfu_of
 from opensora.accounting.forecast import (
     OPENSORA_V1_STAGE2,
     StageForecast,
+    cost_stages,
     forecast_stage,
     opensora_v1_stage,
-    read_cost_recipe,
 )
 from opensora.accounting.gpu import GPU_SPECS
 from opensora.accounting.ledger import CostSummary, StageSummary, ledger_files, summarize
 from opensora.config import ConfigError
+from opensora.training.config import load_recipe
 
 
 def _pct(x: float | None) -> str:
@@ -122,6 +124,8 @@ def _mfu_source(args: argparse.Namespace, actual: CostSummary | None) -> tuple[f
 def cmd_forecast(args: argparse.Namespace) -> int:
     if args.config is None and not args.opensora_v1:
         raise ConfigError("give --config FILE, --opensora-v1, or both")
+    if args.config is None and args.set:
+        raise ConfigError("--set overrides the recipe: give --config FILE")
     spec = GPU_SPECS.get(args.gpu_type)
     peak = args.peak_tflops if args.peak_tflops is not None else (spec.peak_bf16_tflops if spec else None)
     price = args.price if args.price is not None else (spec.price_per_hour if spec else None)
@@ -137,7 +141,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if not 0 < mfu <= 1:
         raise ConfigError(f"MFU must be a fraction in (0, 1], got {mfu} ({mfu_from})")
 
-    stages = read_cost_recipe(args.config) if args.config is not None else []
+    stages = cost_stages(load_recipe(args.config, args.set), str(args.config)) if args.config is not None else []
     forecasts = [forecast_stage(s, args.gpus, args.gpu_type, peak, price, mfu) for s in stages]
     actual_by_stage = {r.stage: r.spend for r in actual.stages} if actual is not None else {}
 
@@ -223,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     fc = sub.add_parser("forecast", help="predicted GPU-hours and dollars of a recipe")
-    fc.add_argument("--config", type=Path, help="recipe YAML/TOML (stages with model, frames, size, batch, steps)")
+    fc.add_argument("--config", type=Path, help="training recipe YAML/TOML (what train/train.py --config takes)")
+    fc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field as train/train.py does, e.g. --set stages.1.steps=40000")
     fc.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
     fc.add_argument("--gpu-type", required=True, help=f"one of: {', '.join(GPU_SPECS)} (or any, with --peak-tflops and --price)")
     fc.add_argument("--price", type=float, help="USD per GPU-hour (default: the table's for --gpu-type)")

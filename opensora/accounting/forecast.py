@@ -2,31 +2,24 @@
 
     GPU-seconds = steps * batch_size * train_flops_per_sample / (MFU * peak FLOP/s per GPU)
 
-The recipe schema belongs to the trainer; this module reads only the few fields a forecast needs
-(documented in docs/cost_accounting.md) and ignores the rest of the file, so it works on any recipe
-that has them:
-
-    vae_downsample: 8            # optional, spatial factor of the 2D VAE (latent = video / 8)
-    stages:
-      - name: stage2
-        model: STDiT-XL/2        # a name of opensora.models.STDiT_models, or a dict of STDiTConfig fields
-        num_frames: 16
-        image_size: [256, 256]   # [H, W] in pixels
-        batch_size: 512          # global samples per optimizer step
-        steps: 80000
+The recipe is the trainer's own (``opensora.training.load_recipe``: the same file, checks and ``--set``
+overrides as ``train/train.py``); :func:`cost_stages` takes from it what decides the cost: ``vae_downsample``
+and each stage's ``name``, ``model`` + ``model_overrides``, ``num_frames``, ``image_size``, ``batch_size``
+and ``steps``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from typing import TYPE_CHECKING
 
 from opensora.accounting.flops import latent_size_of, train_flops_per_sample
-from opensora.config import ConfigError, read_file
+from opensora.config import ConfigError
 from opensora.models.stdit import STDiT_models, STDiTConfig
+
+if TYPE_CHECKING:  # opensora.training imports this package (budgets), so only for the annotation
+    from opensora.training.config import RecipeConfig
 
 
 @dataclass
@@ -35,7 +28,7 @@ class CostStage:
 
     name: str
     model: STDiTConfig
-    model_name: str  # the size name, or "custom" for a dict of fields
+    model_name: str  # the named size (opensora.models.STDiT_models)
     num_frames: int
     image_size: tuple[int, int]  # (H, W) pixels
     batch_size: int  # global samples per step
@@ -55,66 +48,27 @@ class CostStage:
         return train_flops_per_sample(self.model, self.latent_size, self.model.model_max_length)
 
 
-def _model_of(value, where: str) -> tuple[STDiTConfig, str]:
-    if isinstance(value, str):
-        if value not in STDiT_models:
-            raise ConfigError(f"{where}: unknown model {value!r}; known: {', '.join(STDiT_models)}")
-        return STDiT_models[value], value
-    if isinstance(value, DictConfig):
-        fields = OmegaConf.to_container(value, resolve=True)
-        known = {f.name for f in dataclasses.fields(STDiTConfig)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown STDiT fields {unknown}; known: {sorted(known)}")
-        try:
-            return STDiTConfig(**fields), "custom"
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: {err}") from err
-    raise ConfigError(f"{where}: expected a model name or a mapping of STDiTConfig fields, got {value!r}")
-
-
-def _int(node: DictConfig, key: str, where: str, minimum: int = 1) -> int:
-    if key not in node:
-        raise ConfigError(f"{where}: missing key '{key}'")
-    value = node[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}.{key}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def read_cost_recipe(path: str | Path) -> list[CostStage]:
-    """The stages of a recipe file (YAML/TOML), with only the fields a forecast needs.
+def cost_stages(recipe: RecipeConfig, source: str = "recipe") -> list[CostStage]:
+    """The stages of a loaded recipe, with what decides their cost.
 
     Args:
-        path: recipe file; errors name the file and the key (``stages[1].image_size``).
+        recipe: from ``opensora.training.load_recipe`` (already validated).
+        source: names the recipe in errors (its file).
+    Returns:
+        one :class:`CostStage` per stage, in order. The model is the stage's named size with its
+        ``model_overrides`` (the encoders' widths of the init bundle are not known before the run).
     """
-    node = read_file(path)
-    vae_downsample = _int(node, "vae_downsample", str(path)) if "vae_downsample" in node else 8
-    stages = node["stages"] if "stages" in node else None
-    if not isinstance(stages, ListConfig) or len(stages) == 0:
-        raise ConfigError(f"{path}: expected a non-empty list 'stages'")
     out = []
-    for i, st in enumerate(stages):
-        where = f"{path}: stages[{i}]"
-        if not isinstance(st, DictConfig):
-            raise ConfigError(f"{where}: expected a mapping, got {st!r}")
-        for key in ("name", "model", "image_size"):
-            if key not in st:
-                raise ConfigError(f"{where}: missing key '{key}'")
-        size = st["image_size"]
-        if not isinstance(size, ListConfig) or len(size) != 2 or not all(isinstance(v, int) for v in size):
-            raise ConfigError(f"{where}.image_size: expected [H, W] in pixels, got {size!r}")
-        model, model_name = _model_of(st["model"], f"{where}.model")
+    for i, st in enumerate(recipe.stages):
         stage = CostStage(
-            name=str(st["name"]), model=model, model_name=model_name,
-            num_frames=_int(st, "num_frames", where), image_size=(int(size[0]), int(size[1])),
-            batch_size=_int(st, "batch_size", where), steps=_int(st, "steps", where, minimum=0),
-            vae_downsample=vae_downsample,
+            name=st.name, model=dataclasses.replace(STDiT_models[st.model], **st.model_overrides),
+            model_name=st.model, num_frames=st.num_frames, image_size=(int(st.image_size[0]), int(st.image_size[1])),
+            batch_size=st.batch_size, steps=st.steps, vae_downsample=recipe.vae_downsample,
         )
         try:
             stage.flops_per_sample  # the patch and VAE factors must divide the size
         except ValueError as err:
-            raise ConfigError(f"{where}: {err}") from err
+            raise ConfigError(f"{source}: stages[{i}] ('{st.name}'): {err}") from err
         out.append(stage)
     return out
 
@@ -160,7 +114,7 @@ def forecast_stage(
     """Predicted GPU-hours, wall hours and dollars of one recipe stage.
 
     Args:
-        stage: from :func:`read_cost_recipe`.
+        stage: from :func:`cost_stages`.
         gpus: GPUs of the job.
         gpu_type: canonical GPU type (for the record).
         peak_tflops: dense bf16 peak per GPU.
