@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages listed in a pipeline config")
     run.add_argument("--config", required=True, help="YAML/TOML file matching PipelineConfig")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. split.crf=20")
-    for name, (_, _, _, schema) in STAGES.items():
+    for name, spec in STAGES.items():
+        schema = spec.schema
         stage = sub.add_parser(name, help=f"run the {name} stage alone",
                                description=schema.__doc__)
         stage.add_argument("--input", required=True, help="manifest (.parquet/.csv), folder of videos or .txt URL list")
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(PipelineConfig, args.config, args.set)
             run_pipeline(cfg)
             return 0
-        schema = STAGES[args.command][3]
+        schema = STAGES[args.command].schema
         given = vars(args)
         runner_keys = {f.name for f in dataclasses.fields(RunnerConfig)}
         stage_keys = {f.name for f in dataclasses.fields(schema)}

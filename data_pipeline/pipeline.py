@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pandas as pd
 
+from data_pipeline.caption import caption_batch, caption_row
 from data_pipeline.config import (
     CaptionConfig, DownloadConfig, FilterConfig, PipelineConfig, ProbeConfig, RunnerConfig, SplitConfig,
 )
+from data_pipeline.download import download
+from data_pipeline.filter import filter_clip
+from data_pipeline.probe import probe
 from data_pipeline.runner import Stage, Summary, run_stage
 from data_pipeline.sources import resolve_input
+from data_pipeline.split import split
 from opensora.data.manifest import read_manifest, usable_mask, write_manifest
 
-# name -> (module, row function, batch function or None, config class). Modules import lazily: caption
-# pulls in torch/transformers, which the CPU stages do not need.
-STAGES: dict[str, tuple[str, str, str | None, type]] = {
-    "download": ("data_pipeline.download", "download", None, DownloadConfig),
-    "probe": ("data_pipeline.probe", "probe", None, ProbeConfig),
-    "split": ("data_pipeline.split", "split", None, SplitConfig),
-    "filter": ("data_pipeline.filter", "filter_clip", None, FilterConfig),
-    "caption": ("data_pipeline.caption", "caption_row", "caption_batch", CaptionConfig),
+
+class StageSpec(NamedTuple):
+    """What a stage name stands for; the functions are module-level, so they pickle by reference."""
+
+    fn: Callable[..., list]  # row function, ``fn(row, cfg)``
+    batch_fn: Callable[..., list] | None  # batch function, or None (see runner.Stage)
+    schema: type  # the stage's config dataclass
+
+
+# The functions themselves, not their names: a renamed function is an import error here, not a failure at
+# run time. caption imports torch/transformers inside its functions, so the CPU stages do not load them.
+STAGES: dict[str, StageSpec] = {
+    "download": StageSpec(download, None, DownloadConfig),
+    "probe": StageSpec(probe, None, ProbeConfig),
+    "split": StageSpec(split, None, SplitConfig),
+    "filter": StageSpec(filter_clip, None, FilterConfig),
+    "caption": StageSpec(caption_row, caption_batch, CaptionConfig),
 }
 MEDIA_DIRS = {"download": "videos", "split": "clips"}
 
@@ -37,13 +51,11 @@ def make_stage(name: str, cfg, output: str | Path) -> Stage:
         cfg: that stage's config dataclass.
         output: the stage's output manifest (locates default media folders).
     """
-    module_name, fn_name, batch_name, _ = STAGES[name]
+    spec = STAGES[name]
     if name in MEDIA_DIRS:
         out_dir = cfg.out_dir or str(Path(output).resolve().parent / MEDIA_DIRS[name])
         cfg = dataclasses.replace(cfg, out_dir=str(Path(out_dir).resolve()))
-    module = importlib.import_module(module_name)
-    return Stage(name=name, fn=getattr(module, fn_name), cfg=cfg,
-                 batch_fn=getattr(module, batch_name) if batch_name else None)
+    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn)
 
 
 def dist_env() -> tuple[int, int]:
