@@ -49,6 +49,13 @@ def test_override_errors_name_the_key_and_the_argument(override, message):
         load_config(Doc, overrides=[override])
 
 
+def test_toml_is_data_too(tmp_path):
+    path = tmp_path / "doc.toml"
+    path.write_text('lr = 2e-5\n[[items]]\nname = "t"\nsize = 4\n')
+    cfg = load_config(Doc, path, ["items.0.size=5"])
+    assert cfg.lr == 2e-5 and [(i.name, i.size) for i in cfg.items] == [("t", 5)]
+
+
 def test_file_errors_name_the_file(tmp_path):
     path = tmp_path / "doc.yaml"
     path.write_text("lr: fast\n")
