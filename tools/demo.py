@@ -33,7 +33,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from opensora.config import load_config, read_file, to_yaml
+from opensora.config import ConfigError, load_config, to_yaml
+from opensora.training import load_recipe
 from opensora.utils import atomic_write_path, slugify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def data_summary(manifest: Path, raw_dir: Path) -> list[str]:
 
 def stage_names(train_dir: Path) -> list[str]:
     """Stage names, in order, from the resolved recipe the trainer wrote."""
-    return [str(stage.name) for stage in read_file(train_dir / "recipe.yaml").stages]
+    return [stage.name for stage in load_recipe(train_dir / "recipe.yaml").stages]
 
 
 def train(out: Path, manifest: Path, overrides: list[str]) -> Path:
@@ -157,9 +158,8 @@ def sample(out: Path, train_dir: Path, prompts: list[str], steps: int, cfg_scale
     that was written (sample.py writes atomically, one video per prompt, each depending only on its
     prompt and the seed).
     """
-    recipe = read_file(train_dir / "recipe.yaml")
-    last = recipe.stages[-1]
-    export = train_dir / str(last.name) / "export"
+    last = load_recipe(train_dir / "recipe.yaml").stages[-1]
+    export = train_dir / last.name / "export"
     samples = out / "report" / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     missing = [(i, p) for i, p in enumerate(prompts) if not (samples / sample_name(i, p)).is_file()]
@@ -168,9 +168,9 @@ def sample(out: Path, train_dir: Path, prompts: list[str], steps: int, cfg_scale
         return samples
     staging = out / "sample_staging"
     shutil.rmtree(staging, ignore_errors=True)
-    height, width = (int(v) for v in last.image_size)
+    height, width = last.image_size
     cmd = [sys.executable, str(ROOT / "tools" / "sample.py"), "--ckpt", str(export), "--out", str(staging),
-           "--num-frames", str(int(last.num_frames)), "--height", str(height), "--width", str(width),
+           "--num-frames", str(last.num_frames), "--height", str(height), "--width", str(width),
            "--steps", str(steps), "--cfg-scale", str(cfg_scale), "--seed", str(seed), "--fps", "8"]
     for _, prompt in missing:
         cmd += ["--prompt", prompt]
@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"demo: no prompts in {args.prompts}")
     prompts = prompts[:QUICK_PROMPTS] if args.quick else prompts
     sample_steps = QUICK_SAMPLE_STEPS if args.quick else args.sample_steps
+    train_overrides = (QUICK_TRAIN if args.quick else []) + args.train_set
+    try:  # train.py's loader and messages, before the data step spends minutes
+        load_recipe(DEMO_CONFIGS / "train.yaml", train_overrides)
+    except ConfigError as err:
+        raise SystemExit(f"demo: --train-set: {err}") from err
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["data (generate + pipeline)"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    train_dir = train(out, manifest, (QUICK_TRAIN if args.quick else []) + args.train_set)
+    train_dir = train(out, manifest, train_overrides)
     timings["train (2 stages)"] = time.perf_counter() - t
 
     t = time.perf_counter()
