@@ -51,7 +51,29 @@ METADATA_FILE = ".metadata"  # DCP writes it last, from the coordinator, after e
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner, but non-tensor values are unpickled with ``weights_only=True``."""
+    """DCP's default planner, but non-tensor values are unpickled with ``weights_only=True``; and, unless the
+    load is partial, every entry the checkpoint holds under the app state's top-level keys must have a place
+    in the template.
+
+    DCP reads only the keys of the template it is given and says nothing of the rest, so a template that
+    misses entries (e.g. the optimizer state of a fresh optimizer that creates its state lazily) would
+    resume with that state silently lost.
+    """
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        if self.allow_partial_load or metadata is None:
+            return
+        roots = {key.split(".", 1)[0] for key in self.state_dict}
+        missing = sorted(fqn for fqn in metadata.state_dict_metadata
+                         if fqn.split(".", 1)[0] in roots and fqn not in self.state_dict)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{len(missing)} checkpoint entries have no place in the state being restored, so they would "
+                f"not be loaded: {shown}. The state built for the resume does not match the one saved "
+                "(e.g. an optimizer whose state was never initialised)"
+            )
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)

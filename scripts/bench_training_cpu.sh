@@ -16,7 +16,7 @@ run() {  # name, then benchmark arguments
 }
 run debug-8x16x16-fsdp --model STDiT-debug --frames 8 --height 16 --width 16 --batch 8 --vae-downsample 1 \
     --engine fsdp --steps 30 --warmup 5
-S2="--model STDiT-S/2 --frames 16 --height 128 --width 128 --batch 2 --engine none --steps 5 --warmup 2"
+S2="--model STDiT-S/2 --frames 16 --height 128 --width 128 --batch 2 --engine ddp --steps 5 --warmup 2"
 run s2-16x128x128-plain    $S2
 run s2-16x128x128-ckpt-all $S2 --grad-ckpt
 run s2-16x128x128-ckpt-6   $S2 --grad-ckpt-blocks 6

@@ -15,10 +15,10 @@ run() {  # name, then benchmark arguments
   $PY tools/benchmark.py "$@" --out "$OUT/$name.json" || echo "!! $name failed (exit $?)"
 }
 # 16x256x256
-run 256-fp32-eager-inline      $XL --height 256 --width 256 --batch 4 --engine none --dtype fp32
-run 256-bf16-eager-inline      $XL --height 256 --width 256 --batch 8 --engine none
-run 256-bf16-eager-cached      $XL --height 256 --width 256 --batch 8 --engine none --cached-latents
-run 256-bf16-compile-cached    $XL --height 256 --width 256 --batch 8 --engine none --cached-latents --compile
+run 256-fp32-eager-inline      $XL --height 256 --width 256 --batch 4 --engine ddp --dtype fp32
+run 256-bf16-eager-inline      $XL --height 256 --width 256 --batch 8 --engine ddp
+run 256-bf16-eager-cached      $XL --height 256 --width 256 --batch 8 --engine ddp --cached-latents
+run 256-bf16-compile-cached    $XL --height 256 --width 256 --batch 8 --engine ddp --cached-latents --compile
 run 256-fsdp-compile-cached    $XL --height 256 --width 256 --batch 8 --engine fsdp --cached-latents --compile
 run 256-fsdp-compile-cached-b16 $XL --height 256 --width 256 --batch 16 --engine fsdp --cached-latents --compile
 run 256-fsdp-compile-ckpt-b32  $XL --height 256 --width 256 --batch 32 --engine fsdp --cached-latents --compile --grad-ckpt

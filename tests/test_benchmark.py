@@ -9,7 +9,7 @@ from opensora.models.stdit import stdit_config
 from tools import benchmark
 
 BASE = ["--model", "STDiT-debug", "--frames", "4", "--height", "32", "--width", "32", "--batch", "2",
-        "--steps", "2", "--warmup", "1", "--engine", "none"]
+        "--steps", "2", "--warmup", "1", "--engine", "ddp"]
 
 
 @pytest.mark.parametrize("extra", [["--cached-latents", "--vae-downsample", "1"],

@@ -123,6 +123,45 @@ def test_load_errors_name_the_checkpoint(tmp_path):
         CheckpointManager(tmp_path, keep=0)
 
 
+def _lazy_optimizer_state(opt):
+    """An optimizer Stateful as ZeRO's was: torch's raw state_dict, whose state is empty until the first step."""
+    return FnState(opt.state_dict, opt.load_state_dict)
+
+
+def test_resume_refuses_a_template_that_misses_saved_entries(tmp_path):
+    """A fresh optimizer that creates its state lazily offers DCP a template without exp_avg / exp_avg_sq / step:
+    DCP would load nothing into it and say nothing. The manager must fail, naming the entries."""
+    model, opt = trained(0)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": ModelState(model), "optimizer": _lazy_optimizer_state(opt)})
+    fresh = tiny_model(1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    with pytest.raises(RuntimeError, match=r"entries have no place.*optimizer\.state\.0\.exp_avg"):
+        mgr.load({"model": ModelState(fresh), "optimizer": _lazy_optimizer_state(fresh_opt)})
+
+
+def test_init_optimizer_state_makes_the_template_complete(tmp_path):
+    """What the ZeRO engine does before building its template: state exists, the weights did not move, and the
+    resume restores the saved moments exactly."""
+    from opensora.distributed.engines import init_optimizer_state
+
+    model, opt = trained(0)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": ModelState(model), "optimizer": _lazy_optimizer_state(opt)})
+    fresh = tiny_model(1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, weight_decay=0.1)
+    init_optimizer_state(fresh_opt)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()), "lr 0: nothing moved"
+    assert len(fresh_opt.state) == len(list(fresh.parameters())) and fresh_opt.param_groups[0]["lr"] == 1e-2
+    mgr.load({"model": ModelState(fresh), "optimizer": _lazy_optimizer_state(fresh_opt)})
+    saved, loaded = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for i in saved:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved[i][key], loaded[i][key]), (i, key)
+
+
 def test_export_bundle_round_trip(tmp_path):
     from opensora.pipeline import load_bundle, load_bundle_config
     from tools import init_checkpoint

@@ -384,3 +384,47 @@ def test_torchrun_two_processes_fsdp(tmp_path, manifest):
     assert sorted(metrics(run, "short")) == [1, 2]
     bundle = load_bundle(run / "long" / "export", device="cpu")
     assert all(torch.isfinite(v).all() for v in bundle.model.state_dict().values())
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_reduces_once_per_step_on_the_trainers_path(tmp_path, manifest):
+    """Trainer.train_step on 2 ranks, 2 micro-steps each, on every engine: the backward of the first micro-step
+    starts no gradient reduction, the last one does (counted at the collectives, not read from a flag)."""
+    recipe = write_recipe(tmp_path, manifest, steps0=2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_workers" / "engine_worker.py"), "trainer-sync", "--recipe", str(recipe),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in json.loads((out / "result.json").read_text()):
+        for engine, r in rank.items():
+            assert r["accum"] == 2, engine
+            per_step = [r["per_micro"][i:i + 2] for i in (0, 2)]
+            assert all(first == 0 and last > 0 for first, last in per_step), (engine, r["per_micro"])
+
+
+def test_benchmark_times_the_trainers_step(tmp_path, manifest):
+    """tools/benchmark.py's step and the trainer's give the same loss for the same weights, inputs and seed."""
+    from tools import benchmark
+    from opensora.distributed import destroy_distributed
+    from opensora.training import Trainer
+    from opensora.training.recipe import init_dir_of
+
+    recipe = load_recipe(write_recipe(tmp_path, manifest), ["parallel.engine=ddp"])
+    stage, info = recipe.stages[0], init_distributed()
+    try:
+        trainer = Trainer(recipe, stage, tmp_path / "run", init_dir_of(recipe, 0, tmp_path / "run", info), info)
+        batch, _ = trainer._next_batch()
+        x, y, mask = trainer.steps.encode(batch, torch.Generator().manual_seed(0))
+        model = STDiT.from_pretrained(trainer.init_dir / "model")  # the weights the trainer starts from
+        trainer_loss = trainer.forward_backward_step(batch, 0)
+
+        args = benchmark.parse_args(["--model", "STDiT-debug", "--engine", "ddp", "--cached-latents", "--batch",
+                                     str(x.shape[0]), "--seed", str(recipe.seed), "--vae-downsample", "1"])
+        steps, _, _ = benchmark.build_step(args, info, model.config, torch.float32, model=model)
+        bench_loss = steps.forward_backward(dict(latent=x, y=y, mask=mask), 0, 0)
+        trainer.close()
+    finally:
+        destroy_distributed()
+    assert float(bench_loss) == float(trainer_loss)

@@ -1,13 +1,16 @@
 """Training-step throughput and MFU of an STDiT: samples/s, tokens/s, TFLOP/s, MFU, peak memory, time shares.
 
-Runs the real training step (diffusion loss → backward → grad clip → AdamW) through the same engines as
-``train/train.py``, on synthetic inputs of the requested shape, and writes one JSON record::
+Times the trainer's own step — ``opensora.training.step.TrainStep`` (seeded noise and timesteps, the engine's
+gradient sync and autocast, diffusion loss, backward, clip + AdamW through the engine), then the fp32 EMA
+update — on synthetic inputs of the requested shape, and writes one JSON record::
 
     python tools/benchmark.py --model STDiT-XL/2 --frames 16 --height 256 --width 256 --batch 8 \
         --engine fsdp --compile --cached-latents --steps 20 --out runs/bench/xl2-256.json
     torchrun --nproc_per_node 8 tools/benchmark.py ... --engine fsdp     # per-GPU figures, N ranks
     python tools/benchmark.py --model STDiT-debug --frames 4 --height 32 --width 32 --batch 2 --engine ddp \
         --steps 3 --out bench.json                                         # CPU smoke run
+
+Without torchrun the engine runs on a world of one (DDP of one process is the closest to a bare model).
 
 How it measures (so the numbers compare with Open-Sora's and torchtitan's):
 - Model FLOPs per sample = 3 × forward FLOPs (``opensora.accounting.flops``; recomputation from activation
@@ -33,7 +36,6 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -67,8 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="samples per device per step")
-    p.add_argument("--engine", default="fsdp", choices=["fsdp", "ddp", "colossalai", "none"],
-                   help="parallel engine (as in training); 'none' = the bare model, one process")
+    p.add_argument("--engine", default="fsdp", choices=["fsdp", "ddp", "colossalai"],
+                   help="parallel engine, as in training (world of one without torchrun)")
+    p.add_argument("--diffusion", default="iddpm", choices=["iddpm", "rflow"], help="training objective")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, inputs and the step's noise")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--grad-ckpt-blocks", type=int, default=None, metavar="N",
@@ -91,25 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _dist_setup(engine: str):
-    """(rank, world, device) from the distributed helpers; a bare single process for engine 'none'."""
-    if engine == "none":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return None, 0, 1, device
-    from opensora.distributed import init_distributed
-
-    info = init_distributed()
-    return info, info.rank, info.world_size, info.device
-
-
 def _build_encoders(args, device, dtype, cfg):
     """Inline VAE + text encoder for the non-cached mode: local weights if given, else random real-size ones.
 
     ``--vae-downsample 1`` without ``--vae`` means the pixel-space identity autoencoder (3 channels), 8 means an
     SD-VAE (4 channels): the model's ``in_channels`` must match (checked by the caller).
     """
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
+    from opensora.models.text_encoder import T5TextEncoder, _tiny_unigram_tokenizer
     from opensora.models.vae import IdentityAutoencoder, VAEConfig, VideoAutoencoderKL, build_vae
 
     if args.vae:
@@ -120,14 +114,21 @@ def _build_encoders(args, device, dtype, cfg):
         from diffusers import AutoencoderKL
 
         vae = VideoAutoencoderKL(AutoencoderKL(**SD_VAE_CONFIG))
+    L = cfg.model_max_length
     if args.text_encoder:
-        t5 = T5EncoderModel.from_pretrained(args.text_encoder, local_files_only=True)
-    elif cfg.caption_channels >= 1024:
-        t5 = T5EncoderModel(T5Config(**{**T5_XXL_CONFIG, "d_model": cfg.caption_channels}))
-    else:  # debug sizes: a tiny T5 of the model's text width
-        d = cfg.caption_channels
-        t5 = T5EncoderModel(T5Config(d_model=d, d_ff=2 * d, d_kv=d // 4, num_heads=4, num_layers=2, vocab_size=256))
-    return vae.to(device, dtype).eval(), t5.to(device, dtype).eval()
+        text_encoder = T5TextEncoder.from_pretrained(args.text_encoder, max_length=L)
+    else:
+        # Captions are padded to L tokens, so the offline tokenizer costs what T5's own would.
+        tokenizer = T5TokenizerFast(tokenizer_object=_tiny_unigram_tokenizer(), pad_token="<pad>", eos_token="</s>",
+                                    unk_token="<unk>", extra_ids=0)
+        if cfg.caption_channels >= 1024:
+            t5 = T5EncoderModel(T5Config(**{**T5_XXL_CONFIG, "d_model": cfg.caption_channels}))
+        else:  # debug sizes: a tiny T5 of the model's text width
+            d = cfg.caption_channels
+            t5 = T5EncoderModel(T5Config(d_model=d, d_ff=2 * d, d_kv=d // 4, num_heads=4, num_layers=2,
+                                         vocab_size=len(tokenizer)))
+        text_encoder = T5TextEncoder(t5, tokenizer, max_length=L)
+    return vae.to(device, dtype).eval(), text_encoder.to(device, dtype).eval()
 
 
 def _attention_backend(step_fn) -> str:
@@ -145,8 +146,70 @@ def _attention_backend(step_fn) -> str:
     return "math (no fused attention kernel found)"
 
 
+def build_step(args, info, cfg, dtype, model: STDiT | None = None):
+    """The trainer's step for the benchmark's model and engine, and one synthetic batch.
+
+    Args:
+        args: the parsed command line (engine, compile, checkpointing, diffusion, seed, sizes, encoders).
+        info: from ``init_distributed``.
+        cfg: the STDiT config.
+        dtype: compute dtype (bf16 on CUDA unless ``--dtype fp32``).
+        model: the STDiT to train (default: a new one with random weights, seeded by ``--seed`` and the rank).
+    Returns:
+        ``(TrainStep, EMA, batch)``; the batch is what the trainer's loader gives: ``latent`` + ``y`` + ``mask``
+        (``--cached-latents``) or ``video`` + ``text``.
+    """
+    from opensora.distributed import ParallelConfig, build_engine
+    from opensora.training import EMA, EMAConfig, OptimConfig, build_optimizer
+    from opensora.training.step import TrainStep
+
+    device = info.device
+    if model is None:
+        torch.manual_seed(args.seed + info.rank)
+        model = STDiT(cfg)
+    model.to(device).train()
+    # Parameters stay fp32 (master weights, optimizer state, adaLN tables); the engine decides how bf16 is
+    # computed (FSDP2: its param policy; DDP: autocast; ZeRO: bf16 working copies), as in training.
+    pcfg = ParallelConfig(engine=args.engine, grad_ckpt=args.grad_ckpt, grad_ckpt_blocks=args.grad_ckpt_blocks,
+                          compile=args.compile, param_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    engine = build_engine(pcfg, info)
+    engine.prepare(model, build_optimizer(model, OptimConfig(), 1e-4, device))
+    ema_cfg = EMAConfig()
+    ema = EMA(engine.unwrap(), ema_cfg.decay, ema_cfg.warmup)
+
+    B, L = args.batch, cfg.model_max_length
+    f = args.vae_downsample
+    latent = (args.frames, args.height // f, args.width // f)
+    gen = torch.Generator(device=device).manual_seed(args.seed + info.rank)
+    vae = text_encoder = None
+    if args.cached_latents:
+        batch = dict(latent=torch.randn(B, cfg.in_channels, *latent, device=device, generator=gen),
+                     y=torch.randn(B, 1, L, cfg.caption_channels, device=device, generator=gen),
+                     mask=torch.ones(B, L, dtype=torch.long, device=device))
+    else:
+        video = torch.rand(B, 3, args.frames, args.height, args.width, device=device, generator=gen) * 2 - 1
+        batch = dict(video=video, text=["a red circle moving left on a blue background"] * B)
+        vae, text_encoder = _build_encoders(args, device, dtype, cfg)
+        if vae.out_channels != cfg.in_channels:
+            raise SystemExit(f"error: the VAE makes {vae.out_channels}-channel latents, the model takes "
+                             f"{cfg.in_channels} (use --set in_channels=...)")
+    steps = TrainStep(engine, build_scheduler(args.diffusion), vae=vae, text_encoder=text_encoder, accum=1,
+                      seed=args.seed, dp_rank=info.rank, grad_clip=OptimConfig().grad_clip)
+    return steps, ema, batch
+
+
 def run(args) -> dict:
-    info, rank, world, device = _dist_setup(args.engine)
+    from opensora.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed()
+    try:
+        return _run(args, info)
+    finally:
+        destroy_distributed()
+
+
+def _run(args, info) -> dict:
+    rank, world, device = info.rank, info.world_size, info.device
     on_cuda = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[args.dtype]
@@ -162,82 +225,23 @@ def run(args) -> dict:
     if args.height % (f * cfg.patch_size[1]) or args.width % (f * cfg.patch_size[2]):
         raise SystemExit(f"error: {args.height}x{args.width} is not divisible by VAE x patch = {f * cfg.patch_size[1]}")
     latent = (args.frames, args.height // f, args.width // f)
-    torch.manual_seed(rank)
-
-    # Parameters stay fp32 (master weights, optimizer state, adaLN tables); compute runs under bf16 autocast —
-    # or, with FSDP2, in the engine's bf16 param / fp32 reduce policy.
-    model = STDiT(cfg).to(device)
-    model.train()
-    optimizer_cls = torch.optim.AdamW
-    opt_kwargs = dict(lr=1e-4, weight_decay=0.0, fused=on_cuda)
-    if args.engine == "none":
-        if args.grad_ckpt:
-            model.enable_gradient_checkpointing(True, args.grad_ckpt_blocks)
-        if args.compile:
-            for block in model.blocks:
-                block.compile()
-        optimizer = optimizer_cls(model.parameters(), **opt_kwargs)
-        backward = lambda loss: loss.backward()  # noqa: E731
-        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
-        opt_step = optimizer.step
-        zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
-    else:
-        from opensora.distributed import ParallelConfig, build_engine
-
-        pcfg = ParallelConfig(engine=args.engine, grad_ckpt=args.grad_ckpt, grad_ckpt_blocks=args.grad_ckpt_blocks,
-                              compile=args.compile, param_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
-        optimizer = optimizer_cls(model.parameters(), **opt_kwargs)
-        engine = build_engine(pcfg, info)
-        model, optimizer = engine.prepare(model, optimizer)  # parallelize() + the engine's wrapping, as in training
-        backward, opt_step = engine.backward, engine.optimizer_step
-        clip = lambda: engine.clip_grad_norm(1.0)  # noqa: E731
-        zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
-
-    diffusion = build_scheduler("iddpm")
+    steps, ema, batch = build_step(args, info, cfg, dtype)
     B, L = args.batch, cfg.model_max_length
-    gen = torch.Generator(device=device).manual_seed(rank)
-    if args.cached_latents:
-        x0 = torch.randn(B, cfg.in_channels, *latent, device=device, generator=gen)
-        y = torch.randn(B, 1, L, cfg.caption_channels, device=device, generator=gen)
-        encoders = None
-    else:
-        video = torch.rand(B, 3, args.frames, args.height, args.width, device=device, generator=gen) * 2 - 1
-        tokens = torch.randint(0, 100, (B, L), device=device, generator=gen)
-        encoders = _build_encoders(args, device, dtype, cfg)
-        if encoders[0].out_channels != cfg.in_channels:
-            raise SystemExit(f"error: the VAE makes {encoders[0].out_channels}-channel latents, the model takes "
-                             f"{cfg.in_channels} (use --set in_channels=...)")
-    mask = torch.ones(B, L, dtype=torch.long, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and dtype == torch.bfloat16 else nullcontext()
 
-    def encode():
-        vae, t5 = encoders
-        with torch.no_grad(), autocast:
-            lat = vae.encode(video.to(dtype))
-            emb = t5(input_ids=tokens, attention_mask=mask).last_hidden_state[:, None]
-        return lat.float(), emb.float()
-
-    def dit_step(lat, emb):
-        with autocast:
-            loss = diffusion.training_losses(model, lat, dict(y=emb, mask=mask), generator=gen)["loss"].mean()
-        backward(loss)
-        clip()
-        opt_step()
-        zero()
-        return loss.detach()
-
-    def step():
-        lat, emb = (x0, y) if encoders is None else encode()
-        return dit_step(lat, emb)
+    def step(i: int) -> torch.Tensor:  # what Trainer.train_step does for one micro-batch, minus the bookkeeping
+        loss = steps.forward_backward(batch, i, 0)
+        steps.optimizer_step()
+        ema.update(i + 1)
+        return loss
 
     def sync():
         if on_cuda:
             torch.cuda.synchronize(device)
-        if info is not None and world > 1:
+        if world > 1:
             torch.distributed.barrier()
 
-    for _ in range(args.warmup):
-        step()
+    for i in range(args.warmup):
+        step(i)
     sync()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -246,8 +250,8 @@ def run(args) -> dict:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        losses.append(step())
+    for i in range(args.warmup, args.warmup + args.steps):
+        losses.append(step(i))
     if on_cuda:
         end.record()
     sync()
@@ -257,16 +261,19 @@ def run(args) -> dict:
 
     # Shares of the encoders, measured in a separate pass with a sync around each phase.
     shares = {}
-    if encoders is not None:
+    if "video" in batch:
         enc_s = dit_s = 0.0
-        for _ in range(max(2, args.steps // 2)):
+        gen = torch.Generator(device).manual_seed(args.seed)
+        for i in range(max(2, args.steps // 2)):
             sync()
             t = time.perf_counter()
-            lat, emb = encode()
+            x, y, mask = steps.encode(batch, gen)
             sync()
             enc_s += time.perf_counter() - t
             t = time.perf_counter()
-            dit_step(lat, emb)
+            steps.forward_backward(dict(latent=x, y=y, mask=mask), i, 0)
+            steps.optimizer_step()
+            ema.update(i + 1)
             sync()
             dit_s += time.perf_counter() - t
         shares = {"encoders (VAE + T5)": enc_s / (enc_s + dit_s), "dit step": dit_s / (enc_s + dit_s)}
@@ -296,7 +303,7 @@ def run(args) -> dict:
         peak_tflops_datasheet=peak, mfu=achieved / (peak * 1e12) if peak else None,
         matmul_peak_tflops=matmul_peak, mfu_vs_matmul_peak=achieved / (matmul_peak * 1e12) if matmul_peak else None,
         peak_memory_gib=memory_gib, time_shares=shares, mean_loss=last_loss,
-        attention_backend=_attention_backend(step) if on_cuda else "cpu (math / flash-cpu)",
+        attention_backend=_attention_backend(lambda: step(args.warmup + args.steps)) if on_cuda else "cpu (math / flash-cpu)",
         opensora_v1_h800_samples_per_s=OPENSORA_V1_SAMPLES_PER_S.get((args.frames, args.height, args.width))
         if args.model == "STDiT-XL/2" else None,
         warmup=args.warmup, steps=args.steps, time=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -307,8 +314,6 @@ def run(args) -> dict:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             with atomic_write_path(Path(args.out)) as tmp:
                 tmp.write_text(json.dumps(result, indent=2) + "\n")
-    if info is not None and world > 1:
-        torch.distributed.destroy_process_group()
     return result
 
 

@@ -4,20 +4,24 @@ The trainer only talks to an :class:`Engine`::
 
     engine = build_engine(pcfg, dist_info)
     model, optimizer = engine.prepare(model, optimizer)
+    lr_scheduler = build_lr_scheduler(engine.schedule_optimizer, ...)
     engine.set_grad_sync(last_micro_step)    # gradient accumulation; before the forward
     with engine.autocast():
         loss = ...
     engine.backward(loss)
-    grad_norm = engine.clip_grad_norm(1.0)
-    engine.optimizer_step()
+    grad_norm = engine.optimizer_step(max_norm=1.0)   # clip, update, clear the gradients
 
 and checkpoints through ``model_state_dict`` / ``optimizer_state_dict`` (sharded, for DCP) and their
 ``load_*`` counterparts. ColossalAI is imported only when that engine is built.
+
+Nothing outside this module asks which engine runs: the trainer (``opensora.training.step``) and
+``tools/benchmark.py`` run the same step through these methods.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -62,6 +66,11 @@ class Engine:
         """The STDiT itself (for its config, EMA updates, ...)."""
         return unwrap(self.model)
 
+    @property
+    def schedule_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer whose param groups' ``lr`` an LR scheduler drives."""
+        return self.optimizer
+
     def autocast(self):
         """Context for the forward pass: bf16 autocast for DDP on CUDA; FSDP2 casts through its policy."""
         if self.pcfg.engine == "ddp" and uses_mixed_precision(self.pcfg, self.dist):
@@ -82,16 +91,17 @@ class Engine:
         else:
             model.set_requires_gradient_sync(enabled)  # FSDP2
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clips all gradients to a global L2 norm of ``max_norm``; returns the norm before clipping (a tensor
-        on the device, so logging it need not synchronise every step)."""
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    def optimizer_step(self, max_norm: float = math.inf) -> torch.Tensor:
+        """Clips all gradients to a global L2 norm of ``max_norm``, applies the update and clears the gradients.
 
-    def optimizer_step(self) -> None:
-        """Applies the update and clears the gradients."""
+        Returns:
+            the gradient norm before clipping: a tensor on the device, so logging it need not synchronise
+            every step.
+        """
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     # -- state, for torch.distributed.checkpoint ----------------------------------------------------------
     def model_state_dict(self) -> dict:
@@ -115,15 +125,22 @@ class Engine:
 
 class ColossalAIEngine(Engine):
     """The ColossalAI booster: ``LowLevelZeroPlugin`` (ZeRO stage 1/2, bf16) on CUDA as Open-Sora 1.0 trained,
-    ``TorchDDPPlugin`` on CPU (gloo), so the booster path is exercised by the CPU tests."""
+    ``TorchDDPPlugin`` on CPU (gloo), so the booster path is exercised by the CPU tests.
+
+    Under ZeRO the fp32 master weights live in the optimizer (sharded) and the model holds a bf16 working copy:
+    checkpoints save the masters (gathered), never the rounded working copy, and loading sets both.
+    """
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         from colossalai.booster import Booster
         from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
 
         if self.dist.device.type == "cuda":
-            precision = self.pcfg.param_dtype
-            plugin = LowLevelZeroPlugin(stage=self.pcfg.zero_stage, precision=precision, initial_scale=1)
+            # cast_inputs=False: the booster would cast every floating input to bf16, the float timesteps of
+            # rectified flow included (700.7 -> 700, steps of 4 above 512); STDiT casts its own inputs.
+            # communication_dtype fp32: gradients are summed over ranks in fp32, as FSDP2's reduce_dtype.
+            plugin = LowLevelZeroPlugin(stage=self.pcfg.zero_stage, precision=self.pcfg.param_dtype, initial_scale=1,
+                                        cast_inputs=False, communication_dtype=DTYPES[self.pcfg.reduce_dtype])
         else:
             plugin = TorchDDPPlugin()
         self.booster = Booster(plugin=plugin)
@@ -133,6 +150,10 @@ class ColossalAIEngine(Engine):
         model = parallelize(model, self.pcfg, self.dist)
         self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
         return self.model, self.optimizer
+
+    @property
+    def schedule_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optim  # the booster's wrapper holds the torch optimizer (ZeRO: over the masters)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.booster.backward(loss, self.optimizer)
@@ -146,35 +167,40 @@ class ColossalAIEngine(Engine):
         else:
             self.model.module.require_backward_grad_sync = enabled  # TorchDDPModel.module is the DDP wrapper
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        if not self.zero:
-            return self.optimizer.clip_grad_by_norm(max_norm)
-        # LowLevelZero clips inside step() against its own threshold; it only reports the norm afterwards, so
-        # compute it here the way step() does (over the reduced, partitioned gradients of every group).
+    def optimizer_step(self, max_norm: float = math.inf) -> torch.Tensor:
         opt = self.optimizer
-        opt._clip_grad_norm = max_norm
-        norms = []
-        for group_id in range(opt.num_param_groups):
-            norm = 0.0
-            for grad_store in opt.pg_to_grad_store.values():
-                grads = grad_store.get_working_grads_by_group_id(group_id)
-                norm += opt._compute_grad_norm(dp_pg=grad_store.torch_pg, gradients=grads)
-            norms.append(norm)
-        return torch.tensor(sum(n**2 for n in norms) ** 0.5, device=self.dist.device)
+        if not self.zero:
+            norm = opt.clip_grad_by_norm(max_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return norm
+        # LowLevelZero computes the norm of its reduced, partitioned gradients inside step() (fp64, one host
+        # sync) and clips against its own threshold (0 = off): set the threshold, read the norm it computed.
+        opt._clip_grad_norm = max_norm if math.isfinite(max_norm) else 0.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return torch.tensor(float(opt._current_grad_norm), device=self.dist.device)
 
     def model_state_dict(self) -> dict:
-        if self.zero:
-            self.model._force_wait_all_gather()  # finish the async parameter all-gathers of the last step
-        return get_model_state_dict(self.unwrap())
+        if not self.zero:
+            return get_model_state_dict(self.unwrap())
+        self.model._force_wait_all_gather()  # finish the async parameter all-gathers of the last step
+        state = get_model_state_dict(self.unwrap())  # buffers (and the names of the parameters)
+        for name, full in self._gathered_masters().items():
+            state[name] = full
+        return state
 
     def load_model_state_dict(self, state_dict: dict) -> None:
-        set_model_state_dict(self.unwrap(), state_dict)
+        set_model_state_dict(self.unwrap(), state_dict)  # the working copy (rounded to bf16) and the buffers
         if self.zero:
-            self.model.update_master_params()  # copy the loaded working weights into ZeRO's fp32 shards
+            self._load_masters(state_dict)
 
     def optimizer_state_dict(self) -> dict:
         if self.zero:
-            # Gathered (unsharded) and keyed by parameter index: it loads back on any world size.
+            # LowLevelZeroOptimizer.state_dict() skips parameters that have no state yet, so the template a
+            # resume builds from a fresh optimizer would have no exp_avg / exp_avg_sq / step and DCP would load
+            # nothing into it. Gathered (unsharded) and keyed by parameter index: it loads on any world size.
+            init_optimizer_state(self.optimizer.optim)
             return self.optimizer.state_dict()
         return get_optimizer_state_dict(self.unwrap(), self.optimizer.optim)
 
@@ -185,9 +211,69 @@ class ColossalAIEngine(Engine):
             set_optimizer_state_dict(self.unwrap(), self.optimizer.optim, state_dict)
 
     def full_model_state_dict(self) -> dict:
-        if self.zero:
-            self.model._force_wait_all_gather()
-        return get_model_state_dict(self.unwrap(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.zero:
+            return get_model_state_dict(self.unwrap(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = self.model_state_dict()
+        if self.dist.rank != 0:
+            return {}
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    # -- ZeRO's fp32 masters ------------------------------------------------------------------------------
+    def _gathered_masters(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the full fp32 master weight, on every rank (all-gathers each master shard)."""
+        from colossalai.zero.low_level._utils import all_gather_into_flat_tensor_nd, get_nd_world_size
+
+        opt, out = self.optimizer, {}
+        masters = opt.get_working_to_master_map()
+        for name, p in self.unwrap().named_parameters():
+            master = masters.get(id(p))
+            if master is None:  # not trained (requires_grad=False): the working copy is all there is
+                continue
+            pg = opt.param_to_pg[p]
+            full = torch.empty(master.numel() * get_nd_world_size(pg), device=p.device, dtype=master.dtype)
+            all_gather_into_flat_tensor_nd(full, master.detach().to(p.device).flatten(), pg)
+            out[name] = full[: p.numel()].view(p.shape)  # the last shard is padded
+        return out
+
+    def _load_masters(self, state_dict: dict) -> None:
+        """Copies each loaded fp32 weight into this rank's master shard (not the bf16-rounded working copy)."""
+        from colossalai.zero.low_level._utils import get_nd_rank, get_nd_world_size
+
+        opt = self.optimizer
+        masters = opt.get_working_to_master_map()
+        with torch.no_grad():
+            for name, p in self.unwrap().named_parameters():
+                master = masters.get(id(p))
+                if master is None:
+                    continue
+                pg = opt.param_to_pg[p]
+                flat = state_dict[name].detach().to(master.device, master.dtype).flatten()
+                pad = opt.get_param_padding_size(p)
+                if pad:
+                    flat = torch.nn.functional.pad(flat, [0, pad])
+                master.copy_(flat.chunk(get_nd_world_size(pg))[get_nd_rank(pg)])
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates the per-parameter state of a fresh optimizer (AdamW: step, exp_avg, exp_avg_sq) without moving
+    its parameters: one step on zero gradients at lr 0. A no-op once the optimizer has state.
+
+    Written here rather than imported: torch's equivalent (``state_dict._init_optim_state``) is private.
+    """
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if any(p.grad is not None for p in params):
+        raise RuntimeError("init_optimizer_state needs an optimizer without pending gradients")
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
 
 
 def build_engine(pcfg: ParallelConfig, dist_info: DistInfo) -> Engine:

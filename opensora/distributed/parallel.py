@@ -8,6 +8,7 @@ compiled blocks so its all-gathers stay outside the compiled graphs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +137,11 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
         for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         # The root keeps the embedders and final layer; it need not reshard: the backward needs them at once.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        # It does not cast its inputs: FSDP2 would round the float timesteps of rectified flow to bf16
+        # (700.7 -> 700; steps of 4 above 512). STDiT casts the latents and captions to its weights' dtype
+        # itself and embeds the timestep from fp32.
+        root_mp = dataclasses.replace(mp, cast_forward_inputs=False)
+        fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
     elif pcfg.engine == "ddp":
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)

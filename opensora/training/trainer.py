@@ -6,8 +6,9 @@ What one optimizer step does:
 1. ``accum`` micro-batches, each: encode the video with the frozen VAE and the caption with the frozen text
    encoder (or take both from the latent cache), draw timesteps and noise, and back-propagate the diffusion
    loss of ``opensora.diffusion`` through the parallelized model (caption dropout for classifier-free
-   guidance happens inside the model's caption embedder while it is in training mode);
-2. clip the gradient norm, AdamW step, LR schedule step, fp32 EMA update;
+   guidance happens inside the model's caption embedder while it is in training mode) — the work of
+   ``opensora.training.step.TrainStep``, which ``tools/benchmark.py`` times;
+2. clip the gradient norm and AdamW step (through the engine), LR schedule step, fp32 EMA update;
 3. bookkeeping in Python numbers only (samples, tokens, FLOPs for the ledger); the loss and grad-norm
    tensors stay on the device until the next log step, the only place the loop synchronises.
 
@@ -20,7 +21,6 @@ ones. The data order is the sampler's (saved position); the dataset's random cro
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 import time
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from opensora.accounting import Ledger, check_budget, train_flops_per_sample
@@ -48,6 +47,7 @@ from opensora.training.config import RecipeConfig, StageConfig, stage_data_confi
 from opensora.training.ema import EMA
 from opensora.training.init import load_init_checkpoint
 from opensora.training.optim import build_lr_scheduler, build_optimizer
+from opensora.training.step import TrainStep
 
 # Ledger end reasons that stop the recipe early (the stage can be resumed later).
 EARLY_STOPS = ("sigterm", "budget", "max_steps")
@@ -58,13 +58,6 @@ class StopFlag:
     """Set asynchronously (a signal handler) to ask the trainer to checkpoint and stop."""
 
     reason: str | None = None
-
-
-def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
-    """A 63-bit seed for one micro-step of one data-parallel rank (distinct inputs give distinct seeds)."""
-    x = (seed * 1_000_003 + step) * 1_000_033 + micro
-    x = x * 1_000_037 + dp_rank
-    return x % (2**63 - 1)
 
 
 class Trainer:
@@ -127,8 +120,10 @@ class Trainer:
         self.model_fn, self.optimizer = self.engine.prepare(model, optimizer)
         self.model = self.engine.unwrap()
         self.model.train()
-        # The ColossalAI booster wraps the optimizer; the schedule drives the torch optimizer inside.
-        self.lr_scheduler = build_lr_scheduler(getattr(self.optimizer, "optim", self.optimizer), stage)
+        self.lr_scheduler = build_lr_scheduler(self.engine.schedule_optimizer, stage)
+        self.steps = TrainStep(self.engine, self.diffusion, vae=self.vae, text_encoder=self.text_encoder,
+                               accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
+                               grad_clip=recipe.optim.grad_clip)
         self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
 
         # 4. Checkpoints, cost ledger, logs.
@@ -216,45 +211,15 @@ class Trainer:
             except StopIteration:
                 self._batches = None
 
-    @torch.no_grad()
-    def encode(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents (B, C, T, h, w) fp32, text tokens (B, 1, L, Ct) and mask (B, L) of a batch, on the device."""
-        if "latent" in batch:  # from the latent cache
-            x = batch["latent"].to(self.device, non_blocking=True)
-            y, mask = batch["y"].to(self.device, non_blocking=True), batch["mask"].to(self.device, non_blocking=True)
-        else:
-            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
-            vae_dtype = next(self.vae.parameters(), video).dtype
-            x = self.vae.encode(video.to(vae_dtype), generator=generator)
-            text = self.text_encoder.encode(list(batch["text"]), device=self.device)
-            y, mask = text["y"], text["mask"]
-        return x.float(), y, mask
-
-    def forward_backward_step(self, batch: dict, micro: int, last: bool) -> torch.Tensor:
-        """Loss and backward of one micro-batch (scaled by 1/accum); returns the detached mean loss.
+    def forward_backward_step(self, batch: dict, micro: int) -> torch.Tensor:
+        """Loss and backward of one micro-batch (``opensora.training.step``); returns the detached mean loss.
 
         Args:
             batch: a collated batch (``video`` + ``text``, or cached ``latent`` + ``y`` + ``mask``).
-            micro: index of the micro-step within the optimizer step (part of the seed).
-            last: whether gradients are synchronised after this backward (the last micro-step).
+            micro: index of the micro-step within the optimizer step (part of the seed; gradients are
+                synchronised after the last one).
         """
-        seed = step_seed(self.recipe.seed, self.step, micro, self.dims.dp_rank)
-        torch.manual_seed(seed)  # caption dropout inside the model draws from the global generator
-        generator = torch.Generator(self.device).manual_seed(seed)
-        x, y, mask = self.encode(batch, generator)
-        self._set_grad_sync(last)
-        with self.engine.autocast():
-            terms = self.diffusion.training_losses(self.model_fn, x, dict(y=y, mask=mask), generator=generator)
-        loss = terms["loss"].mean()
-        self.engine.backward(loss / self.accum)
-        return loss.detach()
-
-    def _set_grad_sync(self, enabled: bool) -> None:
-        """Skips the gradient all-reduce of the micro-steps before the last (FSDP2 / DDP)."""
-        if hasattr(self.model_fn, "set_requires_gradient_sync"):  # FSDP2 module
-            self.model_fn.set_requires_gradient_sync(enabled)
-        elif isinstance(self.model_fn, DistributedDataParallel):
-            self.model_fn.require_backward_grad_sync = enabled
+        return self.steps.forward_backward(batch, self.step, micro)
 
     def train_step(self) -> dict:
         """One optimizer step over ``accum`` micro-batches; returns device tensors (no sync) and host numbers."""
@@ -262,15 +227,13 @@ class Trainer:
         for micro in range(self.accum):
             batch, waited = self._next_batch()
             wait += waited
-            losses.append(self.forward_backward_step(batch, micro, last=micro == self.accum - 1))
+            losses.append(self.forward_backward_step(batch, micro))
             n, latent = self._batch_shape(batch)
             samples += n
             tokens += n * self._tokens(latent)
             flops += n * self._flops(latent)
-        max_norm = self.recipe.optim.grad_clip or math.inf
-        grad_norm = self.engine.clip_grad_norm(max_norm)
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
-        self.engine.optimizer_step()
+        grad_norm = self.steps.optimizer_step()
         self.lr_scheduler.step()
         self.step += 1
         self.ema.update(self.step)
@@ -480,7 +443,7 @@ class Trainer:
         self._batches = None
         self._close_logs()
         self.loader = self.sampler = None
-        self.model = self.model_fn = self.optimizer = self.ema = self.vae = self.text_encoder = None
+        self.model = self.model_fn = self.optimizer = self.ema = self.vae = self.text_encoder = self.steps = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -6,6 +6,8 @@ needs no file exchange; rank 0 writes the measured differences as JSON for the t
     torchrun --standalone --nproc_per_node 2 tests/dist_workers/engine_worker.py step --engine fsdp --out DIR
     ... sp --engine ddp [--grad-ckpt] --out DIR      # Ulysses SP over 2 ranks vs one process
     ... ckpt --out DIR                               # FSDP2 step, sharded save, full reference dump
+    ... trainer-sync --recipe R --out DIR            # Trainer.train_step with accumulation, per engine: when
+                                                     # the gradients are reduced
 """
 
 from __future__ import annotations
@@ -92,8 +94,7 @@ def cmd_step(args, info) -> dict:
         if micro == 0:  # not reduced yet: DDP grads differ between ranks, FSDP2 keeps them off the shards
             grad = next(engine.unwrap().parameters()).grad
             unsynced_grad = None if grad is None else float(grad.sum())
-    norm = engine.clip_grad_norm(MAX_NORM)
-    engine.optimizer_step()
+    norm = engine.optimizer_step(MAX_NORM)
     mean_loss = torch.stack(losses).mean()
     dist.all_reduce(mean_loss)
     mean_loss /= W
@@ -158,16 +159,67 @@ def cmd_ckpt(args, info) -> dict:
     return dict(path=str(path))
 
 
+def cmd_trainer_sync(args, info) -> dict:
+    """The trainer's own step (``Trainer.train_step``, 2 micro-steps per rank) on each engine: how many gradient
+    reductions each micro-step's backward started. Counted at the collectives: FSDP2's reduce-scatter (a Python
+    call), DDP's all-reduce buckets through a communication hook (the booster's TorchDDPPlugin wraps DDP)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    from opensora.training import Trainer, load_recipe
+    from opensora.training.recipe import init_dir_of
+
+    calls = [0]
+    original = dist.reduce_scatter_single
+
+    def counting_reduce_scatter(*a, **k):
+        calls[0] += 1
+        return original(*a, **k)
+
+    def counting_hook(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(state, bucket)
+
+    dist.reduce_scatter_single = counting_reduce_scatter
+    out = {}
+    for engine in ("fsdp", "ddp", "colossalai"):
+        recipe = load_recipe(args.recipe, [f"parallel.engine={engine}", "stages.0.micro_batch_size=1"])
+        run_dir = Path(args.out) / engine
+        stage = recipe.stages[0]
+        trainer = Trainer(recipe, stage, run_dir, init_dir_of(recipe, 0, run_dir, info), info)
+        ddp = [m for m in (trainer.model_fn, getattr(trainer.model_fn, "module", None))
+               if isinstance(m, DistributedDataParallel)]
+        if ddp:
+            ddp[0].register_comm_hook(dist.group.WORLD, counting_hook)
+        per_micro = []
+        forward_backward = trainer.steps.forward_backward
+
+        def counted(batch, step, micro):
+            before = calls[0]
+            loss = forward_backward(batch, step, micro)
+            per_micro.append(calls[0] - before)
+            return loss
+
+        trainer.steps.forward_backward = counted
+        for _ in range(2):
+            trainer.train_step()
+        out[engine] = dict(accum=trainer.accum, per_micro=per_micro)
+        trainer.close()
+    dist.reduce_scatter_single = original
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["step", "sp", "ckpt"])
+    p.add_argument("mode", choices=["step", "sp", "ckpt", "trainer-sync"])
+    p.add_argument("--recipe", default=None)
     p.add_argument("--engine", default="fsdp")
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     info = init_distributed()
-    result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt}[args.mode](args, info)
+    result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt, "trainer-sync": cmd_trainer_sync}[args.mode](args, info)
     results = [None] * info.world_size
     dist.all_gather_object(results, result)
     if info.rank == 0:

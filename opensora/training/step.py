@@ -1,0 +1,90 @@
+"""The work of one optimizer step, shared by the :class:`~opensora.training.trainer.Trainer` and
+``tools/benchmark.py``, so the throughput and MFU the benchmark reports (and the cost forecast prices) come
+from the code path that trains.
+
+One micro-step: encode the batch with the frozen VAE and text encoder (or take cached latents), seed the
+generators from (recipe seed, step, micro-step, data-parallel rank), turn the engine's gradient sync on for
+the last micro-step only, compute the diffusion loss under the engine's autocast, back-propagate it scaled
+by 1/accum. Then one ``engine.optimizer_step`` (clip, update, clear). Which engine runs is the engine's
+business alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opensora.distributed import Engine
+
+
+def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
+    """A 63-bit seed for one micro-step of one data-parallel rank (distinct inputs give distinct seeds)."""
+    x = (seed * 1_000_003 + step) * 1_000_033 + micro
+    x = x * 1_000_037 + dp_rank
+    return x % (2**63 - 1)
+
+
+class TrainStep:
+    """Forward, backward and update of the parallelized STDiT, through an :class:`Engine`.
+
+    Args:
+        engine: a prepared engine (``engine.prepare`` was called).
+        diffusion: the objective (``opensora.diffusion.build_scheduler``): ``training_losses(model, x, cond, ...)``.
+        vae, text_encoder: the frozen encoders for batches of ``video`` + ``text``; None when every batch
+            carries cached ``latent`` + ``y`` + ``mask``.
+        accum: micro-steps per optimizer step (the loss is scaled by ``1/accum``).
+        seed: the recipe seed; with the step, micro-step and ``dp_rank`` it fixes every random draw.
+        dp_rank: this rank's data-parallel rank (the ranks of one sequence-parallel group share it).
+        grad_clip: global gradient-norm threshold; None or 0 = no clipping (the norm is still returned).
+    """
+
+    def __init__(self, engine: Engine, diffusion, *, vae=None, text_encoder=None, accum: int = 1, seed: int = 0,
+                 dp_rank: int = 0, grad_clip: float | None = None):
+        if accum < 1:
+            raise ValueError(f"accum must be >= 1, got {accum}")
+        self.engine, self.diffusion = engine, diffusion
+        self.vae, self.text_encoder = vae, text_encoder
+        self.accum, self.seed, self.dp_rank = accum, seed, dp_rank
+        self.max_norm = grad_clip or math.inf
+        self.device = engine.dist.device
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (B, C, T, h, w) fp32, text tokens (B, 1, L, Ct) and mask (B, L) of a batch, on the device."""
+        if "latent" in batch:  # from the latent cache
+            x = batch["latent"].to(self.device, non_blocking=True)
+            y, mask = batch["y"].to(self.device, non_blocking=True), batch["mask"].to(self.device, non_blocking=True)
+        else:
+            if self.vae is None or self.text_encoder is None:
+                raise ValueError("this batch has videos and captions but the step was built without encoders")
+            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
+            vae_dtype = next(self.vae.parameters(), video).dtype
+            x = self.vae.encode(video.to(vae_dtype), generator=generator)
+            text = self.text_encoder.encode(list(batch["text"]), device=self.device)
+            y, mask = text["y"], text["mask"]
+        return x.float(), y, mask
+
+    def forward_backward(self, batch: dict, step: int, micro: int) -> torch.Tensor:
+        """Loss and backward of one micro-batch; returns the detached mean loss (unscaled).
+
+        Args:
+            batch: a collated batch (``video`` + ``text``, or cached ``latent`` + ``y`` + ``mask``).
+            step: optimizer steps taken so far (part of the seed).
+            micro: index of the micro-step within the optimizer step; gradients are synchronised after the
+                backward of the last one (``accum - 1``) only.
+        """
+        seed = step_seed(self.seed, step, micro, self.dp_rank)
+        torch.manual_seed(seed)  # caption dropout inside the model draws from the global generator
+        generator = torch.Generator(self.device).manual_seed(seed)
+        x, y, mask = self.encode(batch, generator)
+        self.engine.set_grad_sync(micro == self.accum - 1)  # before the forward: DDP decides there
+        with self.engine.autocast():
+            terms = self.diffusion.training_losses(self.engine.model, x, dict(y=y, mask=mask), generator=generator)
+        loss = terms["loss"].mean()
+        self.engine.backward(loss / self.accum)
+        return loss.detach()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clips, updates and clears the gradients; returns the gradient norm before clipping (on the device)."""
+        return self.engine.optimizer_step(self.max_norm)
