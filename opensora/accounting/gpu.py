@@ -37,6 +37,8 @@ GPU_SPECS: dict[str, GPUSpec] = {
     for s in (
         GPUSpec("b200", 2250.0, 5.00, "NVIDIA HGX B200 datasheet, dense BF16 per GPU; price: assumed on-demand rate"),
         GPUSpec("h200", 989.0, 3.50, "NVIDIA H200 SXM datasheet (same tensor cores as H100 SXM); price: assumed"),
+        GPUSpec("h200-nvl", 835.0, 3.50, "NVIDIA H200 NVL datasheet, 1,671 BF16 with sparsity = 835 dense; price: "
+                "assumed as H200"),
         GPUSpec("h100", 989.0, 2.50, "NVIDIA H100 SXM datasheet 989.4 dense BF16; price: assumed on-demand rate"),
         GPUSpec("h100-nvl", 835.0, 2.50, "NVIDIA H100 NVL datasheet, dense BF16; price: assumed as H100"),
         GPUSpec("h100-pcie", 756.0, 2.00, "NVIDIA H100 PCIe datasheet 756 dense BF16; price: assumed"),
@@ -57,6 +59,7 @@ GPU_SPECS: dict[str, GPUSpec] = {
 # Ordered (pattern, canonical name): the first match wins, so variants come before their base name.
 _NAME_PATTERNS: list[tuple[str, str]] = [
     (r"b200", "b200"),
+    (r"h200.*nvl", "h200-nvl"),
     (r"h200", "h200"),
     (r"h100.*nvl", "h100-nvl"),
     (r"h100.*pcie", "h100-pcie"),

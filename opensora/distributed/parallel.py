@@ -144,7 +144,9 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
         fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
     elif pcfg.engine == "ddp":
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
+        # broadcast_buffers=False: STDiT's only buffer (the null caption) is fixed after init, and DDP already
+        # broadcasts it once at construction; re-sending it before every forward is wasted bandwidth.
+        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     return model
 
 
