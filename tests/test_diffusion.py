@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from opensora.diffusion import IDDPM, RFlow, build_scheduler, classifier_free_guidance, space_timesteps
-from opensora.diffusion.iddpm import _extract
+from opensora.diffusion.iddpm import _Schedule, _extract
 
 
 def _diffusers_float64(num_timesteps=1000, variance_type="fixed_small") -> DDPMScheduler:
@@ -152,4 +152,8 @@ def test_rflow_interpolation_endpoints_and_unknown_name():
     with pytest.raises(ValueError, match="unknown diffusion"):
         build_scheduler("ddim")
     t = torch.tensor([3, 7])
-    assert _extract(torch.arange(10.0, dtype=torch.float64), t, torch.zeros(2, 4, 5)).shape == (2, 1, 1)
+    schedule = _Schedule(torch.linspace(0.1, 0.5, 10, dtype=torch.float64))
+    out = _extract(schedule, "betas", t, torch.zeros(2, 4, 5))
+    assert out.shape == (2, 1, 1) and out.dtype == torch.float32
+    assert out.flatten().tolist() == pytest.approx(schedule.betas[t].tolist())
+    assert schedule.on(torch.device("cpu")) is schedule.on(torch.device("cpu")), "one copy per device, reused"

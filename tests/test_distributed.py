@@ -287,3 +287,34 @@ def test_gpu_resume_restores_optimizer_state_and_fp32_masters(tmp_path, engine, 
 
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("diffusion", ["iddpm", "rflow"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_gpu_training_step_never_blocks_the_host(diffusion, cached):
+    """The trainer's step (TrainStep, as tools/benchmark.py builds it) runs under sync debug mode "error": no
+    host-device synchronisation inside forward, backward and the update (the loss is read only at log steps)."""
+    from tools import benchmark
+
+    argv = ["--model", "STDiT-debug", "--engine", "fsdp", "--batch", "2", "--frames", "4", "--height", "32",
+            "--width", "32", "--vae-downsample", "1", "--diffusion", diffusion] + (["--cached-latents"] if cached else [])
+    args = benchmark.parse_args(argv)
+    cfg = stdit_config("STDiT-debug", **({} if cached else {"in_channels": 3}))
+    info = init_distributed()
+    try:
+        steps, ema, batch = benchmark.build_step(args, info, cfg, torch.bfloat16)
+        steps.forward_backward(batch, 0, 0)  # the first step allocates, compiles kernels, builds caches
+        steps.optimizer_step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(1, 3):
+                steps.forward_backward(batch, i, 0)
+                steps.optimizer_step()
+                ema.update(i + 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        destroy_distributed()

@@ -45,9 +45,14 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     return sorted({round(i * (num_timesteps - 1) / (num_steps - 1)) for i in range(num_steps)})
 
 
-def _extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """arr[t] broadcast to ``like``'s shape: (B,) → (B, 1, ..., 1), in ``like``'s dtype and device."""
-    out = arr.to(like.device)[t.to(like.device).long()].to(like.dtype)
+def _extract(schedule: "_Schedule", name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``schedule.name[t]`` broadcast to ``like``'s shape: (B,) → (B, 1, ..., 1), in ``like``'s dtype and device.
+
+    The coefficients come from the schedule's copy on ``like``'s device: copying a CPU table to the GPU on
+    every call (about 14 per training step) would block the host each time, so it could not queue ahead.
+    """
+    arr = schedule.on(like.device)[name]
+    out = arr[t.to(like.device, non_blocking=True).long()].to(like.dtype)
     return out.reshape(-1, *([1] * (like.dim() - 1)))
 
 
@@ -87,14 +92,14 @@ class IDDPM:
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
         s = self.train_schedule
-        return _extract(s.sqrt_abar, t, x_start) * x_start + _extract(s.sqrt_one_minus_abar, t, x_start) * noise
+        return _extract(s, "sqrt_abar", t, x_start) * x_start + _extract(s, "sqrt_one_minus_abar", t, x_start) * noise
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                                   schedule: "_Schedule | None" = None):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         s = schedule or self.train_schedule
-        mean = _extract(s.post_coef1, t, x_t) * x_start + _extract(s.post_coef2, t, x_t) * x_t
-        return mean, _extract(s.post_var, t, x_t), _extract(s.post_log_var, t, x_t)
+        mean = _extract(s, "post_coef1", t, x_t) * x_start + _extract(s, "post_coef2", t, x_t) * x_t
+        return mean, _extract(s, "post_var", t, x_t), _extract(s, "post_log_var", t, x_t)
 
     # ---------------------------------------------------------------- the model's p(x_{t-1} | x_t)
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -112,14 +117,14 @@ class IDDPM:
             if model_output.shape[1] < 2 * C:
                 raise ValueError(f"learned sigma needs {2 * C} output channels, the model gave {model_output.shape[1]}")
             eps, var_values = model_output[:, :C], model_output[:, C:2 * C]
-            min_log = _extract(s.post_log_var, t, x_t)
-            max_log = _extract(s.log_betas, t, x_t)
+            min_log = _extract(s, "post_log_var", t, x_t)
+            max_log = _extract(s, "log_betas", t, x_t)
             frac = (var_values + 1) / 2  # the model's [-1, 1] → [0, 1]
             log_var = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output[:, :C]
-            log_var = _extract(s.post_log_var, t, x_t)
-        x0 = _extract(s.sqrt_recip_abar, t, x_t) * x_t - _extract(s.sqrt_recipm1_abar, t, x_t) * eps
+            log_var = _extract(s, "post_log_var", t, x_t)
+        x0 = _extract(s, "sqrt_recip_abar", t, x_t) * x_t - _extract(s, "sqrt_recipm1_abar", t, x_t) * eps
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t, schedule=s)
@@ -222,4 +227,13 @@ class _Schedule:
         self.log_betas = torch.log(betas)
         self.post_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.post_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
+        self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every coefficient table on ``device`` (copied once per device, then reused)."""
+        key = str(device)
+        if key not in self._on_device:
+            tables = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+            self._on_device[key] = {k: v.to(device) for k, v in tables.items()}
+        return self._on_device[key]
 

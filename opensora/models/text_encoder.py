@@ -121,11 +121,16 @@ class T5TextEncoder(nn.Module):
             add_special_tokens=True,
             return_tensors="pt",
         )
-        input_ids = tokens["input_ids"].to(self.model.device)  # (B, L)
-        mask = tokens["attention_mask"].to(self.model.device)  # (B, L)
+        on_cuda = self.model.device.type == "cuda"  # pinned host memory: the copy does not block the host
+        input_ids = _to_device(tokens["input_ids"], self.model.device, on_cuda)  # (B, L)
+        mask = _to_device(tokens["attention_mask"], self.model.device, on_cuda)  # (B, L)
         y = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, D)
         device = self.model.device if device is None else device
         return dict(y=y[:, None].to(device), mask=mask.long().to(device))  # (B, 1, L, D), (B, L)
+
+
+def _to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
 
 def build_text_encoder(
