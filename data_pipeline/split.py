@@ -13,7 +13,9 @@ One decode of the source, no seeking, frames counted from 0 in presentation orde
 ``split_video`` is tested against, and the bench's detection-only number).
 
 Clip files are named ``<row id>_<k>.mp4`` and written through a temp file, so a redone video
-overwrites its own clips.
+overwrites its own clips. Each clip's row records the sha256 of its bytes (``sha256``, read back right
+after the write, while the file is still in the page cache): the latent cache keys on it, so training
+from the cache never has to open a clip to learn what it is.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from scenedetect.detectors import AdaptiveDetector, ContentDetector
 from data_pipeline.config import SplitConfig
 from data_pipeline.media import ClipWriter, even_size, safe_name
 from data_pipeline.rows import Reject, Row, is_missing
+from opensora.data.manifest import CONTENT_HASH_COLUMN
+from opensora.utils import file_sha256
 
 
 def _small_bgr(frame: av.VideoFrame, step: int) -> np.ndarray:
@@ -305,5 +309,7 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
             "end_time": float(end / fps),
             "start_frame": start,
             "end_frame": end,
+            # Of this clip, not inherited from the parent row: the cache's content key (see the docstring).
+            CONTENT_HASH_COLUMN: file_sha256(path),
         })
     return clips

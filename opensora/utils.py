@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -29,6 +31,48 @@ def atomic_write_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (the content identity of clips and cache entries)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def append_jsonl(path: str | Path, fields: dict[str, Any]) -> None:
+    """Appends ``fields`` as one JSON line to ``path`` (parents created).
+
+    One ``os.write`` on an ``O_APPEND`` descriptor, so lines from several ranks and worker processes do
+    not interleave; a process killed mid-write leaves at most one torn last line, which readers skip.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(fields, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file written by :func:`append_jsonl` ([] if absent; torn lines skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # the torn last line of a killed writer
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def slugify(text: str, max_len: int = 60) -> str:

@@ -13,6 +13,7 @@ from data_pipeline.pipeline import make_stage
 from data_pipeline.runner import run_stage
 from data_pipeline.split import detect_cuts, plan_clips, split, split_video
 from opensora.data.manifest import read_manifest
+from opensora.utils import file_sha256
 
 SERIAL = RunnerConfig(workers=0, progress=False)
 
@@ -36,6 +37,7 @@ def test_clips_are_frame_accurate_and_decode_to_manifest_count(tmp_path):
         assert len(reader) == clip["num_frames"] == clip["end_frame"] - clip["start_frame"]
         assert clip["source_video"] == str(tmp_path / "v.mp4")
         assert clip["start_time"] == pytest.approx(clip["start_frame"] / 24)
+        assert clip["sha256"] == file_sha256(clip["path"])  # the latent cache's content key, of this clip
         # First and last frame belong to this shot (the cut is not rounded to a keyframe).
         for index in (0, clip["num_frames"] - 1):
             rgb = first_frame_rgb(clip["path"], index)
@@ -174,6 +176,7 @@ def test_pipeline_run_folder_to_training_manifest(tmp_path):
     final = read_manifest(tmp_path / "w" / "manifest.parquet")
     assert sorted(final["num_frames"].tolist()) == [30, 41, 50]
     assert (final["filter_status"] == "done").all()
+    assert [file_sha256(p) for p in final["path"]] == final["sha256"].tolist()  # split's hashes reach training
     assert len(read_manifest(tmp_path / "w" / "02_filter.parquet", usable_only=False)) == 4
 
 

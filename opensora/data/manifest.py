@@ -6,6 +6,10 @@ each pipeline stage that ran, ``<stage>_status`` (``done`` / ``failed`` / ``reje
 ``<stage>_error`` (the reason). Rows that failed or were rejected stay in the table so that nothing is
 lost silently; :func:`read_manifest` drops them by default, which is what training wants.
 
+A clip written by the pipeline also carries :data:`CONTENT_HASH_COLUMN` (``sha256`` of the file's bytes,
+recorded when the clip is written), which the latent cache keys on without reading the clip again; it is
+an optional column (a manifest without it still reads, and the cache then hashes each file once).
+
 Open-Sora 1.0 CSVs (``path,text,num_frames,...``) and minimal inputs (a CSV with only ``url`` or ``path``)
 read as they are; missing columns are added empty and every row gets a stable ``id``.
 
@@ -35,6 +39,10 @@ file); ``source_video`` (the video a clip was cut from); the clip's span in that
 
 COLUMNS = ["id", *OPENSORA_COLUMNS, *[c for c in LINEAGE_COLUMNS if c != "id"]]
 """Columns every manifest written by :func:`write_manifest` has, in this order (extra columns follow)."""
+
+CONTENT_HASH_COLUMN = "sha256"
+"""Optional column: hex sha256 of the file at ``path``, written by whoever writes the file (the split stage).
+It is trusted: a tool that rewrites a clip in place must rewrite or clear its ``sha256``."""
 
 _INT_COLUMNS = ["num_frames", "height", "width", "resolution", "start_frame", "end_frame"]
 _FLOAT_COLUMNS = ["fps", "aspect_ratio", "start_time", "end_time"]
@@ -79,6 +87,8 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     for col in _STR_COLUMNS:
         df[col] = df[col].astype("string")
+    if CONTENT_HASH_COLUMN in df.columns:
+        df[CONTENT_HASH_COLUMN] = df[CONTENT_HASH_COLUMN].astype("string")
     missing = df["id"].isna() | (df["id"] == "")
     if missing.any():
         keys = df["url"].fillna(df["path"]).fillna("")
