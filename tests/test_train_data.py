@@ -15,22 +15,27 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
+from opensora.data import latent_cache
 from opensora.data.buckets import nearest_size, parse_sizes
-from opensora.data.dataset import DataConfig, VideoDataset, build_dataloader, collate, resize_center_crop
+from opensora.data.dataset import DataConfig, VideoDataset, collate, resize_center_crop
 from opensora.data.latent_cache import (
     CachedLatentDataset,
+    CacheMismatchError,
     EncoderIdentity,
     cache_key,
     encoder_identity,
     entry_path,
     precompute,
 )
+from opensora.data.loader import build_dataloader
 from opensora.data.manifest import write_manifest
 from opensora.data.sampler import DistributedBucketSampler
 from opensora.data.video_io import write_video
 from opensora.models.text_encoder import T5TextEncoder, make_tiny_t5
 from opensora.models.vae import IdentityAutoencoder, VideoAutoencoderKL, make_tiny_vae
+from opensora.utils import file_sha256
 from tests.data_helpers import truncate
 
 GREY_STEP = 8  # grey level per frame index in index videos
@@ -443,3 +448,110 @@ def test_identity_autoencoder_cache_holds_the_pixels(tmp_path, encoders):
     assert torch.equal(item["latent"], VideoDataset(cfg).load(0, random_start=False))
     assert frame_ids(item["latent"]) == [0, 2, 4]
     assert entry_path(cfg.cache_dir, "ab12").parent.name == "ab"
+
+
+def test_identity_does_not_depend_on_the_compute_dtype(tmp_path, encoders):
+    vae, te, other_te, root = encoders
+    vae16 = VideoAutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.bfloat16).eval()
+    te16 = T5TextEncoder.from_pretrained(root / "t5", max_length=8, torch_dtype=torch.bfloat16)
+    assert next(vae16.parameters()).dtype == next(te16.model.parameters()).dtype == torch.bfloat16
+    ident, ident16 = encoder_identity(vae, te), encoder_identity(vae16, te16)
+    assert ident16 == ident, "the same checkpoint loaded in bf16 is the same encoder"
+    assert (ident.vae_dtype, ident16.vae_dtype, ident16.text_encoder_dtype) == ("float32", "bfloat16", "bfloat16")
+    other16 = T5TextEncoder.from_pretrained(root / "t5b", max_length=8, torch_dtype=torch.bfloat16)
+    assert encoder_identity(vae16, other16).text_encoder != ident.text_encoder  # other weights, also in bf16
+
+    # Filled in fp32, read by a bf16 run (the trainer on CUDA): every entry is found; nothing is re-encoded in bf16.
+    clips = [index_video(tmp_path / f"c{i}.mp4", 6, width=32, height=32, offset=5 * i) for i in range(3)]
+    cfg = DataConfig(manifest=manifest(tmp_path, [row(c, f"clip {i}", 6, 32, 32) for i, c in enumerate(clips)]),
+                     num_frames=2, frame_interval=2, image_size=(16, 16), num_workers=0, cache_dir=str(tmp_path / "c"))
+    assert precompute(cfg, vae, te, cfg.cache_dir, progress=False).written == 3
+    assert all(item is not None for item in CachedLatentDataset(cfg, ident16, max_leading_misses=1))
+    again = precompute(cfg, vae16, te16, cfg.cache_dir, progress=False)
+    assert (again.written, again.existing) == (0, 3)
+    (entry, *_) = sorted(Path(cfg.cache_dir).rglob("*.safetensors"))
+    with safe_open(str(entry), "pt") as f:
+        meta = f.metadata()
+    assert (meta["vae_dtype"], meta["text_encoder_dtype"], meta["stored_dtype"]) == ("float32", "float32", "float32")
+    assert meta["text_encoder"] == ident.text_encoder
+
+
+def test_a_cache_made_for_other_encoders_or_shapes_stops_early_and_says_why(tmp_path, encoders, monkeypatch):
+    vae, te, other_te, _ = encoders
+    clips = [index_video(tmp_path / f"c{i}.mp4", 6, width=32, height=32, offset=5 * i) for i in range(5)]
+    cache = tmp_path / "cache"
+    cfg = DataConfig(manifest=manifest(tmp_path, [row(c, f"clip {i}", 6, 32, 32) for i, c in enumerate(clips)]),
+                     num_frames=2, frame_interval=2, image_size=(16, 16), num_workers=0, cache_dir=str(cache))
+    empty = CachedLatentDataset(cfg, encoder_identity(vae, te), max_leading_misses=1)
+    with pytest.raises(CacheMismatchError, match="no record of a precompute run"):
+        empty[0]
+    precompute(cfg, vae, te, cache, progress=False)
+    ident, other = encoder_identity(vae, te), encoder_identity(vae, other_te)
+
+    stale = CachedLatentDataset(cfg, other, max_leading_misses=3)
+    assert stale[0] is None and stale[1] is None
+    with pytest.raises(CacheMismatchError) as err:
+        stale[2]
+    message = str(err.value)
+    assert str(cache) in message and "first 3 samples" in message and "made with other encoders" in message
+    assert f"cache:    vae {ident.vae[:12]} (float32), text_encoder {ident.text_encoder[:12]} (float32)" in message
+    assert f"training: vae {ident.vae[:12]} (float32), text_encoder {other.text_encoder[:12]}" in message
+    assert "The text encoder differs" in message and "tools/precompute.py" in message
+
+    # Same encoders, another stage shape: the message shows the recorded shape against this one.
+    shape = CachedLatentDataset(replace(cfg, frame_interval=1), ident, max_leading_misses=2)
+    assert shape[0] is None
+    with pytest.raises(CacheMismatchError, match="encoders match") as err:
+        shape[1]
+    assert "frame_interval=2" in str(err.value) and "frame_interval=1" in str(err.value)
+
+    # A cache with holes is not a mismatch: once an entry was found, misses are only recorded.
+    for entry in cache.rglob("*.safetensors"):
+        with safe_open(str(entry), "pt") as f:
+            first = f.metadata()["path"] == str(clips[0])
+        if not first:
+            entry.unlink()
+    holes = CachedLatentDataset(cfg, ident, max_leading_misses=2)
+    items = [holes[i] for i in range(5)]
+    assert sum(item is not None for item in items) == 1
+
+    # In a DataLoader worker it stops the loader (the default threshold, read when the dataset is built).
+    monkeypatch.setattr(latent_cache, "MAX_LEADING_MISSES", 3)
+    loader, _ = build_dataloader(replace(cfg, num_workers=1), batch_size=2, encoder_identity=other)
+    with pytest.raises(CacheMismatchError, match="made with other encoders"):
+        list(loader)
+
+
+@pytest.mark.parametrize("hashed", [True, False], ids=["manifest-sha256", "recorded-sha256"])
+def test_a_warm_cache_never_opens_a_clip(tmp_path, encoders, monkeypatch, hashed):
+    vae, te, _, _ = encoders
+    clips = [index_video(tmp_path / f"c{i}.mp4", 6, width=32, height=32, offset=5 * i) for i in range(3)]
+    rows = [{**row(c, f"clip {i}", 6, 32, 32), **({"sha256": file_sha256(c)} if hashed else {})}
+            for i, c in enumerate(clips)]
+    cfg = DataConfig(manifest=manifest(tmp_path, rows), num_frames=2, frame_interval=2, image_size=(16, 16),
+                     num_workers=0, cache_dir=str(tmp_path / "cache"))
+    identity = encoder_identity(vae, te)
+    assert precompute(cfg, vae, te, cfg.cache_dir, progress=False).written == 3
+    # A second precompute hashes nothing: the hashes are in the manifest, or were recorded by the first.
+    monkeypatch.setattr(latent_cache, "file_sha256", lambda path: pytest.fail(f"{path} was hashed again"))
+    assert precompute(cfg, vae, te, cfg.cache_dir, progress=False).existing == 3
+    expected = [CachedLatentDataset(cfg, identity)[i]["latent"] for i in range(3)]
+    for clip in clips:
+        clip.unlink()
+    log = tmp_path / "failures.jsonl"
+    cached = CachedLatentDataset(cfg, identity, failures_path=log)
+    for i in range(3):
+        assert torch.equal(cached[i]["latent"], expected[i])
+    assert not log.exists()
+
+
+def test_precompute_refuses_a_clip_that_is_not_what_the_manifest_hashed(tmp_path, encoders):
+    vae, te, _, _ = encoders
+    clips = [index_video(tmp_path / f"c{i}.mp4", 6, width=32, height=32, offset=5 * i) for i in range(2)]
+    rows = [{**row(c, f"clip {i}", 6, 32, 32), "sha256": file_sha256(c)} for i, c in enumerate(clips)]
+    index_video(clips[1], 6, width=32, height=32, offset=99)  # rewritten behind the manifest's back
+    cfg = DataConfig(manifest=manifest(tmp_path, rows), num_frames=2, frame_interval=2, image_size=(16, 16),
+                     num_workers=0, cache_dir=str(tmp_path / "cache"))
+    report = precompute(cfg, vae, te, cfg.cache_dir, progress=False)
+    assert report.written == 1 and [f["path"] for f in report.failed] == [str(clips[1])]
+    assert "changed after the manifest was written" in report.failed[0]["error"]

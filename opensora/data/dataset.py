@@ -14,7 +14,7 @@ A clip that fails to load (missing, truncated, undecodable) gives ``None`` and o
 ``{"path", "id", "index", "error"}`` in ``failures_path``; :func:`collate` drops the Nones, and the
 loader yields nothing for a batch that was all broken.
 
-Example::
+The loader over it (or over the latent cache) is ``opensora.data.loader.build_dataloader``::
 
     cfg = DataConfig(manifest="work/manifest.parquet", num_frames=16, frame_interval=3, image_size=(256, 256))
     loader, sampler = build_dataloader(cfg, batch_size=4, rank=0, world_size=1, seed=0,
@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from opensora.data.buckets import BucketKey, bucket_key, nearest_size, parse_sizes
-from opensora.data.manifest import read_manifest
-from opensora.data.sampler import DistributedBucketSampler, ResumableDataLoader
+from opensora.data.manifest import CONTENT_HASH_COLUMN, read_manifest
 from opensora.data.video_io import read_video, video_info
+from opensora.utils import append_jsonl
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 """File suffixes read as still images (1-frame videos)."""
@@ -88,21 +87,9 @@ class DataConfig:
 
 
 def record_failure(failures_path: str | Path | None, **fields: Any) -> None:
-    """Appends one JSON line to ``failures_path`` (no-op for None).
-
-    One ``os.write`` on an ``O_APPEND`` descriptor, so lines from several ranks and worker processes do
-    not interleave.
-    """
-    if failures_path is None:
-        return
-    path = Path(failures_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(fields, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    """Appends one JSON line to ``failures_path`` (no-op for None); safe across ranks and workers (append_jsonl)."""
+    if failures_path is not None:
+        append_jsonl(failures_path, fields)
 
 
 def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -158,6 +145,8 @@ class VideoDataset(Dataset):
     Attributes:
         bucket_keys: (T, H, W) of each index.
         paths, texts, ids: per index.
+        sha256s: per index, the clip's content hash from the manifest's ``sha256`` column (written by the
+            data pipeline's split stage), or None where the manifest has none.
     """
 
     def __init__(
@@ -173,6 +162,8 @@ class VideoDataset(Dataset):
         self.paths: list[str] = []
         self.texts: list[str] = []
         self.ids: list[str] = []
+        self.sha256s: list[str | None] = []
+        hashed = CONTENT_HASH_COLUMN in df.columns
         self.frame_counts: list[int] = []
         self.bucket_keys: list[BucketKey] = []
         self.skipped: list[dict[str, str]] = []
@@ -191,6 +182,8 @@ class VideoDataset(Dataset):
             self.paths.append(path)
             self.texts.append("" if pd.isna(row.text) else str(row.text))
             self.ids.append(str(row.id))
+            sha = getattr(row, CONTENT_HASH_COLUMN) if hashed else None
+            self.sha256s.append(None if sha is None or pd.isna(sha) or not str(sha) else str(sha))
             self.frame_counts.append(frames)
             self.bucket_keys.append(key)
 
@@ -297,64 +290,12 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     return batch
 
 
-def _worker_init(_: int) -> None:
-    # Each worker decodes one clip at a time; torch's intra-op threads would only oversubscribe the CPUs.
-    torch.set_num_threads(1)
+def __getattr__(name: str) -> Any:
+    # Transitional: build_dataloader moved to opensora.data.loader (it builds on latent_cache, which builds
+    # on this module, so it could only live here behind a lazy import cycle). Remove this once
+    # opensora/training/trainer.py imports it from opensora.data.loader.
+    if name == "build_dataloader":
+        from opensora.data.loader import build_dataloader
 
-
-def build_dataloader(
-    cfg: DataConfig,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    failures_path: str | Path | None = None,
-    encoder_identity: Any = None,
-    drop_last: bool = True,
-    pin_memory: bool = False,
-) -> tuple[ResumableDataLoader, DistributedBucketSampler]:
-    """The training loader of one data-parallel rank and its sampler (whose state is the data position).
-
-    Args:
-        cfg: the data config. With ``cfg.cache_dir`` set, batches hold cached ``latent``/``y``/``mask``
-            instead of ``video`` (see ``opensora.data.latent_cache``).
-        batch_size: samples per rank per step (global batch / world_size).
-        rank: data-parallel rank.
-        world_size: data-parallel size.
-        seed: data order and window-start seed.
-        failures_path: JSONL file for broken and skipped clips (the run dir's ``<stage>/failures.jsonl``).
-        encoder_identity: ``EncoderIdentity`` of the current VAE and text encoder; required with
-            ``cfg.cache_dir`` (it is part of every cache key, so latents of other encoders are never used).
-        drop_last: see :class:`DistributedBucketSampler`.
-        pin_memory: pin batches for faster host-to-GPU copies.
-    Returns:
-        ``(loader, sampler)``: each ``for batch in loader`` runs the rest of the current epoch; save
-        ``sampler.state_dict()`` with checkpoints and ``sampler.load_state_dict`` it on resume.
-    """
-    if cfg.cache_dir is not None:
-        # Imported here: latent_cache builds on this module (VideoDataset), so a top-level import would cycle.
-        from opensora.data.latent_cache import CachedLatentDataset
-
-        if encoder_identity is None:
-            raise ValueError(
-                f"data.cache_dir={cfg.cache_dir!r} needs the encoder identity (opensora.data.latent_cache."
-                f"encoder_identity(vae, text_encoder)) to pick entries made by the same encoders"
-            )
-        dataset: Dataset = CachedLatentDataset(
-            cfg, encoder_identity, failures_path=failures_path, seed=seed, log_skipped=rank == 0
-        )
-    else:
-        dataset = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=rank == 0)
-    sampler = DistributedBucketSampler(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
-                                       drop_last=drop_last)  # type: ignore[arg-type]
-    workers = cfg.num_workers
-    loader = ResumableDataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=cfg.prefetch_factor if workers else None,
-    )
-    return loader, sampler
+        return build_dataloader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
