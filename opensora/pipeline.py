@@ -142,14 +142,35 @@ def load_bundle(directory: str | Path, device: str | torch.device | None = None,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = Path(_resolve(directory, cfg.model_dir))
     model = STDiT.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
+    vae, text_encoder = load_encoders(directory, device=device, dtype=dtype, config=cfg)
+    check_compatible(model, vae, text_encoder, source=directory)
+    return Bundle(model=model, vae=vae, text_encoder=text_encoder, config=cfg, path=directory)
+
+
+def load_encoders(directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                  config: BundleConfig | None = None):
+    """The frozen VAE and text encoder of a bundle (eval mode, no gradients), without its model.
+
+    What sampling, training and ``tools/precompute.py`` build their encoders from, so all three resolve the
+    bundle's paths alike (relative ones against ``directory``) and get the same weights.
+
+    Args:
+        directory: the bundle.
+        device: where the weights go (default: CPU).
+        dtype: weight dtype, e.g. ``torch.bfloat16`` (default: as stored).
+        config: the bundle's :class:`BundleConfig` if already read (default: read ``bundle.yaml``).
+    Returns:
+        ``(vae, text_encoder)``.
+    """
+    directory = Path(directory)
+    cfg = load_bundle_config(directory) if config is None else config
     vae_cfg = cfg.vae
     if vae_cfg.path is not None:
         vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": _resolve(directory, vae_cfg.path)})
-    vae = build_vae(vae_cfg).to(device=device, dtype=dtype).eval()
+    vae = build_vae(vae_cfg, device=device, dtype=dtype)
     te_cfg = TextEncoderConfig(**{**cfg.text_encoder.__dict__, "path": _resolve(directory, cfg.text_encoder.path)})
-    text_encoder = build_text_encoder(te_cfg, device=device, dtype=dtype)
-    check_compatible(model, vae, text_encoder, source=directory)
-    return Bundle(model=model, vae=vae, text_encoder=text_encoder, config=cfg, path=directory)
+    text_encoder = build_text_encoder(te_cfg, device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae, text_encoder
 
 
 def check_compatible(model: STDiT, vae, text_encoder, source) -> None:
