@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from opensora.data.manifest import write_manifest
 from opensora.data.video_io import write_video
@@ -120,7 +119,8 @@ def test_precompute_reports_failed_clips_and_refuses_bad_input(tmp_path, capsys)
     assert tool.main(base + ["--stage", "short"]) == 0
     out = capsys.readouterr().out
     assert "stage 'short': 3 clips: 2 encoded, 0 skipped (already cached), 1 failed" in out
-    assert str(paths[1]) in out and [f["path"] for f in read_jsonl(cache / "precompute_failures.jsonl")] == [str(paths[1])]
+    assert str(paths[1]) in out
+    assert [f["path"] for f in read_jsonl(cache / "precompute_failures.jsonl")] == [str(paths[1])]
     # Without a manifest sha256 column the clips were hashed once and recorded for later runs.
     assert {r["path"] for r in read_jsonl(cache / "content_sha256.jsonl")} >= {str(paths[0]), str(paths[2])}
 

@@ -517,7 +517,8 @@ class CachedLatentDataset(Dataset):
             lines.append(f"The {' and the '.join(parts)} {verb}: other weights, config, tokenizer or max_length "
                          "(the compute dtype does not count).")
         else:
-            made = [_shape_text(r) for r in runs if (r.get("vae"), r.get("text_encoder")) == (cur.vae, cur.text_encoder)]
+            same = [r for r in runs if (r.get("vae"), r.get("text_encoder")) == (cur.vae, cur.text_encoder)]
+            made = [_shape_text(r) for r in same]
             lines.append("The encoders match, so the keys differ in sample shape, clip content or captions:")
             for text in dict.fromkeys(made):
                 lines.append(f"  cache:    {text}")
