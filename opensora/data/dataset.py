@@ -288,14 +288,3 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         else:
             batch[name] = values
     return batch
-
-
-def __getattr__(name: str) -> Any:
-    # Transitional: build_dataloader moved to opensora.data.loader (it builds on latent_cache, which builds
-    # on this module, so it could only live here behind a lazy import cycle). Remove this once
-    # opensora/training/trainer.py imports it from opensora.data.loader.
-    if name == "build_dataloader":
-        from opensora.data.loader import build_dataloader
-
-        return build_dataloader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from opensora.accounting import Ledger, check_budget, train_flops_per_sample
 from opensora.checkpoint import CheckpointManager, FnState, RNGState, engine_state, export_bundle
 from opensora.config import ConfigError, to_dict
-from opensora.data.dataset import build_dataloader
+from opensora.data.loader import build_dataloader
 from opensora.diffusion import build_scheduler
 from opensora.distributed import DistInfo, ParallelDims, build_engine
 from opensora.distributed.parallel import uses_mixed_precision
@@ -290,7 +290,9 @@ class Trainer:
                     self._log(window)
                     window = _Window()
                 if self.step % self.recipe.logging.ckpt_every == 0 and self.step < target:
+                    saving = time.perf_counter()
                     self.save()
+                    window.start += time.perf_counter() - saving  # samples/s and MFU measure training only
             if self.step > 0 and (self.ckpt.latest_step() != self.step):
                 self.save()
             if reason == "finished":
