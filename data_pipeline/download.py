@@ -11,7 +11,6 @@ in the same name cannot overwrite each other. Finished files appear by ``os.repl
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -27,6 +26,7 @@ from data_pipeline.config import DownloadConfig
 from data_pipeline.media import atomic_path, safe_name
 from data_pipeline.rows import Row, is_missing
 from opensora.data.manifest import row_id
+from opensora.utils import file_sha256
 
 USER_AGENT = "opensora-lite-data-pipeline/0.1"
 
@@ -37,12 +37,6 @@ class DownloadError(RuntimeError):
 
 class _Transient(Exception):
     """An error worth retrying (connection dropped, timeout, 5xx, 429)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def target_name(url: str) -> str:
@@ -220,5 +214,5 @@ def download(row: Row, cfg: DownloadConfig) -> list[Row]:
         "source": url,
         "download_method": method,
         "download_size": size,
-        "download_sha256": sha256_file(dest),
+        "download_sha256": file_sha256(dest),
     }]

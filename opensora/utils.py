@@ -34,12 +34,9 @@ def atomic_write_path(path: str | Path) -> Iterator[Path]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks (the content identity of clips and cache entries)."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes, read in chunks (the content identity of downloads, clips and cache entries)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def append_jsonl(path: str | Path, fields: dict[str, Any]) -> None:

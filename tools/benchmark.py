@@ -101,9 +101,9 @@ def _build_encoders(args, device, dtype, cfg):
     ``--vae-downsample 1`` without ``--vae`` means the pixel-space identity autoencoder (3 channels), 8 means an
     SD-VAE (4 channels): the model's ``in_channels`` must match (checked by the caller).
     """
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5Config, T5EncoderModel
 
-    from opensora.models.text_encoder import T5TextEncoder, _tiny_unigram_tokenizer
+    from opensora.models.text_encoder import T5TextEncoder, tiny_t5_tokenizer
     from opensora.models.vae import IdentityAutoencoder, VAEConfig, VideoAutoencoderKL, build_vae
 
     if args.vae:
@@ -119,8 +119,7 @@ def _build_encoders(args, device, dtype, cfg):
         text_encoder = T5TextEncoder.from_pretrained(args.text_encoder, max_length=L)
     else:
         # Captions are padded to L tokens, so the offline tokenizer costs what T5's own would.
-        tokenizer = T5TokenizerFast(tokenizer_object=_tiny_unigram_tokenizer(), pad_token="<pad>", eos_token="</s>",
-                                    unk_token="<unk>", extra_ids=0)
+        tokenizer = tiny_t5_tokenizer()
         if cfg.caption_channels >= 1024:
             t5 = T5EncoderModel(T5Config(**{**T5_XXL_CONFIG, "d_model": cfg.caption_channels}))
         else:  # debug sizes: a tiny T5 of the model's text width

@@ -218,6 +218,17 @@ def _tiny_unigram_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """The offline T5-layout tokenizer of :func:`make_tiny_t5` (also what benchmarks pad captions with)."""
+    return T5TokenizerFast(
+        tokenizer_object=_tiny_unigram_tokenizer(),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,  # no span-corruption sentinels: this tokenizer is never used for pre-training
+    )
+
+
 def make_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
     """Saves a tiny random T5 encoder (d_model 32, 2 layers, 2 heads) and an offline tokenizer to ``out_dir``.
 
@@ -231,13 +242,7 @@ def make_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
         ``out_dir`` as a Path, loadable with :meth:`T5TextEncoder.from_pretrained` / ``AutoTokenizer``.
     """
     out_dir = Path(out_dir)
-    tokenizer = T5TokenizerFast(
-        tokenizer_object=_tiny_unigram_tokenizer(),
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        extra_ids=0,  # no span-corruption sentinels: this tokenizer is never used for pre-training
-    )
+    tokenizer = tiny_t5_tokenizer()
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=32,
