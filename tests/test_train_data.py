@@ -352,6 +352,27 @@ def test_loader_resume_with_prefetching_workers(tmp_path):
         assert torch.equal(got["video"], want["video"])  # same random windows too
 
 
+def test_persistent_workers_follow_the_epoch(tmp_path):
+    """The loader's workers live for the whole run, and each epoch's random windows still follow set_epoch."""
+    rows = [row(index_video(tmp_path / f"c{i}.mp4", 30, offset=i), f"clip {i}", 30, 24, 32) for i in range(2)]
+    cfg = DataConfig(manifest=manifest(tmp_path, rows), num_frames=2, frame_interval=2, image_size=(16, 16),
+                     num_workers=1)
+    loader, sampler = build_dataloader(cfg, batch_size=1, seed=3)
+    in_process = VideoDataset(cfg, seed=3)
+    workers, starts = set(), set()
+    for epoch in range(4):
+        assert sampler.epoch == epoch
+        batches = list(loader)
+        workers.add(tuple(w.pid for w in loader._iterator._workers))
+        in_process.set_epoch(epoch)
+        for batch in batches:
+            index = int(batch["index"][0])
+            assert torch.equal(batch["video"][0], in_process[index]["video"]), f"epoch {epoch}: stale window"
+            starts.add((index, frame_ids(batch["video"][0])[0]))
+    assert len(workers) == 1, "the workers were restarted between epochs"
+    assert len(starts) > 2, "the random windows never moved"
+
+
 # -- latent cache ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):

@@ -155,7 +155,9 @@ class VideoDataset(Dataset):
         self.cfg = cfg
         self.failures_path = failures_path
         self.seed = int(seed)
-        self.epoch = 0
+        # In shared memory: the loader's workers persist across epochs, and set_epoch in the main process
+        # must change the random window starts they draw.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         manifest = Path(cfg.manifest)
         df = read_manifest(manifest)
         sizes = parse_sizes(cfg.buckets, tuple(cfg.image_size))  # type: ignore[arg-type]
@@ -212,9 +214,14 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Selects the random window starts of ``epoch`` (the loader calls it before each epoch)."""
-        self.epoch = int(epoch)
+        """Selects the random window starts of ``epoch`` (the loader calls it before each epoch; running
+        workers see the change)."""
+        self._epoch.fill_(int(epoch))
 
     def frame_indices(self, index: int, random_start: bool | None = None) -> np.ndarray:
         """Which frames of clip ``index`` make its sample.

@@ -40,6 +40,7 @@ def build_dataloader(
     encoder_identity: EncoderIdentity | None = None,
     drop_last: bool = True,
     pin_memory: bool = False,
+    agree_group=None,
 ) -> tuple[ResumableDataLoader, DistributedBucketSampler]:
     """The training loader of one data-parallel rank and its sampler (whose state is the data position).
 
@@ -55,6 +56,9 @@ def build_dataloader(
             ``cfg.cache_dir`` (it is part of every cache key, so latents of other encoders are never used).
         drop_last: see :class:`DistributedBucketSampler`.
         pin_memory: pin batches for faster host-to-GPU copies.
+        agree_group: with sequence parallelism, the gloo group of this rank's SP group: its ranks load the
+            same batches and must train on the same samples even when a clip fails on one of them only
+            (see :class:`ResumableDataLoader`). None without SP.
     Returns:
         ``(loader, sampler)``: each ``for batch in loader`` runs the rest of the current epoch; save
         ``sampler.state_dict()`` with checkpoints and ``sampler.load_state_dict`` it on resume.
@@ -81,5 +85,10 @@ def build_dataloader(
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=cfg.prefetch_factor if workers else None,
+        # Workers live for the whole stage: restarting them every epoch re-imports and re-copies the dataset
+        # (seconds to minutes for a large manifest, while the GPUs wait). The datasets keep their epoch in
+        # shared memory, so set_epoch still reaches the running workers.
+        persistent_workers=workers > 0,
+        agree_group=agree_group,
     )
     return loader, sampler

@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from opensora.data.buckets import BucketKey
@@ -200,8 +202,22 @@ class ResumableDataLoader(DataLoader):
     in which every batch was broken is an error (a trainer would otherwise loop forever).
 
     Construct it like a DataLoader with ``batch_sampler=DistributedBucketSampler(...)``; the dataset may
-    have ``set_epoch(epoch)`` (random temporal crops), which is called before each epoch's workers start.
+    have ``set_epoch(epoch)`` (random temporal crops), which is called before each epoch's batches are sent
+    to the workers.
+
+    Args:
+        agree_group: the ranks that must train on the same batch (a sequence-parallel group, as a gloo
+            process group: the agreement is on host data and must not synchronise a GPU stream). Each of
+            them loads the batch itself, and a clip that fails on one of them (a transient read error)
+            would leave that rank with a smaller batch, and the group's all-to-alls with mismatched shapes:
+            a hang. With a group, every batch is cut to the samples that every rank of the group loaded
+            (:func:`agree_on_batch`). None: each rank keeps what it loaded.
+        *args, **kwargs: as ``torch.utils.data.DataLoader``.
     """
+
+    def __init__(self, *args: Any, agree_group: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.agree_group = agree_group
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
@@ -214,6 +230,8 @@ class ResumableDataLoader(DataLoader):
         yielded = 0
         for batch in super().__iter__():
             sampler.advance(1)
+            if self.agree_group is not None:
+                batch = agree_on_batch(batch, self.agree_group, sampler.batch_size)
             if batch is None:
                 continue
             yielded += 1
@@ -223,3 +241,46 @@ class ResumableDataLoader(DataLoader):
                 f"every batch of epoch {epoch} was broken (no sample could be loaded); see the failures file"
             )
 
+
+
+def agree_on_batch(batch: dict[str, Any] | None, group: Any, capacity: int) -> dict[str, Any] | None:
+    """The part of ``batch`` that every rank of ``group`` loaded; None if no sample was loaded by all.
+
+    The ranks of ``group`` draw the same indices from their samplers; what differs is which clips failed
+    to load on which rank. One all-gather of the loaded indices (at most ``capacity`` each) per batch, on
+    every rank of the group, whatever it loaded (a rank whose whole batch failed still takes part), so the
+    ranks stay in step. Collective over ``group``.
+
+    Args:
+        batch: a collated batch with an ``index`` (B,) tensor, or None when every sample failed here.
+        group: the process group of the ranks that must agree (gloo: the indices stay on the host).
+        capacity: the per-rank batch size of the sampler (no batch holds more samples).
+    Returns:
+        ``batch`` itself when every rank loaded all of it, else a new batch with only the common samples
+        (tensors and lists cut alike, the order kept), or None when no sample is common.
+    """
+    loaded = torch.full((capacity,), -1, dtype=torch.long)
+    if batch is not None:
+        index = batch["index"]
+        loaded[: len(index)] = index
+    everyone = [torch.empty_like(loaded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, loaded, group=group)
+    common = set(everyone[0].tolist())
+    for other in everyone[1:]:
+        common &= set(other.tolist())
+    common.discard(-1)
+    if batch is None or not common:
+        return None
+    keep = [k for k, i in enumerate(batch["index"].tolist()) if i in common]
+    if len(keep) == len(batch["index"]):
+        return batch
+    rows = torch.tensor(keep, dtype=torch.long)
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.index_select(0, rows)
+        elif isinstance(value, list):
+            out[name] = [value[k] for k in keep]
+        else:  # the batch's one bucket
+            out[name] = value
+    return out

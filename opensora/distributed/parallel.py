@@ -84,13 +84,18 @@ def uses_mixed_precision(pcfg: ParallelConfig, dist_info: DistInfo) -> bool:
     return dist_info.device.type == "cuda" and pcfg.param_dtype == "bf16"
 
 
-def new_sp_group(pcfg: ParallelConfig, dist_info: DistInfo):
-    """This rank's sequence-parallel process group. Collective: every rank creates every group."""
+def new_sp_group(pcfg: ParallelConfig, dist_info: DistInfo, backend: str | None = None):
+    """This rank's sequence-parallel process group. Collective: every rank creates every group.
+
+    Args:
+        backend: None for the default one (NCCL on GPUs: the activations' all-to-alls); "gloo" for a group
+            that exchanges host data without touching a GPU stream (the data loaders' batch agreement).
+    """
     dims = ParallelDims.build(pcfg, dist_info)
     mine = None
     for k in range(dims.dp_size):
         ranks = list(range(k * pcfg.sp_size, (k + 1) * pcfg.sp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, backend=backend)
         if k == dims.dp_rank:
             mine = group
     return mine

@@ -38,7 +38,7 @@ from opensora.config import ConfigError, to_dict
 from opensora.data.loader import build_dataloader
 from opensora.diffusion import build_scheduler
 from opensora.distributed import DistInfo, ParallelDims, build_engine
-from opensora.distributed.parallel import uses_mixed_precision
+from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
 from opensora.models.stdit import STDiT
 from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder
 from opensora.models.vae import VAEConfig, build_vae
@@ -112,6 +112,7 @@ class Trainer:
                 data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
                 failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
                 pin_memory=self.device.type == "cuda",
+                agree_group=new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None,
             )
 
         # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.

@@ -8,6 +8,7 @@ needs no file exchange; rank 0 writes the measured differences as JSON for the t
     ... ckpt --out DIR                               # FSDP2 step, sharded save, full reference dump
     ... trainer-sync --recipe R --out DIR            # Trainer.train_step with accumulation, per engine: when
                                                      # the gradients are reduced
+    ... sp-broken --recipe R --out DIR               # trainer with SP over 2 ranks, a clip failing on rank 1 only
 """
 
 from __future__ import annotations
@@ -209,9 +210,42 @@ def cmd_trainer_sync(args, info) -> dict:
     return out
 
 
+def cmd_sp_broken(args, info) -> dict:
+    """The trainer with sequence parallelism over both ranks (one SP group, so both load the same batches), and
+    a transient read error on rank 1 only: its first clip load fails. Records the indices of every micro-batch
+    each rank trained on, and the losses."""
+    from opensora.data.dataset import VideoDataset
+    from opensora.training import Trainer, load_recipe
+    from opensora.training.recipe import init_dir_of
+
+    if info.rank == 1:
+        load, calls = VideoDataset.load, [0]
+
+        def flaky_load(self, index, random_start=None):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise OSError(f"simulated transient read error on rank 1 (index {index})")
+            return load(self, index, random_start)
+
+        VideoDataset.load = flaky_load
+    recipe = load_recipe(args.recipe, ["parallel.sp_size=2", "parallel.engine=fsdp", "stages.0.micro_batch_size=2"])
+    run_dir, stage = Path(args.out) / "run", recipe.stages[0]
+    trainer = Trainer(recipe, stage, run_dir, init_dir_of(recipe, 0, run_dir, info), info)
+    seen, forward_backward = [], trainer.steps.forward_backward
+
+    def recorded(batch, step, micro):
+        seen.append(batch["index"].tolist())
+        return forward_backward(batch, step, micro)
+
+    trainer.steps.forward_backward = recorded
+    losses = [float(trainer.train_step()["loss"]) for _ in range(2)]
+    trainer.close()
+    return dict(seen=seen, losses=losses)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["step", "sp", "ckpt", "trainer-sync"])
+    p.add_argument("mode", choices=["step", "sp", "ckpt", "trainer-sync", "sp-broken"])
     p.add_argument("--recipe", default=None)
     p.add_argument("--engine", default="fsdp")
     p.add_argument("--grad-ckpt", action="store_true")
@@ -219,7 +253,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     info = init_distributed()
-    result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt, "trainer-sync": cmd_trainer_sync}[args.mode](args, info)
+    result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt, "trainer-sync": cmd_trainer_sync,
+              "sp-broken": cmd_sp_broken}[args.mode](args, info)
     results = [None] * info.world_size
     dist.all_gather_object(results, result)
     if info.rank == 0:
