@@ -109,7 +109,9 @@ def load_llava(model_dir: str, device: str, dtype: str):
     cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    # Straight onto the device: from_pretrained(...).to(device) first builds the whole model in host memory,
+    # one copy per rank (8 ranks x 14 GB for a 7B model in bf16) before any of it reaches a GPU.
+    model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map={"": device}).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.tokenizer.padding_side = "left"  # decoder-only batched generation continues on the right
     return model, processor

@@ -117,6 +117,39 @@ def test_tiny_random_llava_through_the_real_loading_path(tmp_path):
     assert row["caption_source"] == "model"
 
 
+def test_llava_loads_straight_onto_its_device(tmp_path, monkeypatch):
+    """from_pretrained gets device_map={"": device}, so the weights land on the rank's device directly; the
+    model is never built in host memory and moved afterwards (8 ranks = 8 host copies of a 7B model)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    build_tiny_llava(tmp_path / "llava")
+    real = LlavaForConditionalGeneration.from_pretrained.__func__
+    calls = []
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs)
+        if kwargs["device_map"] == {"": "cuda:3"}:  # no GPU here: only the placement request is checked
+            return torch.nn.Identity()
+        return real(cls, *args, **kwargs)
+
+    def moved(self, *args, **kwargs):
+        raise AssertionError(f"model moved after loading: .to{args}")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(torch.nn.Module, "to", moved)
+    monkeypatch.setattr(torch.nn.Module, "cuda", moved)
+    cap.load_llava.cache_clear()
+    try:
+        model, processor = cap.load_llava(str(tmp_path / "llava"), "cpu", "float32")
+        assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
+        cap.load_llava(str(tmp_path / "llava"), "cuda:3", "bfloat16")
+    finally:
+        cap.load_llava.cache_clear()
+    assert [c["device_map"] for c in calls] == [{"": "cpu"}, {"": "cuda:3"}]
+    assert [c["dtype"] for c in calls] == [torch.float32, torch.bfloat16]
+
+
 def test_rank_shards_cover_every_row_once_and_merge_in_order(tmp_path):
     df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(7)]}))
     world = 3
