@@ -9,7 +9,7 @@ directories are never loaded and are removed by the next save. DCP stores global
 offsets, so a checkpoint written by N ranks loads on M (FSDP2 re-shards on load).
 
 ``export_bundle`` writes the model (or its EMA) as a pipeline bundle: one consolidated safetensors file
-that ``tools/sample.py --ckpt`` loads (see ``opensora/pipeline.py``).
+that ``tools/sample.py --ckpt`` loads (see ``opensora/bundle.py``).
 
 Loading reads only DCP shards; the few pickled values DCP stores (ints, floats, lists, strings) are read
 with ``torch.load(weights_only=True)``.
@@ -322,15 +322,15 @@ def export_bundle(model_or_ema_state, model_config, bundle_config, out_dir: str 
         model_or_ema_state: an ``nn.Module`` (plain, DDP or FSDP2) or a full STDiT state dict (parameters and
             buffers) whose values may be DTensor shards (e.g. the EMA of an FSDP2 model).
         model_config: the ``STDiTConfig`` the weights belong to.
-        bundle_config: the ``opensora.pipeline.BundleConfig`` to write (VAE, text encoder, diffusion).
+        bundle_config: the ``opensora.bundle.BundleConfig`` to write (VAE, text encoder, diffusion).
         out_dir: the bundle directory (e.g. ``OUTPUT_DIR/<stage>/export``).
         copy_from: a bundle directory whose ``vae/`` / ``text_encoder/`` subdirectories ``bundle_config``
             names by relative path (the bundle training started from).
     Returns:
         ``out_dir``.
     """
+    from opensora.bundle import write_bundle
     from opensora.models.stdit import STDiT
-    from opensora.pipeline import write_bundle
 
     if isinstance(model_or_ema_state, nn.Module):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

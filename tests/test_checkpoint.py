@@ -163,7 +163,7 @@ def test_init_optimizer_state_makes_the_template_complete(tmp_path):
 
 
 def test_export_bundle_round_trip(tmp_path):
-    from opensora.pipeline import load_bundle, load_bundle_config
+    from opensora.bundle import load_bundle, load_bundle_config
     from tools import init_checkpoint
 
     src = tmp_path / "init"

@@ -4,7 +4,7 @@ import decord
 import numpy as np
 import pytest
 
-from opensora.pipeline import load_bundle
+from opensora.bundle import load_bundle
 from tools import init_checkpoint, sample
 
 PROMPTS = ["a red circle moving left on a blue background", "a green square moving up"]

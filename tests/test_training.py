@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from opensora.accounting import read_ledger
+from opensora.bundle import load_bundle
 from opensora.config import ConfigError
 from opensora.data.manifest import write_manifest
 from opensora.data.video_io import write_video
 from opensora.distributed import init_distributed
 from opensora.models.stdit import STDiT, stdit_config
-from opensora.pipeline import load_bundle
 from opensora.training import EMA, StopFlag, WarmupSchedule, load_recipe, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

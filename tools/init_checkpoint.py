@@ -22,16 +22,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from transformers import AutoConfig
-
-from opensora.config import ConfigError, merge, parse_overrides
-from opensora.models import STDiT, STDiT_models, count_parameters
-from opensora.models.text_encoder import TextEncoderConfig, make_tiny_t5
-from opensora.models.vae import VAEConfig, build_vae, make_tiny_vae
-from opensora.pipeline import BUNDLE_FILE, DIFFUSIONS, BundleConfig, write_bundle
-
-TINY = "tiny"
+from opensora.bundle import BUNDLE_FILE, DIFFUSIONS
+from opensora.config import ConfigError, parse_overrides
+from opensora.models import STDiT_models, count_parameters
+from opensora.training.init import TINY, write_random_bundle
 
 
 def parse_args(argv):
@@ -64,39 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if (args.out / BUNDLE_FILE).exists() and not args.force:
         raise SystemExit(f"error: {args.out} already holds a bundle (pass --force to overwrite)")
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    # 1. The parts the model depends on: the latent space and the text width.
-    if vae_arg == TINY:
-        make_tiny_vae(args.out / "vae", seed=args.seed)
-        vae_cfg = VAEConfig(type="kl", path="vae")
-    elif vae_arg == "identity":
-        vae_cfg = VAEConfig(type="identity")
-    else:
-        vae_cfg = VAEConfig(type="kl", path=str(Path(vae_arg).expanduser().resolve()), subfolder=args.vae_subfolder)
-    if te_arg == TINY:
-        make_tiny_t5(args.out / "text_encoder", seed=args.seed)
-        te_path = "text_encoder"
-    else:
-        te_path = str(Path(te_arg).expanduser().resolve())
-    in_bundle = lambda path, tiny: str(args.out / path) if tiny else path  # noqa: E731
-    vae = build_vae(VAEConfig(**{**vae_cfg.__dict__, "path": in_bundle(vae_cfg.path, vae_arg == TINY)}))
-    base = STDiT_models[args.model]
-    # The width is read from the T5 config: no need to load billions of weights to write a random init.
-    te_width = AutoConfig.from_pretrained(in_bundle(te_path, te_arg == TINY), local_files_only=True).d_model
-
-    # 2. The model: the named size fitted to the encoders' widths, then the user's overrides.
-    fitted = [f"in_channels={vae.out_channels}", f"caption_channels={te_width}"]
     try:
-        model_cfg = merge(base, parse_overrides(fitted + args.overrides))
+        model = write_random_bundle(args.out, args.model, vae_arg, te_arg, args.diffusion,
+                                    vae_subfolder=args.vae_subfolder, seed=args.seed,
+                                    overrides=parse_overrides(args.overrides), names=("--vae", "--text-encoder"))
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from err
-    te_cfg = TextEncoderConfig(path=te_path, max_length=model_cfg.model_max_length)
-    torch.manual_seed(args.seed)
-    model = STDiT(model_cfg)
-
-    # 3. Write it; bundle.yaml last.
-    write_bundle(args.out, model, BundleConfig(vae=vae_cfg, text_encoder=te_cfg, diffusion=args.diffusion))
     print(f"wrote {args.out}: {args.model} ({count_parameters(model) / 1e6:.2f}M parameters), "
           f"VAE {vae_arg}, text encoder {te_arg}, diffusion {args.diffusion}")
     return 0

@@ -36,9 +36,9 @@ if __package__ in (None, ""):
 
 import torch
 
+from opensora.bundle import BUNDLE_FILE, load_bundle_config, load_encoders
 from opensora.config import ConfigError
 from opensora.data.latent_cache import PrecomputeReport, precompute
-from opensora.pipeline import BUNDLE_FILE, load_bundle_config, load_encoders
 from opensora.training import load_recipe
 from opensora.training.config import RecipeConfig, stage_data_config
 from opensora.training.init import write_new_bundle

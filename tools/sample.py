@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from opensora.pipeline import DIFFUSIONS, load_bundle, load_bundle_config
+from opensora.bundle import DIFFUSIONS, load_bundle, load_bundle_config
 from opensora.utils import atomic_write_path, slugify
 
 

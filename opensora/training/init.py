@@ -3,17 +3,18 @@ checkpoint of Open-Sora 1.0 / PixArt-α loaded over the model."""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig
 
-from opensora.config import ConfigError
+from opensora.bundle import BUNDLE_FILE, BundleConfig, write_bundle
+from opensora.config import ConfigError, merge
 from opensora.models.stdit import STDiT, STDiT_models, convert_opensora_v1_state_dict, load_opensora_v1_checkpoint
 from opensora.models.text_encoder import TextEncoderConfig, make_tiny_t5
 from opensora.models.vae import VAEConfig, build_vae, make_tiny_vae
-from opensora.pipeline import BUNDLE_FILE, BundleConfig, write_bundle
 from opensora.training.config import InitConfig
 
 TINY = "tiny"
@@ -25,11 +26,9 @@ PIXART_DERIVED_KEYS = ("pos_embed",)
 
 
 def write_new_bundle(out_dir: Path, init: InitConfig, model_name: str, model_overrides: dict, diffusion: str) -> Path:
-    """Writes a randomly initialised bundle of size ``model_name`` fitted to ``init.vae`` / ``init.text_encoder``.
+    """The init bundle of a stage that starts a new model: :func:`write_random_bundle` from its init section.
 
-    The same thing ``tools/init_checkpoint.py`` writes: "tiny" encoders are generated inside the bundle,
-    local directories are referenced by absolute path. ``bundle.yaml`` is written last; an existing bundle
-    is reused (the init must not change when a run is resumed).
+    An existing bundle is reused (the init must not change when a run is resumed).
 
     Args:
         out_dir: bundle directory (the trainer uses ``OUTPUT_DIR/<stage>/init``).
@@ -38,37 +37,67 @@ def write_new_bundle(out_dir: Path, init: InitConfig, model_name: str, model_ove
         model_overrides: STDiTConfig fields of the stage (e.g. ``space_scale``).
         diffusion: objective recorded in the bundle.
     """
-    if (out_dir / BUNDLE_FILE).is_file():
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if init.vae == TINY:
-        make_tiny_vae(out_dir / "vae", seed=init.seed)
-        vae_cfg, vae_build = VAEConfig(type="kl", path="vae"), VAEConfig(type="kl", path=str(out_dir / "vae"))
-    elif init.vae == "identity":
-        vae_cfg = vae_build = VAEConfig(type="identity")
-    else:
-        path = _existing_dir(init.vae, "init.vae")
-        vae_cfg = vae_build = VAEConfig(type="kl", path=path, subfolder=init.vae_subfolder)
-    if init.text_encoder == TINY:
-        make_tiny_t5(out_dir / "text_encoder", seed=init.seed)
-        te_path, te_read = "text_encoder", str(out_dir / "text_encoder")
-    else:
-        te_path = te_read = _existing_dir(init.text_encoder, "init.text_encoder")
-    vae = build_vae(vae_build)
-    # The text width is read from the T5 config: no need to load billions of weights for a random init.
-    te_width = AutoConfig.from_pretrained(te_read, local_files_only=True).d_model
-    config = dataclasses.replace(
-        STDiT_models[model_name], in_channels=vae.out_channels, caption_channels=te_width, **model_overrides
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init.seed)
-        model = STDiT(config)
-    te_cfg = TextEncoderConfig(path=te_path, max_length=config.model_max_length)
-    write_bundle(out_dir, model, BundleConfig(vae=vae_cfg, text_encoder=te_cfg, diffusion=diffusion))
+    if not (out_dir / BUNDLE_FILE).is_file():
+        write_random_bundle(out_dir, model_name, init.vae, init.text_encoder, diffusion,
+                            vae_subfolder=init.vae_subfolder, seed=init.seed,
+                            overrides=[("model_overrides", model_overrides)],
+                            names=("init.vae", "init.text_encoder"))
     return out_dir
 
 
-def _existing_dir(path: str | None, key: str) -> str:
+def write_random_bundle(out_dir: Path, model_name: str, vae: str, text_encoder: str, diffusion: str, *,
+                        vae_subfolder: str | None = None, seed: int = 0, overrides: Sequence[tuple[str, Any]] = (),
+                        names: tuple[str, str] = ("vae", "text_encoder")) -> STDiT:
+    """Writes a randomly initialised bundle of size ``model_name`` fitted to a VAE and a text encoder.
+
+    What ``tools/init_checkpoint.py`` writes and what a stage that starts a new model starts from. "tiny"
+    encoders are generated inside the bundle, local directories are referenced by absolute path; nothing is
+    downloaded. The model's ``in_channels`` / ``caption_channels`` are fitted to the encoders, then
+    ``overrides`` apply. ``bundle.yaml`` is written last (``write_bundle``, as a training export is).
+
+    Args:
+        out_dir: bundle directory (created).
+        model_name: named STDiT size.
+        vae: a local AutoencoderKL dir, "identity" (pixel space) or "tiny".
+        text_encoder: a local T5 encoder dir (with tokenizer) or "tiny".
+        diffusion: objective recorded in the bundle.
+        vae_subfolder: e.g. "vae" inside a Stable Diffusion repo.
+        seed: seed of the model's and the tiny encoders' weights (the global generators are left as they were).
+        overrides: :func:`opensora.config.merge` sources of STDiTConfig fields (``parse_overrides`` of
+            ``--set`` arguments, or a stage's ``model_overrides`` dict).
+        names: what the caller calls ``vae`` and ``text_encoder``, for error messages.
+    Returns:
+        the model written.
+    Raises:
+        ConfigError: an encoder directory that does not exist, or a bad override; the message names it.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if vae == TINY:
+        make_tiny_vae(out_dir / "vae", seed=seed)
+        vae_cfg, vae_build = VAEConfig(type="kl", path="vae"), VAEConfig(type="kl", path=str(out_dir / "vae"))
+    elif vae == "identity":
+        vae_cfg = vae_build = VAEConfig(type="identity")
+    else:
+        vae_cfg = vae_build = VAEConfig(type="kl", path=_existing_dir(vae, names[0]), subfolder=vae_subfolder)
+    if text_encoder == TINY:
+        make_tiny_t5(out_dir / "text_encoder", seed=seed)
+        te_path, te_read = "text_encoder", str(out_dir / "text_encoder")
+    else:
+        te_path = te_read = _existing_dir(text_encoder, names[1])
+    vae_channels = build_vae(vae_build).out_channels
+    # The text width is read from the T5 config: no need to load billions of weights for a random init.
+    te_width = AutoConfig.from_pretrained(te_read, local_files_only=True).d_model
+    fitted = ("fitted to the encoders", {"in_channels": vae_channels, "caption_channels": te_width})
+    config = merge(STDiT_models[model_name], [fitted, *overrides])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = STDiT(config)
+    te_cfg = TextEncoderConfig(path=te_path, max_length=config.model_max_length)
+    write_bundle(out_dir, model, BundleConfig(vae=vae_cfg, text_encoder=te_cfg, diffusion=diffusion))
+    return model
+
+
+def _existing_dir(path: str, key: str) -> str:
     p = Path(str(path)).expanduser()
     if not p.is_dir():
         raise ConfigError(f"{key}: {path} is not a directory (a local model dir, or '{TINY}'); nothing is downloaded")

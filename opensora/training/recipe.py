@@ -19,9 +19,9 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+from opensora.bundle import BUNDLE_FILE
 from opensora.config import ConfigError, to_yaml
 from opensora.distributed import DistInfo, barrier
-from opensora.pipeline import BUNDLE_FILE
 from opensora.training.config import RecipeConfig, StageConfig
 from opensora.training.init import write_new_bundle
 from opensora.training.trainer import StopFlag, Trainer

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from opensora.accounting import Ledger, check_budget, train_flops_per_sample
+from opensora.bundle import BundleConfig, check_compatible, load_bundle_config, load_encoders, resolve_path
 from opensora.checkpoint import CheckpointManager, FnState, RNGState, engine_state, export_bundle
 from opensora.config import ConfigError, to_dict
 from opensora.data.loader import build_dataloader
@@ -40,9 +41,6 @@ from opensora.diffusion import build_scheduler
 from opensora.distributed import DistInfo, ParallelDims, build_engine
 from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
 from opensora.models.stdit import STDiT
-from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder
-from opensora.models.vae import VAEConfig, build_vae
-from opensora.pipeline import BundleConfig, _resolve, check_compatible, load_bundle_config
 from opensora.training.config import RecipeConfig, StageConfig, stage_data_config, stage_model_config
 from opensora.training.ema import EMA
 from opensora.training.init import load_init_checkpoint
@@ -89,10 +87,11 @@ class Trainer:
         # 1. Model (fp32 master weights), encoders and the objective.
         bundle = load_bundle_config(self.init_dir)
         self.bundle_config = BundleConfig(vae=bundle.vae, text_encoder=bundle.text_encoder, diffusion=recipe.diffusion)
-        model = STDiT.from_pretrained(_resolve(self.init_dir, bundle.model_dir))
+        model_dir = resolve_path(self.init_dir, bundle.model_dir)
+        model = STDiT.from_pretrained(model_dir)
         self.model_config = stage_model_config(stage, model.config)
         if self.model_config != model.config:
-            model = STDiT.from_pretrained(_resolve(self.init_dir, bundle.model_dir), **stage.model_overrides)
+            model = STDiT.from_pretrained(model_dir, **stage.model_overrides)
         if stage.init.checkpoint is not None:
             load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
         self.diffusion = build_scheduler(recipe.diffusion, **(asdict(recipe.rflow) if recipe.diffusion == "rflow" else {}))
@@ -154,13 +153,7 @@ class Trainer:
     def _build_encoders(self, bundle: BundleConfig, model: STDiT):
         """The frozen VAE and text encoder of the init bundle, on the device (bf16 there when training in bf16)."""
         dtype = torch.bfloat16 if uses_mixed_precision(self.recipe.parallel, self.dist) else None
-        vae_cfg = bundle.vae
-        if vae_cfg.path is not None:
-            vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": _resolve(self.init_dir, vae_cfg.path)})
-        vae = build_vae(vae_cfg, device=self.device, dtype=dtype)
-        te_cfg = TextEncoderConfig(**{**bundle.text_encoder.__dict__,
-                                      "path": _resolve(self.init_dir, bundle.text_encoder.path)})
-        text_encoder = build_text_encoder(te_cfg, device=self.device, dtype=dtype).eval().requires_grad_(False)
+        vae, text_encoder = load_encoders(self.init_dir, device=self.device, dtype=dtype, config=bundle)
         check_compatible(model, vae, text_encoder, source=self.init_dir)
         factor = 64 // vae.get_latent_size((1, 64, 64))[1]
         if factor != self.recipe.vae_downsample:

@@ -46,15 +46,24 @@ class BundleConfig:
             raise ValueError(f"diffusion must be one of {DIFFUSIONS}, got {self.diffusion!r}")
 
 
-def _resolve(base: Path, path: str | None) -> str | None:
+def resolve_path(bundle_dir: str | Path, path: str | None) -> str | None:
+    """A path read from ``bundle.yaml``, as the bundle means it.
+
+    Args:
+        bundle_dir: the bundle directory.
+        path: a path from its config; ``~`` is expanded. A relative one that exists inside ``bundle_dir`` is
+            taken from there (so a bundle can be moved or copied); any other is returned as written.
+    Returns:
+        the path as a string, or None for None.
+    """
     if path is None:
         return None
-    p = Path(path).expanduser()
+    p, base = Path(path).expanduser(), Path(bundle_dir)
     return str(base / p) if not p.is_absolute() and (base / p).exists() else str(p)
 
 
 def load_bundle_config(directory: str | Path) -> BundleConfig:
-    """Reads ``DIR/bundle.yaml`` (errors name the file and key) with paths resolved against ``DIR``."""
+    """Reads ``DIR/bundle.yaml`` (errors name the file and key); its paths are as written, see :func:`resolve_path`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -140,7 +149,7 @@ def load_bundle(directory: str | Path, device: str | torch.device | None = None,
     directory = Path(directory)
     cfg = load_bundle_config(directory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_dir = Path(_resolve(directory, cfg.model_dir))
+    model_dir = Path(resolve_path(directory, cfg.model_dir))
     model = STDiT.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
     vae, text_encoder = load_encoders(directory, device=device, dtype=dtype, config=cfg)
     check_compatible(model, vae, text_encoder, source=directory)
@@ -166,9 +175,9 @@ def load_encoders(directory: str | Path, device: str | torch.device | None = Non
     cfg = load_bundle_config(directory) if config is None else config
     vae_cfg = cfg.vae
     if vae_cfg.path is not None:
-        vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": _resolve(directory, vae_cfg.path)})
+        vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": resolve_path(directory, vae_cfg.path)})
     vae = build_vae(vae_cfg, device=device, dtype=dtype)
-    te_cfg = TextEncoderConfig(**{**cfg.text_encoder.__dict__, "path": _resolve(directory, cfg.text_encoder.path)})
+    te_cfg = TextEncoderConfig(**{**cfg.text_encoder.__dict__, "path": resolve_path(directory, cfg.text_encoder.path)})
     text_encoder = build_text_encoder(te_cfg, device=device, dtype=dtype).eval().requires_grad_(False)
     return vae, text_encoder
 
