@@ -164,6 +164,33 @@ def test_ema_is_an_fp32_average_of_the_weights():
     assert warm.decay_at(1) == pytest.approx(2 / 11) and warm.decay_at(10**6) == 0.999
 
 
+def test_ema_upcasts_low_precision_weights_a_bounded_chunk_at_a_time(monkeypatch):
+    """Under ZeRO the model holds bf16 weights: the update must not make an fp32 copy of all of them at once."""
+    from opensora.training import ema as ema_module
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)).to(torch.bfloat16)
+    model[1].float()  # an fp32 layer among bf16 ones is read in place
+    ema = EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    upcast, lerp = [], torch._foreach_lerp_
+    storage = {p.data_ptr() for p in model.parameters()}
+
+    def counting_lerp(shadow, current, weight):
+        upcast.append(sum(c.numel() for c in current if c.data_ptr() not in storage))  # copies only
+        return lerp(shadow, current, weight)
+
+    monkeypatch.setattr(ema_module, "UPDATE_CHUNK", 12)
+    monkeypatch.setattr(torch, "_foreach_lerp_", counting_lerp)
+    ema.update(step=1)
+    largest = max(p.numel() for p in model.parameters())
+    assert len(upcast) > 1 and max(upcast) <= max(12, largest)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ema.state_dict()[name], 0.9 * start[name] + 0.1 * p.float())
+
+
 # -- end to end --------------------------------------------------------------------------------------------------
 def test_two_stage_recipe_end_to_end_and_rerun_skips(tmp_path, manifest, capsys):
     recipe = load_recipe(write_recipe(tmp_path, manifest))
@@ -402,6 +429,26 @@ def test_gradient_accumulation_reduces_once_per_step_on_the_trainers_path(tmp_pa
             assert r["accum"] == 2, engine
             per_step = [r["per_micro"][i:i + 2] for i in (0, 2)]
             assert all(first == 0 and last > 0 for first, last in per_step), (engine, r["per_micro"])
+
+
+@pytest.mark.slow
+def test_a_clip_failing_on_one_rank_of_a_sequence_parallel_group_is_dropped_by_all(tmp_path, manifest):
+    """Both ranks of an SP group load the same batches; a transient read error on one of them must not leave
+    it with a smaller batch (the group's all-to-alls would get mismatched shapes and hang): the whole group
+    drops that sample, trains on the rest, and the failure is recorded."""
+    recipe = write_recipe(tmp_path, manifest, steps0=2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_workers" / "engine_worker.py"), "sp-broken", "--recipe", str(recipe),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads((out / "result.json").read_text())
+    assert ranks[0]["seen"] == ranks[1]["seen"], "the ranks of the SP group trained on different samples"
+    assert [len(b) for b in ranks[0]["seen"]] == [1, 2, 2, 2]  # the failed clip was dropped from the first batch
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    failed = [json.loads(line) for line in (out / "run" / "short" / "failures.jsonl").read_text().splitlines()]
+    assert len(failed) == 1 and "simulated transient read error on rank 1" in failed[0]["error"]
 
 
 def test_benchmark_times_the_trainers_step(tmp_path, manifest):
