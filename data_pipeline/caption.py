@@ -4,7 +4,8 @@ Order of preference for a row: a non-empty ``text`` column; a sidecar ``<video>.
 next to the clip (or, with ``sidecar_from_source``, next to the video it was cut from - a JSON sidecar
 may list ``shots`` with ``start_frame``/``end_frame``/``text`` and the shot overlapping the clip most is
 taken); otherwise the model. Generation is batched (greedy), frames are read with decord at
-``frame_positions`` of the clip, prompts go through the processor's chat template. A caption that
+``frame_positions`` of the clip - for the next batches in background threads while one batch generates,
+so the GPU does not wait for decoding - and prompts go through the processor's chat template. A caption that
 comes back empty (fewer than ``min_words`` after removing boiler-plate openings) or truncated (no end
 of sequence within the budget) is generated again with twice the budget; after ``retries`` an empty
 one fails the row and a truncated one is cut to its last full sentence and flagged
@@ -16,11 +17,15 @@ by rank and rank 0 merges. The model is loaded once per process (cached).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -121,6 +126,8 @@ def read_frames(path: str, positions: list[float], layout: str) -> list[np.ndarr
     """Frames at relative ``positions`` of the clip, (H, W, 3) uint8 each; ``grid`` joins them side by side."""
     import decord
 
+    if not Path(path).is_file():  # decord says only "Error reading PATH..." for a missing and a corrupt file alike
+        raise FileNotFoundError(f"clip not found: {path}")
     reader = decord.VideoReader(path, num_threads=1)
     n = len(reader)
     if n == 0:
@@ -153,10 +160,72 @@ def generate(images: list[list[np.ndarray]], cfg: CaptionConfig, max_new_tokens:
     return list(zip(texts, truncated))
 
 
+def _decode(row: Row, cfg: CaptionConfig) -> list[np.ndarray] | Exception:
+    """A row's frames, or the exception that fails that row alone (a broken clip)."""
+    try:
+        return read_frames(row["path"], list(cfg.frame_positions), cfg.layout)
+    except Exception as err:
+        return err
+
+
+def decoded_frames(
+    rows: list[Row], indices: list[int], cfg: CaptionConfig
+) -> Iterator[tuple[int, list[np.ndarray] | Exception]]:
+    """``(i, frames of rows[i] or the exception that failed it)`` for ``indices``, in that order.
+
+    With ``prefetch_batches`` > 0 the frames of the next ``prefetch_batches * batch_size`` rows are being
+    decoded by ``decode_workers`` threads whenever this yields, i.e. while the caller generates (decord
+    releases the GIL while it decodes). Close the generator (``contextlib.closing``) to cancel what is queued.
+    """
+    if cfg.prefetch_batches == 0:
+        for i in indices:
+            yield i, _decode(rows[i], cfg)
+        return
+    ahead = cfg.prefetch_batches * cfg.batch_size
+    pool = cf.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
+    try:
+        queue: collections.deque[tuple[int, cf.Future]] = collections.deque()
+        for i in indices:
+            queue.append((i, pool.submit(_decode, rows[i], cfg)))
+            if len(queue) > ahead:
+                j, future = queue.popleft()
+                yield j, future.result()
+        while queue:
+            j, future = queue.popleft()
+            yield j, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _caption_chunk(rows: list[Row], chunk: dict[int, list[np.ndarray]], cfg: CaptionConfig, budget: int,
+                   last_try: bool, results: list) -> dict[int, list[np.ndarray]]:
+    """One ``generate`` call for ``chunk`` (row index -> frames): fills ``results``, returns the rows to try again."""
+    retry: dict[int, list[np.ndarray]] = {}
+    for i, (raw, truncated) in zip(chunk, generate(list(chunk.values()), cfg, budget)):
+        text = clean_caption(raw, list(cfg.strip_openings))
+        empty = len(text.split()) < cfg.min_words
+        if (empty or truncated) and not last_try:
+            retry[i] = chunk[i]
+        elif empty:
+            results[i] = RuntimeError(f"empty caption after {cfg.retries + 1} tries: {raw[:80]!r}")
+        else:
+            if truncated:
+                text = last_sentence_end(text)
+            results[i] = [{**rows[i], "text": text, "caption_source": "model",
+                           "caption_flag": "truncated" if truncated else None}]
+    return retry
+
+
 def caption_batch(rows: list[Row], cfg: CaptionConfig) -> list[list[Row] | Exception]:
-    """Batch stage function: one entry per row (its output rows, or the exception that failed it)."""
+    """Batch stage function: one entry per row (its output rows, or the exception that failed it).
+
+    Rows the model captions go through ``generate`` ``batch_size`` at a time, in input order (a row whose
+    frames cannot be read fails alone and is left out of its batch); the frames of the next batches are
+    decoded in the background meanwhile (:func:`decoded_frames`). Rows to try again (empty or truncated)
+    keep their frames and are generated together after the first pass, with twice the budget each time.
+    """
     results: list[list[Row] | Exception | None] = [None] * len(rows)
-    todo: dict[int, list[np.ndarray]] = {}
+    need_model: list[int] = []
     for i, row in enumerate(rows):
         found = existing_caption(row, cfg) if cfg.use_existing else None
         if found:
@@ -164,31 +233,28 @@ def caption_batch(rows: list[Row], cfg: CaptionConfig) -> list[list[Row] | Excep
         elif not cfg.model:
             results[i] = RuntimeError("no caption in the data (column or sidecar) and no caption model configured")
         else:
-            try:
-                todo[i] = read_frames(row["path"], list(cfg.frame_positions), cfg.layout)
-            except Exception as err:
-                results[i] = err
-    budget = cfg.max_new_tokens
-    for attempt in range(cfg.retries + 1):
-        if not todo:
-            break
+            need_model.append(i)
+    # 1. First pass, streaming: batch k generates while the frames of batches k+1... are decoded.
+    retry: dict[int, list[np.ndarray]] = {}
+    chunk: dict[int, list[np.ndarray]] = {}
+    with contextlib.closing(decoded_frames(rows, need_model, cfg)) as stream:
+        for i, frames in stream:
+            if isinstance(frames, Exception):
+                results[i] = frames
+                continue
+            chunk[i] = frames
+            if len(chunk) == cfg.batch_size:
+                retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens, cfg.retries == 0, results)
+                chunk = {}
+    if chunk:
+        retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens, cfg.retries == 0, results)
+    # 2. Retries, frames already in memory: twice the budget each time.
+    for attempt in range(1, cfg.retries + 1):
+        todo, retry = retry, {}
         keys = list(todo)
-        retry: dict[int, list[np.ndarray]] = {}
         for start in range(0, len(keys), cfg.batch_size):
-            chunk = keys[start : start + cfg.batch_size]
-            for i, (raw, truncated) in zip(chunk, generate([todo[i] for i in chunk], cfg, budget)):
-                text = clean_caption(raw, list(cfg.strip_openings))
-                empty = len(text.split()) < cfg.min_words
-                if (empty or truncated) and attempt < cfg.retries:
-                    retry[i] = todo[i]
-                elif empty:
-                    results[i] = RuntimeError(f"empty caption after {attempt + 1} tries: {raw[:80]!r}")
-                else:
-                    if truncated:
-                        text = last_sentence_end(text)
-                    results[i] = [{**rows[i], "text": text, "caption_source": "model",
-                                   "caption_flag": "truncated" if truncated else None}]
-        todo, budget = retry, budget * 2
+            chunk = {i: todo[i] for i in keys[start : start + cfg.batch_size]}
+            retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens * 2**attempt, attempt == cfg.retries, results)
     return results  # type: ignore[return-value]
 
 

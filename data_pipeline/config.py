@@ -135,6 +135,11 @@ class CaptionConfig:
     frame_positions: list = _f([0.2, 0.5, 0.8], "relative positions of the frames in the clip (len = num_frames)")
     layout: str = _f("separate", "separate (one image per frame) or grid (frames side by side in one image)")
     batch_size: int = _f(8, "clips per generate() call")
+    prefetch_batches: int = _f(2, "generate batches whose frames are decoded in the background while one generates "
+                               "(0 = decode each batch just before its generate, the GPU waits meanwhile)")
+    decode_workers: int = _f(2, "threads that decode those frames (decord releases the GIL)")
+    task_batches: int = _f(8, "generate batches per runner task; a task is journaled as a whole, and only its first "
+                           "batch waits for frames (the prefetch runs within a task)")
     max_new_tokens: int = _f(160, "generation budget; a caption that hits it is truncated")
     retries: int = _f(1, "re-generate an empty or truncated caption this many times with twice the budget")
     min_words: int = _f(3, "a caption with fewer words is treated as empty")
@@ -153,6 +158,8 @@ class CaptionConfig:
     def __post_init__(self):
         if self.layout not in ("separate", "grid"):
             raise ValueError(f"caption.layout must be 'separate' or 'grid', got {self.layout!r}")
+        if self.batch_size < 1 or self.decode_workers < 1 or self.task_batches < 1 or self.prefetch_batches < 0:
+            raise ValueError("caption.batch_size, decode_workers and task_batches must be >= 1, prefetch_batches >= 0")
         if len(self.frame_positions) != self.num_frames:
             raise ValueError(
                 f"caption.frame_positions has {len(self.frame_positions)} entries, num_frames is {self.num_frames}"

@@ -98,8 +98,8 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     """
     df = input if isinstance(input, pd.DataFrame) else resolve_input(input)
     stage = make_stage(name, cfg, output)
-    if name == "caption":  # a task must hold at least one generation batch
-        runner = dataclasses.replace(runner, batch_rows=max(runner.batch_rows, cfg.batch_size))
+    if name == "caption":  # a task holds several generate batches: the frames of the next ones decode meanwhile
+        runner = dataclasses.replace(runner, batch_rows=max(runner.batch_rows, cfg.batch_size * cfg.task_batches))
     rank, world = dist_env()
     if world == 1:
         return run_stage(stage, df, output, runner)

@@ -1,8 +1,11 @@
 """caption: captions the data carries, clean-up, retries, a tiny random LLaVA loaded through the real path,
 and the per-rank sharding used under torchrun."""
 
+import dataclasses
 import json
+import threading
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -59,6 +62,86 @@ def test_empty_and_truncated_captions_are_retried_then_marked(tmp_path, monkeypa
     assert out[1][0]["text"] == "A cat sits on a mat." and out[1][0]["caption_flag"] == "truncated"
 
 
+def _width_captions(images, cfg, max_new_tokens):
+    """A stand-in for generate whose caption depends on the frames (their width), so a mix-up shows."""
+    return [(f"a clip {frames[0].shape[1]} pixels wide", False) for frames in images]
+
+
+def test_prefetch_gives_the_serial_captions_in_order_and_a_broken_clip_fails_alone(tmp_path, monkeypatch):
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"c{i}.mp4")
+        make_video(paths[-1], [12], size=(32 + 32 * i, 32))
+    (tmp_path / "c3.mp4").write_bytes(b"not a video")  # a broken clip in the middle of the second batch
+    paths.append(tmp_path / "gone.mp4")
+    rows = [{"id": str(i), "path": str(p)} for i, p in enumerate(paths)]
+    batches = []
+
+    def recording(images, cfg, max_new_tokens):
+        batches.append([frames[0].shape[1] for frames in images])
+        return _width_captions(images, cfg, max_new_tokens)
+
+    monkeypatch.setattr(cap, "generate", recording)
+    outs = {}
+    for name, prefetch, workers in [("serial", 0, 1), ("prefetch", 2, 3), ("one ahead", 1, 1)]:
+        batches.clear()
+        cfg = CaptionConfig(model="m", batch_size=2, prefetch_batches=prefetch, decode_workers=workers, min_words=1)
+        outs[name] = (cap.caption_batch(rows, cfg), list(batches))
+    def comparable(results):
+        return [o if isinstance(o, list) else repr(o) for o in results]
+
+    out, serial_batches = outs["serial"]
+    assert serial_batches == [[32, 64], [96, 160], [192, 224]]  # the broken clip is left out of its batch
+    assert [o[0]["text"] if isinstance(o, list) else None for o in out] == [
+        f"A clip {32 + 32 * i} pixels wide" if i not in (3, 7) else None for i in range(8)]
+    assert "Error reading" in str(out[3]) and str(paths[3]) in str(out[3])
+    assert isinstance(out[7], FileNotFoundError) and "clip not found" in str(out[7])
+    for name in ("prefetch", "one ahead"):
+        other, other_batches = outs[name]
+        assert other_batches == serial_batches
+        assert comparable(other) == comparable(out)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_frames_of_the_next_batch_decode_while_one_generates(tmp_path, monkeypatch, prefetch):
+    """Through the runner, as the caption command runs. Ordering by events, not timing: generate of batch 0
+    waits (bounded) for a decode of batch 1 to begin. With prefetch it does; without, batch 1 is decoded only
+    after generate returns. Prefetch is bounded: batch 2 is not decoded before batch 0 generates."""
+    events, lock = [], threading.Lock()
+    next_batch_decoding = threading.Event()
+
+    def log(*event):
+        with lock:
+            events.append(event)
+
+    def fake_read(path, positions, layout):
+        log("decode", path)
+        if {("decode", "/v/2.mp4"), ("decode", "/v/3.mp4")} <= set(events):
+            next_batch_decoding.set()
+        return [np.zeros((4, 4, 3), np.uint8)]
+
+    def fake_generate(images, cfg, max_new_tokens):
+        n = sum(e[0] == "generate" for e in events)
+        log("generate", n)
+        if n == 0:
+            log("next batch decoding during generate", next_batch_decoding.wait(timeout=10 if prefetch else 0.5))
+        log("generated", n)
+        return [("a cat on a mat", False)] * len(images)
+
+    monkeypatch.setattr(cap, "read_frames", fake_read)
+    monkeypatch.setattr(cap, "generate", fake_generate)
+    df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(6)]}))
+    cfg = CaptionConfig(model="m", batch_size=2, prefetch_batches=prefetch, decode_workers=2)
+    summary = run_one("caption", cfg, df, tmp_path / "cap.parquet", SERIAL)
+    assert summary.done == 6
+    assert read_manifest(tmp_path / "cap.parquet")["id"].tolist() == df["id"].tolist()
+    assert ("next batch decoding during generate", bool(prefetch)) in events
+    first_done = events.index(("generated", 0))
+    decoded_before = {e[1][len("/v/"):-len(".mp4")] for e in events[:first_done] if e[0] == "decode"}
+    assert decoded_before == ({"0", "1", "2", "3"} if prefetch else {"0", "1"})
+    assert events.index(("generate", 0)) < events.index(("decode", "/v/4.mp4"))
+
+
 def build_tiny_llava(folder):
     """A random 2-layer LLaVA (tiny CLIP vision + tiny Llama) with an offline word-level tokenizer."""
     import torch
@@ -111,6 +194,11 @@ def test_tiny_random_llava_through_the_real_loading_path(tmp_path):
     done = out[out["caption_status"] == "done"]
     assert (done["caption_source"] == "model").all() and done["text"].str.len().gt(0).all()
     assert all(str(e).startswith("RuntimeError: empty caption") for e in out.loc[out["caption_status"] != "done", "caption_error"])
+    # decoding in the background while generating changes nothing: same batches, same captions, same order
+    rows = df.to_dict("records")
+    plain = [o if isinstance(o, list) else repr(o) for o in cap.caption_batch(rows, cfg)]
+    serial = cap.caption_batch(rows, dataclasses.replace(cfg, prefetch_batches=0))
+    assert [o if isinstance(o, list) else repr(o) for o in serial] == plain
     # grid layout: the frames go in as one image
     cfg_grid = CaptionConfig(model=str(tmp_path / "llava"), layout="grid", max_new_tokens=4, min_words=1, device="cpu")
     [[row]] = [cap.caption_batch([df.iloc[0].to_dict()], cfg_grid)[0]]
