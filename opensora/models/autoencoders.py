@@ -1,0 +1,157 @@
+"""What a video autoencoder does to the shape of a video, without its weights: compression, channels, frame rule.
+
+A video autoencoder compresses (T, H, W) by factors (t, h, w). The image VAE of Open-Sora 1.0 works frame by
+frame, (1, 8, 8); the 3D VAEs of current video models also compress time. Those are *causal*: the first frame
+is encoded alone and every following group of t frames becomes one latent frame, so they take T = t*k + 1
+frames and give T' = (T - 1) / t + 1 latent frames (Wan 2.1 and 2.2, HunyuanVideo, CogVideoX: 4k+1; LTX-Video:
+8k+1). One frame (k = 0) is always valid: an image is a one-frame video.
+
+This module is the shape arithmetic shared by the autoencoders (``opensora.models.vae``), which read their
+factors from the loaded model, and by the cost forecast (``opensora.accounting``), which must price a recipe
+before any weights exist and so reads them from :data:`AUTOENCODER_PRESETS`, the published autoencoders.
+It imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+def _factors(compression: Sequence[int]) -> tuple[int, int, int]:
+    """(t, h, w) as ints; ValueError unless three factors >= 1."""
+    if len(compression) != 3 or any(int(f) != f or f < 1 for f in compression):
+        raise ValueError(f"compression must be three integer factors (t, h, w) >= 1, got {tuple(compression)}")
+    return int(compression[0]), int(compression[1]), int(compression[2])
+
+
+def frame_rule(temporal: int, causal: bool) -> str:
+    """The frame counts an autoencoder takes, in words: "any", "4k+1", "a multiple of 4"."""
+    if temporal == 1:
+        return "any"
+    return f"{temporal}k+1" if causal else f"a multiple of {temporal}"
+
+
+def valid_num_frames(num_frames: int, temporal: int, causal: bool) -> bool:
+    """Whether a video of ``num_frames`` frames fits temporal factor ``temporal`` (see the module docstring)."""
+    if num_frames < 1:
+        return False
+    if causal:
+        return (num_frames - 1) % temporal == 0
+    return num_frames % temporal == 0
+
+
+def nearest_valid_num_frames(num_frames: int, temporal: int, causal: bool) -> tuple[int, ...]:
+    """The valid frame counts nearest ``num_frames``: itself if valid, else the one below (if any) and above.
+
+    Args:
+        num_frames: a frame count, e.g. 16.
+        temporal: the temporal compression factor t, e.g. 4.
+        causal: the first frame is encoded alone (valid counts t*k + 1).
+    Returns:
+        e.g. (17,) for 17, (13, 17) for 16 with 4x causal, (1,) for 0.
+    """
+    if valid_num_frames(num_frames, temporal, causal):
+        return (num_frames,)
+    offset = 1 if causal else 0  # valid counts are t*k + offset, the smallest is t*0 + 1 or t*1 + 0
+    smallest = 1 if causal else temporal
+    if num_frames < smallest:
+        return (smallest,)
+    below = (num_frames - offset) // temporal * temporal + offset
+    return below, below + temporal
+
+
+def compressed_size(
+    input_size: Sequence[int], compression: Sequence[int], causal: bool, name: str = "the autoencoder"
+) -> tuple[int, int, int]:
+    """(T, H, W) of a video -> (T', H', W') of its latent.
+
+    Args:
+        input_size: (T, H, W) of the video.
+        compression: (t, h, w) factors.
+        causal: T' = (T - 1) // t + 1 (T must be t*k + 1); otherwise T' = T // t (T must divide by t).
+        name: names the autoencoder in errors.
+    Raises:
+        ValueError naming the size: a frame count that does not fit (with the nearest valid counts), or H / W
+        not divisible by the spatial factor.
+    """
+    if len(input_size) != 3:
+        raise ValueError(f"input size must be (T, H, W), got {tuple(input_size)}")
+    t, h, w = _factors(compression)
+    T, H, W = (int(v) for v in input_size)
+    for size, factor, axis in ((H, h, "H"), (W, w, "W")):
+        if size < 1 or size % factor:
+            raise ValueError(
+                f"video size (T, H, W) = {(T, H, W)}: {axis}={size} is not divisible by {name}'s downsampling factor "
+                f"{factor}"
+            )
+    if not valid_num_frames(T, t, causal):
+        near = " and ".join(str(n) for n in nearest_valid_num_frames(T, t, causal))
+        kind = f"{t}x causal temporal compression takes {t}k+1 frames" if causal else f"{t}x temporal compression " \
+            f"takes a multiple of {t} frames"
+        raise ValueError(
+            f"video size (T, H, W) = {(T, H, W)}: {T} frames do not fit {name} ({kind}); nearest valid frame "
+            f"counts: {near}"
+        )
+    T_latent = (T - 1) // t + 1 if causal else T // t
+    return T_latent, H // h, W // w
+
+
+@dataclass(frozen=True)
+class AutoencoderPreset:
+    """A published autoencoder: what it does to shapes, and the diffusers config that builds it (no weights)."""
+
+    name: str  # short name used by `tools/cost.py forecast --vae NAME`
+    class_name: str  # the diffusers class (`_class_name` in its config.json)
+    compression: tuple[int, int, int]  # (t, h, w)
+    latent_channels: int
+    causal: bool  # valid frame counts t*k + 1
+    normalisation: str  # what its authors do to latents before the diffusion model sees them, in words
+    weights: str  # where the weights are published (a Hugging Face repo id; never downloaded here)
+    # Constructor arguments that differ from the diffusers class's defaults (what the published config.json
+    # sets that decides shapes and cost); {} when the class defaults are that autoencoder.
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def latent_size(self, input_size: Sequence[int]) -> tuple[int, int, int]:
+        """(T, H, W) -> latent (T', H', W'); ValueError naming the nearest valid frame counts."""
+        return compressed_size(input_size, self.compression, self.causal, self.name)
+
+
+_WAN22_CONFIG = dict(  # Wan2.2-TI2V-5B's VAE: residual blocks, 2x2 patchify in front, 48 channels
+    base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+    scale_factor_spatial=16, scale_factor_temporal=4,
+)
+
+# The autoencoders of issue 13. The factors here are checked against what opensora.models.vae reads from each
+# class's config (tests/test_autoencoders.py), so the forecast and the loaded model cannot disagree.
+AUTOENCODER_PRESETS: dict[str, AutoencoderPreset] = {
+    p.name: p
+    for p in (
+        AutoencoderPreset(
+            "sd", "AutoencoderKL", (1, 8, 8), 4, False, "z * 0.18215 (Open-Sora 1.0)", "stabilityai/sd-vae-ft-ema",
+            dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2),
+        ),
+        AutoencoderPreset(
+            "wan2.1", "AutoencoderKLWan", (4, 8, 8), 16, True, "(z - latents_mean) / latents_std, per channel",
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (subfolder vae)",
+        ),
+        AutoencoderPreset(
+            "wan2.2", "AutoencoderKLWan", (4, 16, 16), 48, True, "(z - latents_mean) / latents_std, per channel",
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers (subfolder vae)", _WAN22_CONFIG,
+        ),
+        AutoencoderPreset(
+            "hunyuan", "AutoencoderKLHunyuanVideo", (4, 8, 8), 16, True, "z * 0.476986",
+            "hunyuanvideo-community/HunyuanVideo (subfolder vae)",
+        ),
+        AutoencoderPreset(
+            "cogvideox", "AutoencoderKLCogVideoX", (4, 8, 8), 16, True, "z * 1.15258426 (CogVideoX-2b; 0.7 for 5b)",
+            "THUDM/CogVideoX-2b (subfolder vae)",
+        ),
+        AutoencoderPreset(
+            "ltx", "AutoencoderKLLTXVideo", (8, 32, 32), 128, True,
+            "(z - latents_mean) * scaling_factor / latents_std, per channel (mean/std stored with the weights)",
+            "Lightricks/LTX-Video (0.9.0, subfolder vae)",
+        ),
+    )
+}
