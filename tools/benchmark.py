@@ -130,19 +130,31 @@ def _build_encoders(args, device, dtype, cfg):
     return vae.to(device, dtype).eval(), text_encoder.to(device, dtype).eval()
 
 
-def _attention_backend(step_fn) -> str:
-    """Which SDPA kernel the step ran, from kernel names in a one-step CUDA profile."""
+def attention_kernels(step_fn, device: torch.device) -> dict[str, int]:
+    """Every attention kernel one call of ``step_fn`` ran, with its count, from a profiler trace.
+
+    The SDPA aten ops (which backend PyTorch dispatched to: flash, efficient, cudnn, math, the CPU flash) and,
+    on CUDA, the device kernels whose names say attention (flash / fmha / cudnn / memory-efficient).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         step_fn()
-        torch.cuda.synchronize()
-    names = " ".join(e.key.lower() for e in prof.key_averages())
-    for key, label in (("flash", "flash"), ("cudnn", "cudnn"), ("fmha", "cudnn/fmha"),
-                       ("efficient_attention", "memory-efficient"), ("mem_eff", "memory-efficient")):
-        if key in names:
-            return label
-    return "math (no fused attention kernel found)"
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    keys = ("scaled_dot_product", "flash", "fmha", "attention", "mem_eff", "cudnn_sdpa")
+    return {e.key: e.count for e in prof.key_averages() if any(k in e.key.lower() for k in keys)}
+
+
+def _attention_backend(step_fn, device: torch.device) -> str:
+    """Which SDPA backends the step ran (all of them: spatial, temporal and cross-attention may differ)."""
+    names = " ".join(attention_kernels(step_fn, device)).lower()
+    found = [label for key, label in (("flash", "flash"), ("cudnn", "cudnn"), ("fmha", "cudnn/fmha"),
+                                      ("efficient_attention", "memory-efficient"), ("mem_eff", "memory-efficient"),
+                                      ("attention_math", "math"))
+             if key in names]
+    return " + ".join(dict.fromkeys(found)) or "none found"
 
 
 def build_step(args, info, cfg, dtype, model: STDiT | None = None):
@@ -302,7 +314,7 @@ def _run(args, info) -> dict:
         peak_tflops_datasheet=peak, mfu=achieved / (peak * 1e12) if peak else None,
         matmul_peak_tflops=matmul_peak, mfu_vs_matmul_peak=achieved / (matmul_peak * 1e12) if matmul_peak else None,
         peak_memory_gib=memory_gib, time_shares=shares, mean_loss=last_loss,
-        attention_backend=_attention_backend(lambda: step(args.warmup + args.steps)) if on_cuda else "cpu (math / flash-cpu)",
+        attention_backend=_attention_backend(lambda: step(args.warmup + args.steps), device),
         opensora_v1_h800_samples_per_s=OPENSORA_V1_SAMPLES_PER_S.get((args.frames, args.height, args.width))
         if args.model == "STDiT-XL/2" else None,
         warmup=args.warmup, steps=args.steps, time=time.strftime("%Y-%m-%d %H:%M:%S"),
