@@ -3,8 +3,10 @@
 A video autoencoder compresses (T, H, W) by factors (t, h, w). The image VAE of Open-Sora 1.0 works frame by
 frame, (1, 8, 8); the 3D VAEs of current video models also compress time. Those are *causal*: the first frame
 is encoded alone and every following group of t frames becomes one latent frame, so they take T = t*k + 1
-frames and give T' = (T - 1) / t + 1 latent frames (Wan 2.1 and 2.2, HunyuanVideo, CogVideoX: 4k+1; LTX-Video:
-8k+1). One frame (k = 0) is always valid: an image is a one-frame video.
+frames and give T' = (T - 1) / t + 1 latent frames (Wan 2.1 and 2.2, HunyuanVideo: 4k+1; LTX-Video: 8k+1).
+CogVideoX compresses time 4x too but decodes latent frames two at a time after the first, so only an odd
+latent count comes back at its own length: it takes 8k+1 frames (its 49-frame clips), the *frame step* 8.
+One frame (k = 0) is always valid: an image is a one-frame video.
 
 This module is the shape arithmetic shared by the autoencoders (``opensora.models.vae``), which read their
 factors from the loaded model, and by the cost forecast (``opensora.accounting``), which must price a recipe
@@ -25,44 +27,52 @@ def _factors(compression: Sequence[int]) -> tuple[int, int, int]:
     return int(compression[0]), int(compression[1]), int(compression[2])
 
 
-def frame_rule(temporal: int, causal: bool) -> str:
+def frame_rule(step: int, causal: bool) -> str:
     """The frame counts an autoencoder takes, in words: "any", "4k+1", "a multiple of 4"."""
-    if temporal == 1:
+    if step == 1:
         return "any"
-    return f"{temporal}k+1" if causal else f"a multiple of {temporal}"
+    return f"{step}k+1" if causal else f"a multiple of {step}"
 
 
-def valid_num_frames(num_frames: int, temporal: int, causal: bool) -> bool:
-    """Whether a video of ``num_frames`` frames fits temporal factor ``temporal`` (see the module docstring)."""
+def valid_num_frames(num_frames: int, step: int, causal: bool) -> bool:
+    """Whether ``num_frames`` fits: causal, ``step*k + 1``; otherwise a multiple of ``step`` (see module docstring).
+
+    ``step`` is the temporal factor t, or a multiple of it where a decoder needs a latent frame count of a given
+    form (CogVideoX decodes an odd number of latent frames: step 2t = 8).
+    """
     if num_frames < 1:
         return False
     if causal:
-        return (num_frames - 1) % temporal == 0
-    return num_frames % temporal == 0
+        return (num_frames - 1) % step == 0
+    return num_frames % step == 0
 
 
-def nearest_valid_num_frames(num_frames: int, temporal: int, causal: bool) -> tuple[int, ...]:
+def nearest_valid_num_frames(num_frames: int, step: int, causal: bool) -> tuple[int, ...]:
     """The valid frame counts nearest ``num_frames``: itself if valid, else the one below (if any) and above.
 
     Args:
         num_frames: a frame count, e.g. 16.
-        temporal: the temporal compression factor t, e.g. 4.
-        causal: the first frame is encoded alone (valid counts t*k + 1).
+        step: valid counts are ``step*k + 1`` (causal) or ``step*k`` (k >= 1), e.g. 4.
+        causal: the first frame is encoded alone.
     Returns:
-        e.g. (17,) for 17, (13, 17) for 16 with 4x causal, (1,) for 0.
+        e.g. (17,) for 17, (13, 17) for 16 with step 4 causal, (1,) for 0.
     """
-    if valid_num_frames(num_frames, temporal, causal):
+    if valid_num_frames(num_frames, step, causal):
         return (num_frames,)
-    offset = 1 if causal else 0  # valid counts are t*k + offset, the smallest is t*0 + 1 or t*1 + 0
-    smallest = 1 if causal else temporal
+    offset = 1 if causal else 0  # valid counts are step*k + offset
+    smallest = 1 if causal else step
     if num_frames < smallest:
         return (smallest,)
-    below = (num_frames - offset) // temporal * temporal + offset
-    return below, below + temporal
+    below = (num_frames - offset) // step * step + offset
+    return below, below + step
 
 
 def compressed_size(
-    input_size: Sequence[int], compression: Sequence[int], causal: bool, name: str = "the autoencoder"
+    input_size: Sequence[int],
+    compression: Sequence[int],
+    causal: bool,
+    name: str = "the autoencoder",
+    frame_step: int | None = None,
 ) -> tuple[int, int, int]:
     """(T, H, W) of a video -> (T', H', W') of its latent.
 
@@ -71,6 +81,7 @@ def compressed_size(
         compression: (t, h, w) factors.
         causal: T' = (T - 1) // t + 1 (T must be t*k + 1); otherwise T' = T // t (T must divide by t).
         name: names the autoencoder in errors.
+        frame_step: valid frame counts step by this (None: t); a multiple of t, see :func:`valid_num_frames`.
     Raises:
         ValueError naming the size: a frame count that does not fit (with the nearest valid counts), or H / W
         not divisible by the spatial factor.
@@ -78,6 +89,9 @@ def compressed_size(
     if len(input_size) != 3:
         raise ValueError(f"input size must be (T, H, W), got {tuple(input_size)}")
     t, h, w = _factors(compression)
+    step = t if frame_step is None else int(frame_step)
+    if step < 1 or step % t:
+        raise ValueError(f"frame_step must be a multiple of the temporal factor {t}, got {frame_step}")
     T, H, W = (int(v) for v in input_size)
     for size, factor, axis in ((H, h, "H"), (W, w, "W")):
         if size < 1 or size % factor:
@@ -85,13 +99,12 @@ def compressed_size(
                 f"video size (T, H, W) = {(T, H, W)}: {axis}={size} is not divisible by {name}'s downsampling factor "
                 f"{factor}"
             )
-    if not valid_num_frames(T, t, causal):
-        near = " and ".join(str(n) for n in nearest_valid_num_frames(T, t, causal))
-        kind = f"{t}x causal temporal compression takes {t}k+1 frames" if causal else f"{t}x temporal compression " \
-            f"takes a multiple of {t} frames"
+    if not valid_num_frames(T, step, causal):
+        near = " and ".join(str(n) for n in nearest_valid_num_frames(T, step, causal))
+        kind = "causal " if causal else ""
         raise ValueError(
-            f"video size (T, H, W) = {(T, H, W)}: {T} frames do not fit {name} ({kind}); nearest valid frame "
-            f"counts: {near}"
+            f"video size (T, H, W) = {(T, H, W)}: {T} frames do not fit {name} ({t}x {kind}temporal compression: "
+            f"{frame_rule(step, causal)} frames); nearest valid frame counts: {near}"
         )
     T_latent = (T - 1) // t + 1 if causal else T // t
     return T_latent, H // h, W // w
@@ -106,6 +119,7 @@ class AutoencoderPreset:
     compression: tuple[int, int, int]  # (t, h, w)
     latent_channels: int
     causal: bool  # valid frame counts t*k + 1
+    frame_step: int  # valid frame counts step by this: t, or 2t where the decoder wants an odd latent count
     normalisation: str  # what its authors do to latents before the diffusion model sees them, in words
     weights: str  # where the weights are published (a Hugging Face repo id; never downloaded here)
     # Constructor arguments that differ from the diffusers class's defaults (what the published config.json
@@ -114,7 +128,7 @@ class AutoencoderPreset:
 
     def latent_size(self, input_size: Sequence[int]) -> tuple[int, int, int]:
         """(T, H, W) -> latent (T', H', W'); ValueError naming the nearest valid frame counts."""
-        return compressed_size(input_size, self.compression, self.causal, self.name)
+        return compressed_size(input_size, self.compression, self.causal, self.name, self.frame_step)
 
 
 _WAN22_CONFIG = dict(  # Wan2.2-TI2V-5B's VAE: residual blocks, 2x2 patchify in front, 48 channels
@@ -128,28 +142,28 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderPreset] = {
     p.name: p
     for p in (
         AutoencoderPreset(
-            "sd", "AutoencoderKL", (1, 8, 8), 4, False, "z * 0.18215 (Open-Sora 1.0)", "stabilityai/sd-vae-ft-ema",
+            "sd", "AutoencoderKL", (1, 8, 8), 4, False, 1, "z * 0.18215 (Open-Sora 1.0)", "stabilityai/sd-vae-ft-ema",
             dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2),
         ),
         AutoencoderPreset(
-            "wan2.1", "AutoencoderKLWan", (4, 8, 8), 16, True, "(z - latents_mean) / latents_std, per channel",
+            "wan2.1", "AutoencoderKLWan", (4, 8, 8), 16, True, 4, "(z - latents_mean) / latents_std, per channel",
             "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (subfolder vae)",
         ),
         AutoencoderPreset(
-            "wan2.2", "AutoencoderKLWan", (4, 16, 16), 48, True, "(z - latents_mean) / latents_std, per channel",
+            "wan2.2", "AutoencoderKLWan", (4, 16, 16), 48, True, 4, "(z - latents_mean) / latents_std, per channel",
             "Wan-AI/Wan2.2-TI2V-5B-Diffusers (subfolder vae)", _WAN22_CONFIG,
         ),
         AutoencoderPreset(
-            "hunyuan", "AutoencoderKLHunyuanVideo", (4, 8, 8), 16, True, "z * 0.476986",
+            "hunyuan", "AutoencoderKLHunyuanVideo", (4, 8, 8), 16, True, 4, "z * 0.476986",
             "hunyuanvideo-community/HunyuanVideo (subfolder vae)",
         ),
         AutoencoderPreset(
-            "cogvideox", "AutoencoderKLCogVideoX", (4, 8, 8), 16, True, "z * 1.15258426 (CogVideoX-2b; 0.7 for 5b)",
+            "cogvideox", "AutoencoderKLCogVideoX", (4, 8, 8), 16, True, 8, "z * 1.15258426 (CogVideoX-2b; 0.7 for 5b)",
             "THUDM/CogVideoX-2b (subfolder vae)",
         ),
         AutoencoderPreset(
-            "ltx", "AutoencoderKLLTXVideo", (8, 32, 32), 128, True,
+            "ltx", "AutoencoderKLLTXVideo", (8, 32, 32), 128, True, 8,
             "(z - latents_mean) * scaling_factor / latents_std, per channel (mean/std stored with the weights)",
             "Lightricks/LTX-Video (0.9.0, subfolder vae)",
         ),

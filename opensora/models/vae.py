@@ -4,8 +4,8 @@ Open-Sora 1.0 encodes every frame independently with ``stabilityai/sd-vae-ft-ema
 ``AutoencoderKL``, 8x spatial downsampling, 4 latent channels) and multiplies the latent by 0.18215 so that it
 has roughly unit variance. Time is not compressed: the latent is (B, 4, T, H/8, W/8). Current open video models
 compress time as well, with causal 3D VAEs (diffusers ``AutoencoderKLWan``, ``AutoencoderKLHunyuanVideo``,
-``AutoencoderKLCogVideoX``, ``AutoencoderKLLTXVideo``): 4x8x8 to 8x32x32, 16 to 128 channels, and 4k+1
-(LTX: 8k+1) frames in (see ``opensora.models.autoencoders`` for the shape arithmetic).
+``AutoencoderKLCogVideoX``, ``AutoencoderKLLTXVideo``): 4x8x8 to 8x32x32, 16 to 128 channels, and 4k+1 frames
+in (LTX-Video, CogVideoX: 8k+1; ``opensora.models.autoencoders`` has the shape arithmetic and says why).
 
 All share one interface (:class:`VideoAutoencoder`), used by training, latent caching and sampling:
 ``encode(x) -> z`` (normalised as the autoencoder's authors do), ``decode(z) -> x``, ``compression`` (t, h, w)
@@ -165,6 +165,10 @@ class AutoencoderClass:
     norm: Callable[[ModelMixin], LatentNorm]
     causal: bool  # t*k + 1 frames: the first frame is encoded alone
     per_frame: bool = False  # an image VAE, applied to each frame
+    # Latent frame counts that decode back to (T' - 1) * t + 1 frames are 1 + latent_frame_step * j. CogVideoX's
+    # decoder takes latent frames in pairs after the first (num_latent_frames_batch_size = 2): an even count
+    # comes back one frame per latent frame too long (4 -> 16 frames, not 13), so it needs 8k+1 frames.
+    latent_frame_step: int = 1
     decode_kwargs: Callable[[ModelMixin, torch.Tensor], dict[str, Any]] = field(default=_no_decode_kwargs)
 
 
@@ -181,7 +185,8 @@ AUTOENCODER_CLASSES: dict[str, AutoencoderClass] = {
         AutoencoderKLHunyuanVideo, _hunyuan_compression, lambda c: int(c["latent_channels"]), _scale_only, causal=True
     ),
     "AutoencoderKLCogVideoX": AutoencoderClass(
-        AutoencoderKLCogVideoX, _cogvideox_compression, lambda c: int(c["latent_channels"]), _scale_only, causal=True
+        AutoencoderKLCogVideoX, _cogvideox_compression, lambda c: int(c["latent_channels"]), _scale_only, causal=True,
+        latent_frame_step=2,
     ),
     "AutoencoderKLLTXVideo": AutoencoderClass(
         AutoencoderKLLTXVideo, _ltx_compression, lambda c: int(c["latent_channels"]), _ltx_norm, causal=True,
@@ -201,14 +206,19 @@ class VideoAutoencoder(nn.Module):
         out_channels: latent channels.
         causal: the first frame is encoded alone, so T = t*k + 1 frames give T' = k + 1 latent frames.
         name: names the autoencoder in errors (its class).
+        frame_step: valid frame counts are ``frame_step * k + 1`` (causal) or multiples of it; None: t.
     """
 
-    def __init__(self, compression: tuple[int, int, int], out_channels: int, causal: bool, name: str):
+    def __init__(
+        self, compression: tuple[int, int, int], out_channels: int, causal: bool, name: str,
+        frame_step: int | None = None,
+    ):
         super().__init__()
         self.compression: tuple[int, int, int] = tuple(int(f) for f in compression)  # type: ignore[assignment]
         self.out_channels: int = int(out_channels)
         self.causal: bool = bool(causal)
         self.name: str = name
+        self.frame_step: int = self.compression[0] if frame_step is None else int(frame_step)
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -217,16 +227,16 @@ class VideoAutoencoder(nn.Module):
 
     def valid_num_frames(self, num_frames: int) -> bool:
         """Whether a ``num_frames``-frame video fits the frame rule (any / t*k + 1 / multiple of t)."""
-        return valid_num_frames(num_frames, self.compression[0], self.causal)
+        return valid_num_frames(num_frames, self.frame_step, self.causal)
 
     def nearest_valid_num_frames(self, num_frames: int) -> tuple[int, ...]:
         """``num_frames`` if valid, else the valid counts just below and above it (e.g. 13 and 17 for 16)."""
-        return nearest_valid_num_frames(num_frames, self.compression[0], self.causal)
+        return nearest_valid_num_frames(num_frames, self.frame_step, self.causal)
 
     def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
         """(T, H, W) of a video -> (T', H', W') of its latent; ValueError naming the size (and, for a frame
         count that does not fit, the nearest valid ones)."""
-        return compressed_size(input_size, self.compression, self.causal, self.name)
+        return compressed_size(input_size, self.compression, self.causal, self.name, self.frame_step)
 
     def describe(self) -> dict[str, Any]:
         """What decides the latents apart from the weights: class, factors, frame rule, channels, normalisation.
@@ -234,7 +244,7 @@ class VideoAutoencoder(nn.Module):
         JSON-serialisable, for records and cache keys.
         """
         return {"class": self.name, "compression": list(self.compression), "causal": self.causal,
-                "latent_channels": self.out_channels, "normalisation": self._norm_description()}
+                "frame_step": self.frame_step, "latent_channels": self.out_channels, "normalisation": self._norm_description()}
 
     def _norm_description(self) -> dict[str, Any]:
         return {"mean": None, "std": None, "scale": 1.0}
@@ -465,7 +475,9 @@ class VideoAutoencoder3D(VideoAutoencoder):
             raise ValueError(f"{name} is not a 3D video autoencoder; supported: "
                              f"{', '.join(n for n, c in AUTOENCODER_CLASSES.items() if not c.per_frame)}")
         cls = AUTOENCODER_CLASSES[name]
-        super().__init__(cls.compression(module.config), cls.latent_channels(module.config), cls.causal, name)
+        compression = cls.compression(module.config)
+        super().__init__(compression, cls.latent_channels(module.config), cls.causal, name,
+                         frame_step=compression[0] * cls.latent_frame_step)
         micro_batch_size = CLIPS_PER_CALL if micro_batch_size is None else micro_batch_size
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
