@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import socket
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -21,6 +27,7 @@ from data_pipeline.runner import Stage, Summary, run_stage
 from data_pipeline.sources import resolve_input
 from data_pipeline.split import split
 from opensora.data.manifest import read_manifest, usable_mask, write_manifest
+from opensora.utils import atomic_write_path
 
 
 class StageSpec(NamedTuple):
@@ -86,8 +93,151 @@ def merge_shards(input_df: pd.DataFrame, output: str | Path, world: int) -> pd.D
     return merged
 
 
+# Waiting for the other ranks' shards (run_one), in seconds. Ranks may finish hours apart, so the wait is no
+# collective with a timeout: files on the shared output folder say who is done, and a heartbeat file per rank
+# tells a slow rank (it keeps changing) from a dead one.
+SHARD_POLL_S = 5.0  # how often a waiting rank looks at the files
+SHARD_HEARTBEAT_S = 15.0  # how often every rank rewrites its heartbeat file (from a background thread)
+SHARD_STALL_S = 600.0  # a rank whose heartbeat has not changed for this long is taken for dead
+SHARD_REPORT_S = 300.0  # how often rank 0 prints what it is waiting for
+
+
+class ShardError(RuntimeError):
+    """Another rank failed or died, so this rank cannot finish the stage; a re-run resumes from the journals."""
+
+
+def _done_path(output: str | Path, rank: int, world: int) -> Path:
+    return Path(f"{shard_path(output, rank, world)}.done.json")
+
+
+def _alive_path(output: str | Path, rank: int, world: int) -> Path:
+    return Path(f"{shard_path(output, rank, world)}.alive.json")
+
+
+def _merged_path(output: str | Path) -> Path:
+    return Path(f"{output}.merged.json")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_write_path(path) as tmp:  # a reader sees the old file or the whole new one
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class _Heartbeat:
+    """Rewrites ``path`` every ``SHARD_HEARTBEAT_S`` from a daemon thread while the block runs: a rank busy in
+    a long ``generate`` keeps beating, a killed one (segfault, OOM killer, lost node) stops."""
+
+    def __init__(self, path: Path, token: str):
+        self.path, self.token = path, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="shard-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        beat = 0
+        while True:
+            with contextlib.suppress(OSError):  # a flaky disk: the next beat tries again, waiters allow SHARD_STALL_S
+                _write_json(self.path, {"token": self.token, "beat": beat, "host": socket.gethostname(),
+                                        "pid": os.getpid()})
+            beat += 1
+            if self._stop.wait(SHARD_HEARTBEAT_S):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+class _Liveness:
+    """When each watched rank's heartbeat last changed, by this process's clock (other hosts' clocks may differ)."""
+
+    def __init__(self, name: str, output: str | Path, world: int):
+        self.name, self.output, self.world = name, output, world
+        self.seen: dict[int, tuple[dict | None, float]] = {}
+
+    def check(self, ranks: set[int]) -> None:
+        """Raises :class:`ShardError` if one of ``ranks`` has not beaten for ``SHARD_STALL_S``."""
+        now = time.monotonic()
+        for r in sorted(ranks):
+            path = _alive_path(self.output, r, self.world)
+            beat = _read_json(path)
+            if r not in self.seen or beat != self.seen[r][0]:
+                self.seen[r] = (beat, now)
+            elif now - self.seen[r][1] > SHARD_STALL_S:
+                where = f" (pid {beat['pid']} on {beat['host']})" if beat else ""
+                raise ShardError(f"{self.name}: rank {r}{where} looks dead: its heartbeat {path} has not changed for "
+                                 f"{SHARD_STALL_S:.0f}s. A re-run resumes; rows already finished are not redone.")
+
+
+def _journaled(path: Path) -> int:
+    """Rows finished so far in a shard (lines of its runner journal, ``OUTPUT.journal.jsonl``)."""
+    try:
+        with open(f"{path}.journal.jsonl", "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+def _wait_for_shards(name: str, df: pd.DataFrame, output: str | Path, world: int, token: str) -> None:
+    """Rank 0: returns once every other rank has marked its shard done in this run (``token``)."""
+    pending, live = set(range(1, world)), _Liveness(name, output, world)
+    start = last_report = time.monotonic()
+    while True:
+        for r in sorted(pending):
+            marker = _read_json(_done_path(output, r, world))
+            if marker is None or marker.get("token") != token:  # absent, or left by an earlier run
+                continue
+            if marker["status"] != "done":
+                raise ShardError(f"{name}: rank {r} failed: {marker['error']}. A re-run resumes; rows already "
+                                 "finished are not redone.")
+            pending.discard(r)
+        if not pending:
+            return
+        live.check(pending)
+        now = time.monotonic()
+        if now - last_report >= SHARD_REPORT_S or last_report == start:
+            counts = ", ".join(f"rank {r} at {_journaled(shard_path(output, r, world))}/{len(shard(df, r, world))} rows"
+                               for r in sorted(pending))
+            print(f"{name}: rank 0 waiting for the other shards ({now - start:.0f}s): {counts}", file=sys.stderr,
+                  flush=True)
+            last_report = now
+        time.sleep(SHARD_POLL_S)
+
+
+def _wait_for_merge(name: str, output: str | Path, world: int, token: str) -> None:
+    """Ranks > 0: returns once rank 0 has merged the shards of this run (``token``)."""
+    live = _Liveness(name, output, world)
+    while True:
+        marker = _read_json(_merged_path(output))
+        if marker is not None and marker.get("token") == token:
+            if marker["status"] != "done":
+                raise ShardError(f"{name}: rank 0 could not merge the shards: {marker['error']}")
+            return
+        live.check({0})
+        time.sleep(SHARD_POLL_S)
+
+
 def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path, runner: RunnerConfig) -> Summary:
-    """Runs stage ``name``; under torchrun each rank takes its shard and rank 0 merges (gloo barrier).
+    """Runs stage ``name``; under torchrun each rank takes its shard and rank 0 merges them into ``output``.
+
+    Ranks may finish hours apart (one GPU gets the long clips), so after its shard a rank does not wait in a
+    collective, whose timeout would end the run: it writes ``<shard>.done.json``, and rank 0 polls for those,
+    then merges and writes ``OUTPUT.merged.json``, which the other ranks poll for. A rank that raises marks
+    its shard failed, and the waiting ranks raise :class:`ShardError` naming it; one that dies without a
+    word stops its heartbeat file and is declared dead after ``SHARD_STALL_S`` (torchrun ends the others at
+    once anyway). Each shard has its own journal, so a re-run on the same number of ranks redoes only rows
+    that had not finished. The files must be on storage every rank sees, like the shards themselves.
 
     Args:
         name: stage name.
@@ -107,11 +257,32 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    summary = run_stage(stage, shard(df, rank, world), shard_path(output, rank, world), runner)
-    dist.barrier()
-    if rank == 0:
-        merge_shards(df, output, world)
-    dist.barrier()
+    # The run's token tells this run's marker files from an earlier run's. This is the only collective: the
+    # ranks start together, so its timeout does not matter.
+    box = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    token = box[0]
+    shard_done = False
+    with _Heartbeat(_alive_path(output, rank, world), token):
+        try:
+            summary = run_stage(stage, shard(df, rank, world), shard_path(output, rank, world), runner)
+            _write_json(_done_path(output, rank, world), {"token": token, "status": "done", "summary": str(summary)})
+            shard_done = True
+            if rank == 0:
+                _wait_for_shards(name, df, output, world, token)
+                merge_shards(df, output, world)
+                _write_json(_merged_path(output), {"token": token, "status": "done"})
+            else:
+                print(f"{name}: rank {rank} done, waiting for rank 0 to merge", file=sys.stderr, flush=True)
+                _wait_for_merge(name, output, world, token)
+        except BaseException as err:  # tell the waiting ranks, then fail here too
+            failed = {"token": token, "status": "failed", "error": f"{type(err).__name__}: {err}"[:1000]}
+            with contextlib.suppress(OSError):
+                if not shard_done:
+                    _write_json(_done_path(output, rank, world), failed)
+                if rank == 0:
+                    _write_json(_merged_path(output), failed)
+            raise
     return summary
 
 

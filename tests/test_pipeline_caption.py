@@ -3,19 +3,25 @@ and the per-rank sharding used under torchrun."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from data_helpers import make_video
-from data_pipeline import caption as cap
+from data_pipeline import caption as cap, pipeline
 from data_pipeline.config import CaptionConfig, RunnerConfig
 from data_pipeline.pipeline import merge_shards, run_one, shard, shard_path
 from opensora.data.manifest import normalize, read_manifest, write_manifest
 
 SERIAL = RunnerConfig(workers=0, progress=False)
+WORKER = Path(__file__).parent / "dist_workers" / "caption_worker.py"
 
 
 def test_clean_caption_strips_openings():
@@ -249,3 +255,112 @@ def test_rank_shards_cover_every_row_once_and_merge_in_order(tmp_path):
     merged = merge_shards(df, tmp_path / "o.parquet", world)
     assert merged["id"].tolist() == df["id"].tolist()
     assert read_manifest(tmp_path / "o.parquet")["text"].tolist() == [f"caption /v/{i}.mp4" for i in range(7)]
+
+
+def caption_torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """tests/dist_workers/caption_worker.py on 2 gloo ranks over ``tmp_path/in.parquet``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cap.parquet"),
+           "--record", str(tmp_path), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _decoded_paths(tmp_path) -> list[str]:
+    """Rows the stand-in decoder saw (one per row (re)done), and forget them for the next run."""
+    paths = []
+    for log in tmp_path.glob("decoded.rank*.jsonl"):
+        paths += [json.loads(line)["path"] for line in log.read_text().splitlines()]
+        log.unlink()
+    return sorted(paths)
+
+
+@pytest.mark.slow
+def test_ranks_finishing_far_apart_outlast_the_collective_timeout(tmp_path):
+    """Rank 1 finishes ~8 s after rank 0 while collectives time out after 3 s (standing in for hours vs the
+    30-minute default): waiting for a shard is no collective, and a rank busy in generate for longer than the
+    stall limit counts as alive."""
+    df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(8)]}))
+    write_manifest(df, tmp_path / "in.parquet")
+    proc = caption_torchrun(tmp_path, "--pg-timeout-s", "3", "--slow-rank", "1", "--slow-s", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = read_manifest(tmp_path / "cap.parquet")
+    assert out["id"].tolist() == df["id"].tolist() and (out["text"] == "A cat sits on a mat").all()
+    assert _decoded_paths(tmp_path) == sorted(df["path"])
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_fails_the_run_and_a_rerun_redoes_only_unfinished_rows(tmp_path):
+    df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(8)]}))
+    write_manifest(df, tmp_path / "in.parquet")
+    start = time.monotonic()
+    proc = caption_torchrun(tmp_path, "--crash-rank", "1", "--crash-after", "1")
+    assert proc.returncode != 0 and time.monotonic() - start < 120
+    assert "exitcode  : 3" in proc.stderr and "rank      : 1" in proc.stderr, proc.stderr[-6000:]
+    assert not (tmp_path / "cap.parquet").exists()
+    journals = [Path(f"{shard_path(tmp_path / 'cap.parquet', r, 2)}.journal.jsonl") for r in range(2)]
+    finished = [{json.loads(line)["id"] for line in j.read_text().splitlines()} if j.exists() else set()
+                for j in journals]
+    assert len(finished[1]) == 2  # rank 1's first task (batch_size 2) was journaled before it died
+    _decoded_paths(tmp_path)
+    proc = caption_torchrun(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert _decoded_paths(tmp_path) == sorted(df.loc[~df["id"].isin(finished[0] | finished[1]), "path"])
+    out = read_manifest(tmp_path / "cap.parquet")
+    assert out["id"].tolist() == df["id"].tolist() and (out["caption_status"] == "done").all()
+
+
+@pytest.fixture
+def rank0_of_two(monkeypatch):
+    """This process as rank 0 of 2 (a one-process gloo group underneath); the test plays rank 1 with its files."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(pipeline, "SHARD_POLL_S", 0.05)
+    monkeypatch.setattr(pipeline, "SHARD_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(pipeline, "SHARD_STALL_S", 1.0)
+    monkeypatch.setattr(cap, "read_frames", lambda path, positions, layout: [np.zeros((4, 4, 3), np.uint8)])
+    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [("a cat sits on a mat", False)] * len(images))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(4)]}))
+    dist.destroy_process_group()
+
+
+def test_rank0_names_a_rank_that_failed_and_ignores_an_earlier_runs_marker(tmp_path, rank0_of_two):
+    out = tmp_path / "cap.parquet"
+    stale = {"token": "an earlier run", "status": "done", "summary": ""}
+    (tmp_path / "cap.rank1-of-2.parquet.done.json").write_text(json.dumps(stale))
+
+    def rank1():  # fails its shard once rank 0 is waiting, with this run's token
+        while not (tmp_path / "cap.rank0-of-2.parquet.done.json").exists():
+            time.sleep(0.01)
+        token = json.loads((tmp_path / "cap.rank0-of-2.parquet.done.json").read_text())["token"]
+        failed = {"token": token, "status": "failed", "error": "FileNotFoundError: caption model folder not found"}
+        (tmp_path / "cap.rank1-of-2.parquet.done.json").write_text(json.dumps(failed))
+
+    threading.Thread(target=rank1, daemon=True).start()
+    with pytest.raises(pipeline.ShardError, match="rank 1 failed: FileNotFoundError: caption model folder"):
+        run_one("caption", CaptionConfig(model="m"), rank0_of_two, out, SERIAL)
+    assert json.loads((tmp_path / "cap.parquet.merged.json").read_text())["status"] == "failed"  # ranks > 0 stop too
+    assert not out.exists() and len(read_manifest(shard_path(out, 0, 2))) == 2  # rank 0's shard is kept for a re-run
+
+
+def test_rank0_declares_a_silent_rank_dead_after_the_stall_limit(tmp_path, rank0_of_two):
+    """A rank killed outside torchrun (which would end the others itself) stops its heartbeat: no endless wait."""
+    (tmp_path / "cap.rank1-of-2.parquet.alive.json").write_text('{"beat": 7, "pid": 1234, "host": "node-b"}')
+    start = time.monotonic()
+    with pytest.raises(pipeline.ShardError, match=r"rank 1 \(pid 1234 on node-b\) looks dead"):
+        run_one("caption", CaptionConfig(model="m"), rank0_of_two, tmp_path / "cap.parquet", SERIAL)
+    assert 1.0 <= time.monotonic() - start < 30
+    assert not (tmp_path / "cap.rank0-of-2.parquet.alive.json").exists()  # its own heartbeat ends with it
+
+
+def test_ranks_waiting_for_the_merge_notice_a_dead_rank0(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "SHARD_POLL_S", 0.05)
+    monkeypatch.setattr(pipeline, "SHARD_STALL_S", 0.5)
+    with pytest.raises(pipeline.ShardError, match="rank 0 looks dead"):
+        pipeline._wait_for_merge("caption", tmp_path / "cap.parquet", 2, "token")
+    (tmp_path / "cap.parquet.merged.json").write_text(json.dumps({"token": "t", "status": "failed", "error": "E: x"}))
+    with pytest.raises(pipeline.ShardError, match="rank 0 could not merge the shards: E: x"):
+        pipeline._wait_for_merge("caption", tmp_path / "cap.parquet", 2, "t")
