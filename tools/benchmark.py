@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from opensora.config import ConfigError, merge, parse_overrides  # noqa: E402
 from opensora.diffusion import build_scheduler  # noqa: E402
 from opensora.distributed import exit_process  # noqa: E402
 from opensora.models.stdit import STDiT, STDiT_models, stdit_config  # noqa: E402
+from opensora.training.metrics import peak_memory_gb  # noqa: E402
 from opensora.utils import atomic_write_path  # noqa: E402
 
 # Open-Sora 1.0's reported training throughput (docs/acceleration.md of hpcaitech/Open-Sora, v1.0.0), H800,
@@ -298,10 +298,7 @@ def _run(args, info) -> dict:
     if not args.no_matmul_peak:
         matmul_peak = measure_matmul_tflops(device, dtype=dtype, size=8192 if on_cuda else 1024,
                                             iters=20 if on_cuda else 5)
-    if on_cuda:
-        memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # Linux reports ru_maxrss in KiB: the whole process, the closest CPU analogue
-        memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    memory_gib = peak_memory_gb(device)  # on a CPU: the whole process's peak RSS, the closest analogue
     result = dict(
         model=args.model, frames=args.frames, height=args.height, width=args.width, latent=list(latent),
         batch_per_device=B, world_size=world, engine=args.engine, compile=args.compile, grad_ckpt=args.grad_ckpt,

@@ -10,7 +10,8 @@ What one optimizer step does:
    ``opensora.training.step.TrainStep``, which ``tools/benchmark.py`` times;
 2. clip the gradient norm and AdamW step (through the engine), LR schedule step, fp32 EMA update;
 3. bookkeeping in Python numbers only (samples, tokens, FLOPs for the ledger); the loss and grad-norm
-   tensors stay on the device until the next log step, the only place the loop synchronises.
+   tensors stay on the device until the next log step, the only place the loop synchronises
+   (``opensora.training.metrics.MetricsLogger`` reduces and writes them).
 
 Randomness: before every micro-step the global generators and the diffusion generator are seeded from
 (recipe seed, step, micro-step, data-parallel rank). A resumed run therefore draws exactly the numbers the
@@ -20,17 +21,12 @@ ones. The data order is the sampler's (saved position); the dataset's random cro
 
 from __future__ import annotations
 
-import json
-import resource
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from opensora.accounting import Ledger, check_budget, train_flops_per_sample
 from opensora.bundle import BundleConfig, check_compatible, load_bundle_config, load_encoders, resolve_path
@@ -44,6 +40,7 @@ from opensora.models.stdit import STDiT
 from opensora.training.config import RecipeConfig, StageConfig, stage_data_config, stage_model_config
 from opensora.training.ema import EMA
 from opensora.training.init import load_init_checkpoint
+from opensora.training.metrics import MetricsLogger
 from opensora.training.optim import build_lr_scheduler, build_optimizer
 from opensora.training.step import TrainStep
 
@@ -132,11 +129,10 @@ class Trainer:
         self.ledger = Ledger(self.run_dir, stage.name, num_gpus=dist_info.world_size, gpu_type=acc.gpu_type,
                              price_per_gpu_hour=acc.price_per_gpu_hour, heartbeat_s=acc.heartbeat_s,
                              enabled=self.is_main)
+        self.metrics = MetricsLogger(self.stage_dir, self.run_dir.name, stage.name, stage.steps, recipe.logging,
+                                     to_dict(recipe), self.ledger, dist_info.world_size, self.device, self.is_main)
         self._flops_cache: dict[tuple[int, int, int], float] = {}
         self._budget_message: str | None = None
-        self._writers: list = []
-        self._metrics_file = None
-        self._bar = None
 
     # -- set-up helpers ------------------------------------------------------------------------------------
     def _batch_split(self) -> tuple[int, int]:
@@ -185,7 +181,7 @@ class Trainer:
             return
         self.ckpt.load(self.state_dict())
         self._batches = None  # the next batch comes from the restored position
-        self._print(f"stage '{self.stage.name}': resumed from step {self.step} ({self.ckpt.path(self.step)})")
+        self.metrics.print(f"stage '{self.stage.name}': resumed from step {self.step} ({self.ckpt.path(self.step)})")
 
     def save(self) -> None:
         """Writes a checkpoint of the current step and records it in the ledger (collective)."""
@@ -267,8 +263,8 @@ class Trainer:
         self.resume()
         self.ledger.start_segment(self.step)
         target = self.stage.steps if self.max_steps is None else min(self.stage.steps, self.max_steps)
-        self._open_logs()
-        log_every, window = self.recipe.logging.log_every, _Window()
+        self.metrics.open(self.step)
+        log_every = self.recipe.logging.log_every
         reason = None
         try:
             while reason is None:
@@ -277,16 +273,12 @@ class Trainer:
                     break
                 out = self.train_step()
                 self.ledger.update(self.step, out["samples"], out["tokens"], out["flops"])
-                window.add(out)
-                if self._bar is not None:
-                    self._bar.update(1)
+                self.metrics.add(out)
                 if self.step % log_every == 0 or self.step == target:
-                    self._log(window)
-                    window = _Window()
+                    self.metrics.log(self.step)  # the loop's one sync point
                 if self.step % self.recipe.logging.ckpt_every == 0 and self.step < target:
-                    saving = time.perf_counter()
-                    self.save()
-                    window.start += time.perf_counter() - saving  # samples/s and MFU measure training only
+                    with self.metrics.paused():  # samples/s and MFU measure training only
+                        self.save()
             if self.step > 0 and (self.ckpt.latest_step() != self.step):
                 self.save()
             if reason == "finished":
@@ -296,7 +288,7 @@ class Trainer:
             self.ledger.end_segment("error", self.step)
             raise
         finally:
-            self._close_logs()
+            self.metrics.close()
         self._report(reason)
         return reason
 
@@ -332,167 +324,29 @@ class Trainer:
         state = {**self.model.state_dict(), **self.ema.state_dict()}  # buffers from the model, weights averaged
         out = export_bundle(state, self.model_config, self.bundle_config, self.stage_dir / "export",
                             copy_from=self.init_dir)
-        self._print(f"stage '{self.stage.name}': exported the EMA weights to {out}")
+        self.metrics.print(f"stage '{self.stage.name}': exported the EMA weights to {out}")
         return out
 
-    # -- logging -------------------------------------------------------------------------------------------
-    def _print(self, message: str) -> None:
-        if not self.is_main:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def _open_logs(self) -> None:
-        if not self.is_main:
-            return
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = open(self.stage_dir / "metrics.jsonl", "a", encoding="utf-8")
-        logging = self.recipe.logging
-        if logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("logging.tensorboard is on but the tensorboard package is not installed; skipped")
-            else:
-                self._writers.append(_TensorBoard(SummaryWriter(str(self.stage_dir / "tensorboard"))))
-        if logging.wandb:
-            import wandb  # an explicit opt-in: a missing package is an error, not a silent skip
-
-            run = wandb.init(project=logging.wandb_project, name=f"{self.run_dir.name}/{self.stage.name}",
-                             dir=str(self.stage_dir), config=to_dict(self.recipe), resume="allow")
-            self._writers.append(_WandB(run))
-        if logging.progress:
-            self._bar = tqdm(total=self.stage.steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True,
-                             file=sys.stderr)
-
-    def _close_logs(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        self._writers = []
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def _log(self, window: "_Window") -> None:
-        """Reduces the window's metrics over ranks (the loop's one sync point) and writes them on rank 0."""
-        loss = torch.stack(window.losses).mean()
-        loss_max = torch.stack(window.loss_maxes).max()
-        if self.dist.world_size > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            dist.all_reduce(loss_max, op=dist.ReduceOp.MAX)
-            loss = loss / self.dist.world_size
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
-        spend = self.ledger.spent(self.stage.name)
-        peak = self.ledger.peak_tflops
-        row = dict(
-            step=self.step,
-            loss=loss.item(),
-            loss_max=loss_max.item(),
-            grad_norm=window.grad_norm.item(),
-            lr=window.lr,
-            samples_per_s=window.samples / elapsed,
-            tokens_per_s=window.tokens / elapsed,
-            mfu=(window.flops / elapsed / (peak * 1e12 * self.dist.world_size)) if peak else None,
-            data_wait=window.data_wait / elapsed,
-            memory_gb=_peak_memory_gb(self.device),
-            gpu_hours=spend.gpu_hours,
-            dollars=spend.dollars,
-            time=time.time(),
-        )
-        if not self.is_main:
-            return
-        self._metrics_file.write(json.dumps(row) + "\n")
-        self._metrics_file.flush()
-        for writer in self._writers:
-            writer.log(row)
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        line = (f"[{self.stage.name}] step {self.step}/{self.stage.steps} loss {row['loss']:.4f} "
-                f"grad_norm {row['grad_norm']:.3f} lr {row['lr']:.3g} {row['samples_per_s']:.2f} samples/s "
-                f"MFU {mfu} data_wait {row['data_wait']:.0%} mem {row['memory_gb']:.2f} GB ${row['dollars']:.2f}")
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            self._bar.write(line)
-        else:
-            print(line, flush=True)
-
+    # -- report --------------------------------------------------------------------------------------------
     def _report(self, reason: str) -> None:
         spend = self.ledger.spent(self.stage.name)
         spent = f"{spend.gpu_hours:.4f} GPU-hours, ${spend.dollars:.2f}, {spend.samples} samples"
         if reason == "finished":
-            self._print(f"stage '{self.stage.name}' finished at step {self.step}; spent {spent}")
+            self.metrics.print(f"stage '{self.stage.name}' finished at step {self.step}; spent {spent}")
             return
         saved = "with a checkpoint" if self.step > 0 else "before its first step (nothing to save)"
         if reason == "budget":
-            self._print(f"stage '{self.stage.name}' stopped at step {self.step} {saved}: "
-                        f"{self._budget_message}. Raise the budget and re-run to continue.")
+            self.metrics.print(f"stage '{self.stage.name}' stopped at step {self.step} {saved}: "
+                               f"{self._budget_message}. Raise the budget and re-run to continue.")
         else:
-            self._print(f"stage '{self.stage.name}' stopped ({reason}) at step {self.step} {saved}; "
-                        f"spent {spent}. Re-run the same command to continue.")
+            self.metrics.print(f"stage '{self.stage.name}' stopped ({reason}) at step {self.step} {saved}; "
+                               f"spent {spent}. Re-run the same command to continue.")
 
     def close(self) -> None:
         """Stops the data workers and frees the stage's models (the next stage builds its own)."""
         self._batches = None
-        self._close_logs()
+        self.metrics.close()
         self.loader = self.sampler = None
         self.model = self.model_fn = self.optimizer = self.ema = self.vae = self.text_encoder = self.steps = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-class _Window:
-    """Metrics accumulated between two log steps (device tensors stay on the device)."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.losses: list[torch.Tensor] = []
-        self.loss_maxes: list[torch.Tensor] = []
-        self.grad_norm = torch.zeros(())
-        self.lr = 0.0
-        self.samples = self.tokens = 0
-        self.flops = self.data_wait = 0.0
-
-    def add(self, out: dict) -> None:
-        self.losses.append(out["loss"])
-        self.loss_maxes.append(out["loss_max"])
-        self.grad_norm = out["grad_norm"]
-        self.lr = out["lr"]
-        self.samples += out["samples"]
-        self.tokens += out["tokens"]
-        self.flops += out["flops"]
-        self.data_wait += out["data_wait"]
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class _TensorBoard:
-    def __init__(self, writer):
-        self.writer = writer
-
-    def log(self, row: dict) -> None:
-        for key, value in row.items():
-            if key not in ("step", "time") and value is not None:
-                self.writer.add_scalar(f"train/{key}", value, row["step"])
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _WandB:
-    def __init__(self, run):
-        self.run = run
-
-    def log(self, row: dict) -> None:
-        self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
-
-    def close(self) -> None:
-        self.run.finish()
