@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import socket
@@ -26,8 +27,8 @@ from data_pipeline.probe import probe
 from data_pipeline.runner import Stage, Summary, run_stage
 from data_pipeline.sources import resolve_input
 from data_pipeline.split import split
-from opensora.data.manifest import read_manifest, usable_mask, write_manifest
-from opensora.utils import atomic_write_path
+from opensora.data.manifest import OK_STATUS, read_manifest, usable_mask, write_manifest
+from opensora.utils import atomic_write_path, read_jsonl
 
 
 class StageSpec(NamedTuple):
@@ -91,6 +92,35 @@ def merge_shards(input_df: pd.DataFrame, output: str | Path, world: int) -> pd.D
     merged = merged.assign(_order=parent).sort_values("_order", kind="stable").drop(columns="_order")
     write_manifest(merged, output)
     return merged
+
+
+def seed_journal(name: str, part: str | Path, output: str | Path, ids: set[str]) -> int:
+    """Resume across a change in the number of processes: adds to the journal of ``part`` (the output, or one
+    rank's shard of it) the rows of ``ids`` that journals of other layouts finished and it lacks
+    (``OUTPUT.journal.jsonl``, ``OUTPUT.rankR-of-W.EXT.journal.jsonl``). Returns how many rows it added."""
+    journal = Path(f"{part}.journal.jsonl")  # the runner's journal of ``part`` (runner.Journal)
+    output = Path(output)
+    pattern = f"{glob.escape(output.stem)}.rank*-of-*{glob.escape(output.suffix)}.journal.jsonl"
+    others = [p for p in [Path(f"{output}.journal.jsonl"), *sorted(output.parent.glob(pattern))] if p != journal]
+    if not any(p.exists() for p in others):
+        return 0
+    own = {e["id"]: e["status"] for e in read_jsonl(journal)}
+    found: dict[str, dict] = {}
+    for other in others:
+        for entry in read_jsonl(other):
+            row_id, finished = entry.get("id"), entry.get("status") == OK_STATUS
+            if row_id not in ids or own.get(row_id) == OK_STATUS or (row_id in own and not finished):
+                continue
+            if row_id not in found or finished:  # finished in one layout, failed in another: finished
+                found[row_id] = entry
+    if found:
+        kept = journal.read_bytes() if journal.exists() else b""
+        kept = kept[: kept.rfind(b"\n") + 1]  # without a half-written last line
+        with atomic_write_path(journal) as tmp:
+            tmp.write_bytes(kept + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in found.values()).encode())
+        print(f"{name}: {len(found)} rows finished by runs on another number of processes, taken from their journals",
+              file=sys.stderr, flush=True)
+    return len(found)
 
 
 # Waiting for the other ranks' shards (run_one), in seconds. Ranks may finish hours apart, so the wait is no
@@ -236,8 +266,9 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     then merges and writes ``OUTPUT.merged.json``, which the other ranks poll for. A rank that raises marks
     its shard failed, and the waiting ranks raise :class:`ShardError` naming it; one that dies without a
     word stops its heartbeat file and is declared dead after ``SHARD_STALL_S`` (torchrun ends the others at
-    once anyway). Each shard has its own journal, so a re-run on the same number of ranks redoes only rows
-    that had not finished. The files must be on storage every rank sees, like the shards themselves.
+    once anyway). Each shard has its own journal, so a re-run redoes only rows that had not finished (on
+    another number of ranks too: :func:`seed_journal`). The files must be on storage every rank sees, like
+    the shards themselves.
 
     Args:
         name: stage name.
@@ -252,6 +283,7 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
         runner = dataclasses.replace(runner, batch_rows=max(runner.batch_rows, cfg.batch_size * cfg.task_batches))
     rank, world = dist_env()
     if world == 1:
+        seed_journal(name, output, output, set(df["id"]))
         return run_stage(stage, df, output, runner)
     import torch.distributed as dist
 
@@ -263,9 +295,11 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     dist.broadcast_object_list(box, src=0)
     token = box[0]
     shard_done = False
+    part, rows = shard_path(output, rank, world), shard(df, rank, world)
     with _Heartbeat(_alive_path(output, rank, world), token):
         try:
-            summary = run_stage(stage, shard(df, rank, world), shard_path(output, rank, world), runner)
+            seed_journal(name, part, output, set(rows["id"]))
+            summary = run_stage(stage, rows, part, runner)
             _write_json(_done_path(output, rank, world), {"token": token, "status": "done", "summary": str(summary)})
             shard_done = True
             if rank == 0:

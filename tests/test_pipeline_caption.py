@@ -17,7 +17,8 @@ import pytest
 from data_helpers import make_video
 from data_pipeline import caption as cap, pipeline
 from data_pipeline.config import CaptionConfig, RunnerConfig
-from data_pipeline.pipeline import merge_shards, run_one, shard, shard_path
+from data_pipeline.pipeline import make_stage, merge_shards, run_one, shard, shard_path
+from data_pipeline.runner import run_stage
 from opensora.data.manifest import normalize, read_manifest, write_manifest
 
 SERIAL = RunnerConfig(workers=0, progress=False)
@@ -364,3 +365,30 @@ def test_ranks_waiting_for_the_merge_notice_a_dead_rank0(tmp_path, monkeypatch):
     (tmp_path / "cap.parquet.merged.json").write_text(json.dumps({"token": "t", "status": "failed", "error": "E: x"}))
     with pytest.raises(pipeline.ShardError, match="rank 0 could not merge the shards: E: x"):
         pipeline._wait_for_merge("caption", tmp_path / "cap.parquet", 2, "t")
+
+
+def test_a_rerun_on_another_number_of_processes_redoes_only_unfinished_rows(tmp_path, monkeypatch):
+    decoded = []
+
+    def fake_read(path, positions, layout):
+        decoded.append(path)
+        return [np.zeros((4, 4, 3), np.uint8)]
+
+    monkeypatch.setattr(cap, "read_frames", fake_read)
+    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [("a cat sits on a mat", False)] * len(images))
+    df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(6)]}))
+    out, cfg = tmp_path / "cap.parquet", CaptionConfig(model="m", batch_size=1, task_batches=1)
+    # A 2-rank run in which rank 1 died after its first row; earlier, a 1-process run had failed row 0.
+    stage = make_stage("caption", cfg, out)
+    run_stage(stage, shard(df, 0, 2), shard_path(out, 0, 2), SERIAL)
+    run_stage(stage, shard(df, 1, 2).iloc[:1], shard_path(out, 1, 2), SERIAL)
+    failed = {"id": df["id"][0], "status": "failed", "error": "RuntimeError: x", "rows": [df.iloc[0].to_dict()]}
+    Path(f"{out}.journal.jsonl").write_text(json.dumps(failed) + "\n")
+    decoded.clear()
+    summary = run_one("caption", cfg, df, out, SERIAL)  # now on one process
+    assert decoded == ["/v/3.mp4", "/v/5.mp4"]
+    assert (summary.resumed, summary.done, summary.failed) == (4, 2, 0)
+    result = read_manifest(out)
+    assert result["id"].tolist() == df["id"].tolist() and (result["caption_status"] == "done").all()
+    decoded.clear()
+    assert run_one("caption", cfg, df, out, SERIAL).resumed == 6 and decoded == []
