@@ -23,10 +23,10 @@ import urllib.request
 from pathlib import Path
 
 from data_pipeline.config import DownloadConfig
-from data_pipeline.media import atomic_path, safe_name
+from data_pipeline.media import safe_name
 from data_pipeline.rows import Row, is_missing
 from opensora.data.manifest import row_id
-from opensora.utils import file_sha256
+from opensora.utils import atomic_write_path, file_sha256
 
 USER_AGENT = "opensora-lite-data-pipeline/0.1"
 
@@ -136,7 +136,7 @@ def file_copy(src: Path, dest: Path) -> None:
     """Copies a local file into place atomically."""
     if not src.is_file():
         raise DownloadError(f"no such file: {src}")
-    with atomic_path(dest) as tmp:
+    with atomic_write_path(dest) as tmp:
         shutil.copyfile(src, tmp)
 
 

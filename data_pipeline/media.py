@@ -1,43 +1,24 @@
-"""Atomic media writes and a streaming H.264 clip writer (PyAV)."""
+"""Media helpers of the data pipeline: safe file names, even sizes, a yuv420p resize and a streaming H.264
+clip writer (PyAV)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import av
 import cv2
 import numpy as np
+
+from opensora.utils import AtomicPath
 
 
 def safe_name(text: str, max_len: int = 120) -> str:
     """A file-name-safe version of ``text``: no separators, no leading dot, bounded length."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
     return (name or "file")[:max_len]
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temp path next to ``path``; on success it replaces ``path`` in one ``os.replace``.
-
-    The temp name keeps the suffix (muxers are chosen by it) and starts with a dot, so a half-written
-    file is never mistaken for a finished one, and a crash leaves ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def even_size(width: int, height: int, short_side: int = 0) -> tuple[int, int]:
@@ -90,8 +71,8 @@ class ClipWriter:
     def __init__(self, path: str | Path, fps: Fraction | float, width: int, height: int,
                  codec: str = "libx264", crf: int = 18, preset: str = "veryfast"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}{self.path.suffix}")
+        self.target = AtomicPath(self.path, keep_suffix=True)  # FFmpeg picks the muxer by the suffix
+        self.tmp = self.target.tmp
         self.rate = Fraction(fps).limit_denominator(100000)
         self.width, self.height = width, height
         self.container = av.open(str(self.tmp), "w")
@@ -126,14 +107,10 @@ class ClipWriter:
         for packet in self.stream.encode():
             self.container.mux(packet)
         self.container.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.target.commit()
 
     def abort(self) -> None:
         """Drops the partial clip."""
         with contextlib.suppress(Exception):
             self.container.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+        self.target.discard()

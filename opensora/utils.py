@@ -7,30 +7,56 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
 
+class AtomicPath:
+    """A temporary path next to ``path`` that becomes ``path`` on :meth:`commit`; for writers that outlive a
+    ``with`` block (a streaming video writer). Everything else uses :func:`atomic_write_path`.
+
+    The temporary name starts with a dot and is unique per process and call, so a half-written file is
+    never taken for a finished one and parallel writers of one name do not collide. It is created by the
+    writer, so the file gets the usual permissions (``tempfile.mkstemp`` would make it 0600).
+
+    Args:
+        path: the final path; parent folders are created.
+        keep_suffix: end the temporary name with ``path``'s suffix, for writers that pick the format by it
+            (FFmpeg's muxers: ``.mp4``); otherwise it ends in ``.tmp``.
+    """
+
+    def __init__(self, path: str | Path, keep_suffix: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tail = self.path.suffix if keep_suffix else ""
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{tail}")
+
+    def commit(self) -> Path:
+        """fsyncs the finished temporary file and renames it over ``path`` (atomic on one filesystem)."""
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Removes the temporary file, if any (after a failure; a no-op after :meth:`commit`)."""
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_write_path(path: str | Path) -> Iterator[Path]:
+def atomic_write_path(path: str | Path, keep_suffix: bool = False) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; on success it is fsync'd and renamed over ``path``.
 
-    A crash (or a full disk) mid-write leaves the previous ``path`` untouched and no partial file under its name.
+    A crash (or a full disk) mid-write leaves the previous ``path`` untouched and no partial file under its
+    name; an exception removes the temporary file. See :class:`AtomicPath` for the name and ``keep_suffix``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    target = AtomicPath(path, keep_suffix=keep_suffix)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        yield target.tmp
+        target.commit()
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        target.discard()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from opensora.utils import atomic_write_path
 
 OPENSORA_COLUMNS = ["path", "text", "num_frames", "fps", "height", "width", "aspect_ratio", "resolution"]
 """Open-Sora 1.0's training columns. ``aspect_ratio`` is height / width, ``resolution`` is height * width."""
@@ -140,7 +141,7 @@ def read_manifest(path: str | Path, usable_only: bool = True) -> pd.DataFrame:
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
-    """Writes ``df`` atomically (temp file in the same folder, fsync, ``os.replace``).
+    """Writes ``df`` atomically (``opensora.utils.atomic_write_path``: temp file in the same folder, fsync, rename).
 
     Args:
         df: the table; missing :data:`COLUMNS` are added.
@@ -153,21 +154,11 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     if suffix not in (".parquet", ".csv", ".tsv"):
         raise ValueError(f"{path}: unknown manifest format '{path.suffix}' (use .parquet, .csv or .tsv)")
     df = normalize(df)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix == ".parquet":
-                df.to_parquet(f, index=False)
-            else:
-                df.to_csv(f, index=False, sep="\t" if suffix == ".tsv" else ",")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as f:
+        if suffix == ".parquet":
+            df.to_parquet(f, index=False)
+        else:
+            df.to_csv(f, index=False, sep="\t" if suffix == ".tsv" else ",")
     return path
 
 

@@ -10,8 +10,6 @@ Frames are always uint8 arrays shaped (T, H, W, 3) in RGB order.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +19,8 @@ import decord
 import numpy as np
 import torch
 from einops import rearrange
+
+from opensora.utils import atomic_write_path
 
 
 class VideoReadError(RuntimeError):
@@ -61,26 +61,17 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float,
         frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     frames = np.ascontiguousarray(frames)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target so that os.replace is a rename on one filesystem (atomic); same suffix
-    # so that FFmpeg picks the same container format.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        with av.open(tmp_name, mode="w") as container:
-            # limit_denominator keeps NTSC rates exact (30000/1001) instead of a huge float fraction.
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100_000))
-            stream.width = frames.shape[2]
-            stream.height = frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())  # flush the encoder's delayed frames
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # The temp name keeps the suffix, so that FFmpeg picks the same container format.
+    with atomic_write_path(path, keep_suffix=True) as tmp, av.open(str(tmp), mode="w") as container:
+        # limit_denominator keeps NTSC rates exact (30000/1001) instead of a huge float fraction.
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100_000))
+        stream.width = frames.shape[2]
+        stream.height = frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
     return path
 
 
