@@ -1,6 +1,7 @@
 """Accounting: STDiT FLOP formula (checked against torch's FlopCounterMode), GPU table, ledger across crashes,
 budgets, and the report / forecast CLI."""
 
+import dataclasses
 import json
 import math
 import re
@@ -25,9 +26,11 @@ from opensora.accounting import (
     train_flops_per_sample,
     video_tokens,
 )
-from opensora.accounting.forecast import cost_stages
+from opensora.accounting.flops import latent_size_of
+from opensora.accounting.forecast import cost_stages, forecast_stage, opensora_v1_stage
 from opensora.config import ConfigError
 from opensora.models import STDiT, STDiT_models, stdit_config
+from opensora.models.autoencoders import AUTOENCODER_PRESETS, AutoencoderShape
 from opensora.training import load_recipe
 from tools import cost
 
@@ -415,7 +418,7 @@ def test_forecast_cli_errors(tmp_path, capsys):
     assert "'tpu' is not in the table" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.replace("image_size: [64, 64]", "image_size: [60, 64]"))
-    with pytest.raises(ConfigError, match=r"bad\.yaml: stages\[1\] \('stage2'\).*\(60, 64\).*downsampling"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: stages\[1\] \('stage2'\).*\(8, 60, 64\): H=60.*downsampling"):
         cost_stages(load_recipe(bad), str(bad))
     # The recipe's own schema and checks: a mistyped key, a missing field, a bad override name the source.
     bad.write_text(RECIPE.replace("steps: 50", "stepz: 50"))
@@ -461,4 +464,87 @@ def test_forecast_reads_the_shipped_recipes():
     assert (pretrain.batch_size, pretrain.steps, pretrain.image_size) == (512, 80_000, (256, 256))
     assert pretrain.model.space_scale == 0.5  # the stage's model_overrides
     demo = cost_stages(load_recipe(ROOT / "configs/demo/train.yaml"))
-    assert [(s.num_frames, s.vae_downsample) for s in demo] == [(4, 1), (8, 1)]
+    assert [(s.num_frames, s.vae.compression) for s in demo] == [(4, (1, 1, 1)), (8, (1, 1, 1))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compressed latents (issue 13): the forecast takes the autoencoder's factors, no weights
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_latent_size_of_takes_compression_and_causality():
+    assert latent_size_of(16, (256, 256)) == latent_size_of(16, (256, 256), 8) == (16, 32, 32)  # SD-VAE per frame
+    assert latent_size_of(17, (256, 256), (4, 8, 8), causal=True) == (5, 32, 32)
+    assert latent_size_of(17, (512, 512), (8, 32, 32), causal=True) == (3, 16, 16)
+    assert latent_size_of(16, (256, 256), (4, 8, 8), causal=False) == (4, 32, 32)
+    with pytest.raises(ValueError, match="16 frames do not fit .*4k\\+1.*13 and 17"):
+        latent_size_of(16, (256, 256), (4, 8, 8), causal=True)
+    with pytest.raises(ValueError, match="8k\\+1.*9 and 17"):
+        latent_size_of(13, (256, 256), (4, 8, 8), causal=True, frame_step=8)  # CogVideoX
+
+
+def test_4x8x8_causal_forecast_is_over_3x_cheaper_than_sd_vae():
+    """Issue 13's target: Open-Sora 1.0's stage-2 budget, 17 frames through a 4x8x8 causal VAE vs 16 through SD-VAE,
+    at the same MFU. The ratio is 3.18 (5 latent frames of 16 channels vs 16 of 4; FLOPs are nearly linear in
+    tokens, the temporal attention's T^2 and the wider patch embedding move it off 16/5 = 3.2)."""
+    sd = opensora_v1_stage()
+    wan = opensora_v1_stage(AutoencoderShape((4, 8, 8), causal=True, latent_channels=16))
+    assert (sd.num_frames, sd.latent_size, sd.model.in_channels) == (16, (16, 32, 32), 4)
+    assert (wan.num_frames, wan.latent_size, wan.model.in_channels) == (17, (5, 32, 32), 16)
+    assert wan.samples == sd.samples
+    f_sd, f_wan = (forecast_stage(s, 64, "h800", 989.0, 2.0, 0.3) for s in (sd, wan))
+    ratio = f_sd.gpu_hours / f_wan.gpu_hours
+    assert ratio == pytest.approx(sd.flops_per_sample / wan.flops_per_sample)
+    assert 3.0 <= ratio < 3.2
+    assert ratio == pytest.approx(3.179, abs=1e-3)
+    # Every 4x8x8 preset prices the same; the presets' shapes are the forecast's.
+    for name in ("wan2.1", "hunyuan", "cogvideox"):
+        assert opensora_v1_stage(AUTOENCODER_PRESETS[name].shape).flops_per_sample == wan.flops_per_sample
+
+
+def test_forecast_cli_with_another_autoencoder(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    base = ["forecast", "--config", str(recipe), "--gpus", "8", "--gpu-type", "h100", "--mfu", "0.4"]
+    # The recipe's 16 and 8 frames do not fit a 4x causal VAE: the error names the stage and the counts to use.
+    assert cost.main([*base, "--vae", "wan2.1"]) == 2
+    assert re.search(r"stages\[0\] \('stage1'\).*16 frames do not fit wan2.1.*13 and 17", capsys.readouterr().err)
+    frames = ["--set", "stages.0.num_frames=17", "--set", "stages.1.num_frames=9"]
+    assert cost.main([*base, *frames, "--vae", "wan2.1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    s1 = data["stages"][0]
+    assert s1["latent_size"] == [5, 32, 32] and data["vae"]["compression"] == [4, 8, 8] and data["vae"]["causal"]
+    xl2_16 = dataclasses.replace(XL2, in_channels=16)
+    assert s1["flops_per_sample"] == pytest.approx(train_flops_per_sample(xl2_16, (5, 32, 32), 120))
+    # Explicit factors: channels unknown, so the model keeps its own (4).
+    assert cost.main([*base, *frames, "--vae-compression", "4x8x8", "--json"]) == 0
+    s1 = json.loads(capsys.readouterr().out)["stages"][0]
+    assert s1["flops_per_sample"] == pytest.approx(train_flops_per_sample(XL2, (5, 32, 32), 120))
+    assert cost.main([*base, *frames, "--vae-compression", "4x8"]) == 2
+    assert "give T x H x W factors" in capsys.readouterr().err
+    # The table shows the latent; the Open-Sora 1.0 line compares its budget with the given autoencoder.
+    assert cost.main([*base, *frames, "--vae", "wan2.1", "--opensora-v1"]) == 0
+    out = capsys.readouterr().out
+    assert "autoencoder: 4x8x8 causal (4k+1 frames), 16 ch (--vae wan2.1)" in out
+    assert "5x32x32" in next(line for line in out.splitlines() if line.startswith("stage1"))
+    assert re.search(r"at 17x256x256 \(latent 5x32x32\): 5\.39 TFLOP/sample.*3\.18x cheaper than SD-VAE at 16", out)
+    assert cost.main([*base, "--json"]) == 0  # no --vae: the recipe's vae_downsample
+    assert json.loads(capsys.readouterr().out)["vae"]["compression"] == [1, 8, 8]
+
+
+def test_autoencoders_table(capsys):
+    rows = cost.autoencoder_rows("STDiT-XL/2", [(16, 256, 256)])
+    by = {r["vae"]: r for r in rows}
+    assert set(by) == set(AUTOENCODER_PRESETS)
+    assert by["sd"]["video"] == [16, 256, 256] and by["sd"]["latent"] == [16, 32, 32]
+    assert by["wan2.1"]["video"] == [17, 256, 256] and by["wan2.1"]["tokens"] == 5 * 16 * 16
+    assert by["ltx"]["video"] == [17, 256, 256] and by["ltx"]["latent"] == [3, 8, 8]
+    assert by["wan2.1"]["times_cheaper_than_sd"] == pytest.approx(by["sd"]["train_flops"] / by["wan2.1"]["train_flops"])
+    assert cost.main(["autoencoders", "--size", "17x256x256"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"wan2\.1 +4x8x8 +16 +4k\+1 +17x256x256 +5x32x32 +1,280 +5\.39 +3\.38x", out)
+    assert cost.main(["autoencoders", "--size", "17x256"]) == 2
+    # The autoencoders' own FLOPs, counted on the meta device: per frame, SD-VAE's grow with the frames.
+    sd = AUTOENCODER_PRESETS["sd"]
+    one, nine = cost._vae_flops(sd, (1, 64, 64)), cost._vae_flops(sd, (9, 64, 64))
+    assert nine[0] == pytest.approx(9 * one[0]) and nine[1] == pytest.approx(9 * one[1]) and one[0] > 0

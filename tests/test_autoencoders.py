@@ -254,6 +254,7 @@ def test_presets_agree_with_what_the_loader_reads(name):
     params = inspect.signature(cls.module_class.__init__).parameters
     config = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     config.update(preset.config)
-    assert cls.compression(config) == preset.compression
-    assert cls.latent_channels(config) == preset.latent_channels
-    assert cls.causal == preset.causal and preset.compression[0] * cls.latent_frame_step == preset.frame_step
+    shape = preset.shape
+    assert cls.compression(config) == shape.compression
+    assert cls.latent_channels(config) == shape.latent_channels
+    assert cls.causal == shape.causal and shape.compression[0] * cls.latent_frame_step == shape.step

@@ -12,6 +12,13 @@
     # Open-Sora 1.0's video-pretraining budget (2808 H800 GPU-hours, ~$7,000) at a given MFU:
     python tools/cost.py forecast --opensora-v1 --gpus 8 --gpu-type h100 --mfu 0.45
 
+    # The same with another autoencoder (a published one by name, or any T x H x W factors; no weights needed):
+    python tools/cost.py forecast --opensora-v1 --vae wan2.1 --gpus 8 --gpu-type h100 --mfu 0.45
+    python tools/cost.py forecast --config configs/my_recipe.yaml --vae-compression 4x8x8 ...
+
+    # Autoencoders side by side: latent size, DiT tokens and training TFLOP per sample (docs/autoencoders.md):
+    python tools/cost.py autoencoders --size 17x256x256 --size 17x512x512 [--vae-flops]
+
 See docs/cost_accounting.md for the formulas and the ledger format.
 """
 
@@ -27,16 +34,20 @@ if __package__ in (None, ""):  # `python tools/x.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opensora.accounting.flops import mfu as mfu_of
+from opensora.accounting.flops import train_flops_per_sample, video_tokens
 from opensora.accounting.forecast import (
     OPENSORA_V1_STAGE2,
     StageForecast,
     cost_stages,
     forecast_stage,
     opensora_v1_stage,
+    recipe_autoencoder,
 )
 from opensora.accounting.gpu import GPU_SPECS
 from opensora.accounting.ledger import CostSummary, StageSummary, ledger_files, summarize
 from opensora.config import ConfigError
+from opensora.models.autoencoders import AUTOENCODER_PRESETS, AutoencoderShape, frame_rule
+from opensora.models.stdit import STDiT_models
 from opensora.training.config import load_recipe
 
 
@@ -141,42 +152,53 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if not 0 < mfu <= 1:
         raise ConfigError(f"MFU must be a fraction in (0, 1], got {mfu} ({mfu_from})")
 
-    stages = cost_stages(load_recipe(args.config, args.set), str(args.config)) if args.config is not None else []
+    vae, vae_from = _vae_source(args)
+    recipe = load_recipe(args.config, args.set) if args.config is not None else None
+    stages = cost_stages(recipe, str(args.config), vae=vae) if recipe is not None else []
     forecasts = [forecast_stage(s, args.gpus, args.gpu_type, peak, price, mfu) for s in stages]
     actual_by_stage = {r.stage: r.spend for r in actual.stages} if actual is not None else {}
+    if vae is None and recipe is not None:
+        vae, vae_from = recipe_autoencoder(recipe), f"recipe vae_downsample {recipe.vae_downsample}"
 
     if args.json:
         out = {"gpus": args.gpus, "gpu_type": args.gpu_type, "peak_tflops": peak, "price_per_gpu_hour": price,
                "mfu": mfu, "mfu_source": mfu_from, "stages": []}
-        for f in forecasts:
+        if vae is not None:
+            out["vae"] = {**dataclasses.asdict(vae), "source": vae_from}
+        for st, f in zip(stages, forecasts):
             row = dataclasses.asdict(f)
+            row.update(num_frames=st.num_frames, latent_size=list(st.latent_size))
             if f.stage in actual_by_stage:
                 row["actual"] = {k: v for k, v in _summary_row(StageSummary(f.stage, "", actual_by_stage[f.stage])).items()
                                  if k not in ("stage", "hardware")}
             out["stages"].append(row)
         if args.opensora_v1:
-            out["opensora_v1"] = _opensora_v1(args.gpus, args.gpu_type, peak, price, mfu)
+            out["opensora_v1"] = _opensora_v1(args.gpus, args.gpu_type, peak, price, mfu, _given(args, vae))
         print(json.dumps(out, indent=2))
         return 0
 
     price_from = "given" if args.price is not None else f"default for {args.gpu_type}"
     print(f"forecast: {args.gpus} x {args.gpu_type} (peak {peak:g} TFLOP/s dense bf16 per GPU), "
           f"MFU {_pct(mfu)} ({mfu_from}), ${price:.2f} per GPU-hour ({price_from})")
+    if vae is not None and forecasts:
+        print(f"autoencoder: {vae.summary()} ({vae_from})")
     if forecasts:
-        header = ["stage", "model", "video", "batch", "steps", "samples", "TFLOP/sample", "GPU-h", "wall h", "dollars"]
+        header = ["stage", "model", "video", "latent", "batch", "steps", "samples", "TFLOP/sample", "GPU-h", "wall h",
+                  "dollars"]
         if actual is not None:
             header += ["actual GPU-h", "actual $", "actual samples", "actual MFU"]
         rows = []
         for st, f in zip(stages, forecasts):
-            row = [f.stage, st.model_name, f"{st.num_frames}x{st.image_size[0]}x{st.image_size[1]}", str(st.batch_size),
-                   f"{st.steps:,}", f"{f.samples:,}", f"{f.flops_per_sample / 1e12:.3f}", f"{f.gpu_hours:,.1f}",
+            row = [f.stage, st.model_name, f"{st.num_frames}x{st.image_size[0]}x{st.image_size[1]}",
+                   "x".join(str(v) for v in st.latent_size), str(st.batch_size), f"{st.steps:,}", f"{f.samples:,}",
+                   f"{f.flops_per_sample / 1e12:.3f}", f"{f.gpu_hours:,.1f}",
                    f"{f.wall_hours:,.1f}", f"${f.dollars:,.0f}"]
             if actual is not None:
                 a = actual_by_stage.get(f.stage)
                 row += ([f"{a.gpu_hours:,.3f}", f"${a.dollars:,.2f}", f"{a.samples:,}", _pct(a.mfu)] if a
                         else ["-", "-", "-", "-"])
             rows.append(row)
-        total = ["total", "", "", "", "", f"{sum(f.samples for f in forecasts):,}", "",
+        total = ["total", "", "", "", "", "", f"{sum(f.samples for f in forecasts):,}", "",
                  f"{sum(f.gpu_hours for f in forecasts):,.1f}", f"{sum(f.wall_hours for f in forecasts):,.1f}",
                  f"${sum(f.dollars for f in forecasts):,.0f}"]
         if actual is not None:
@@ -185,22 +207,45 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         rows.append(total)
         print(_table(header, rows))
     if args.opensora_v1:
-        print(_opensora_v1_line(_opensora_v1(args.gpus, args.gpu_type, peak, price, mfu)))
+        print(_opensora_v1_line(_opensora_v1(args.gpus, args.gpu_type, peak, price, mfu, _given(args, vae))))
     return 0
 
 
-def _opensora_v1(gpus: int, gpu_type: str, peak: float, price: float, mfu: float) -> dict:
-    """Open-Sora 1.0's video pretraining stage: what it reported, the MFU that implies, and our forecast."""
+def _vae_source(args: argparse.Namespace) -> tuple[AutoencoderShape | None, str]:
+    """The autoencoder given on the command line (--vae NAME or --vae-compression TxHxW), and where it is from."""
+    if args.vae is not None:
+        return AUTOENCODER_PRESETS[args.vae].shape, f"--vae {args.vae}"
+    if args.vae_compression is not None:
+        return AutoencoderShape.parse(args.vae_compression), f"--vae-compression {args.vae_compression}"
+    return None, ""
+
+
+def _given(args: argparse.Namespace, vae: AutoencoderShape | None) -> AutoencoderShape | None:
+    """The autoencoder to compare Open-Sora 1.0's budget with: only one given on the command line."""
+    return vae if args.vae is not None or args.vae_compression is not None else None
+
+
+def _opensora_v1(gpus: int, gpu_type: str, peak: float, price: float, mfu: float,
+                 vae: AutoencoderShape | None = None) -> dict:
+    """Open-Sora 1.0's video pretraining stage: what it reported, the MFU that implies, and our forecast; with
+    ``vae``, also the same budget with that autoencoder (``with_vae``) and how many times cheaper it is."""
     r = OPENSORA_V1_STAGE2
     stage = opensora_v1_stage()
     total = stage.samples * stage.flops_per_sample
     h800 = GPU_SPECS[r["gpu_type"]]
     implied_mfu = mfu_of(total / (r["gpu_hours"] * 3600.0), h800.peak_bf16_tflops * 1e12)
     ours = forecast_stage(stage, gpus, gpu_type, peak, price, mfu)
-    return {"samples": stage.samples, "flops_per_sample": stage.flops_per_sample, "total_flops": total,
-            "reported_gpu_hours": r["gpu_hours"], "reported_gpu_type": r["gpu_type"],
-            "reported_dollars": r["dollars"], "implied_mfu": implied_mfu,
-            "forecast": dataclasses.asdict(ours)}
+    out = {"samples": stage.samples, "flops_per_sample": stage.flops_per_sample, "total_flops": total,
+           "reported_gpu_hours": r["gpu_hours"], "reported_gpu_type": r["gpu_type"],
+           "reported_dollars": r["dollars"], "implied_mfu": implied_mfu,
+           "forecast": dataclasses.asdict(ours)}
+    if vae is not None:
+        other = opensora_v1_stage(vae)
+        out["with_vae"] = {"vae": vae.summary(), "num_frames": other.num_frames, "latent_size": list(other.latent_size),
+                           "flops_per_sample": other.flops_per_sample,
+                           "times_cheaper": stage.flops_per_sample / other.flops_per_sample,
+                           "forecast": dataclasses.asdict(forecast_stage(other, gpus, gpu_type, peak, price, mfu))}
+    return out
 
 
 def _opensora_v1_line(d: dict) -> str:
@@ -214,7 +259,108 @@ def _opensora_v1_line(d: dict) -> str:
         f"(= {_pct(d['implied_mfu'])} MFU); at {_pct(f['mfu'])} MFU on {f['gpus']} x {f['gpu_type']} "
         f"(${f['price_per_gpu_hour']:.2f}/GPU-hour): {f['gpu_hours']:,.0f} GPU-hours, "
         f"{f['wall_hours']:,.1f} h wall, ${f['dollars']:,.0f}"
+    ) + ("" if "with_vae" not in d else _with_vae_line(d["with_vae"]))
+
+
+def _with_vae_line(w: dict) -> str:
+    f, (t, h, wd) = w["forecast"], w["latent_size"]
+    r = OPENSORA_V1_STAGE2
+    return (
+        f"\n  the same budget with a {w['vae']} autoencoder at {w['num_frames']}x{r['image_size'][0]}x"
+        f"{r['image_size'][1]} (latent {t}x{h}x{wd}): {w['flops_per_sample'] / 1e12:.2f} TFLOP/sample, "
+        f"{f['gpu_hours']:,.0f} GPU-hours, {f['wall_hours']:,.1f} h wall, ${f['dollars']:,.0f}: "
+        f"{w['times_cheaper']:.2f}x cheaper than SD-VAE at {r['num_frames']} frames"
     )
+
+
+def _parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        T, H, W = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {text!r}: give frames x height x width, e.g. 17x256x256") from None
+    return T, H, W
+
+
+def autoencoder_rows(model_name: str, sizes: list[tuple[int, int, int]], vae_flops: bool = False) -> list[dict]:
+    """Per published autoencoder and video size: the clip it takes, its latent, the DiT's tokens and training
+    FLOPs per sample (the model taking the autoencoder's latent channels), and the ratio to SD-VAE's FLOPs.
+
+    Args:
+        model_name: an STDiT size (``STDiT_models``).
+        sizes: (T, H, W) videos; T becomes the smallest valid frame count >= T for each autoencoder.
+        vae_flops: also count the autoencoder's own encode / decode FLOPs per clip.
+    """
+    base = STDiT_models[model_name]
+    rows = []
+    for T, H, W in sizes:
+        sd_flops = None
+        for name, preset in AUTOENCODER_PRESETS.items():
+            shape = preset.shape
+            frames = max(shape.nearest_valid_num_frames(T))
+            model = dataclasses.replace(base, in_channels=shape.latent_channels)
+            row: dict = {"vae": name, "class": preset.class_name, "compression": list(shape.compression),
+                         "latent_channels": shape.latent_channels, "frame_rule": frame_rule(shape.step, shape.causal),
+                         "video": [frames, H, W]}
+            try:
+                latent = shape.latent_size((frames, H, W))
+                flops = train_flops_per_sample(model, latent)
+                row.update(latent=list(latent), tokens=video_tokens(model, latent), train_flops=flops)
+            except ValueError as err:  # the size does not divide by the factors or the patch
+                row.update(latent=None, tokens=None, train_flops=None, error=str(err))
+                flops = None
+            if name == "sd":
+                sd_flops = flops
+            row["times_cheaper_than_sd"] = sd_flops / flops if sd_flops and flops else None
+            if vae_flops:
+                row["encode_flops"], row["decode_flops"] = _vae_flops(preset, (frames, H, W))
+            rows.append(row)
+    return rows
+
+
+def _vae_flops(preset, size: tuple[int, int, int]) -> tuple[float, float]:
+    """(encode, decode) FLOPs of one clip through a published autoencoder, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from opensora.models.vae import AUTOENCODER_CLASSES
+
+    cls = AUTOENCODER_CLASSES[preset.class_name]
+    with torch.device("meta"):
+        module = cls.module_class(**preset.config)
+    T, H, W = size
+    x = torch.empty((T, 3, H, W) if cls.per_frame else (1, 3, T, H, W), device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as enc:
+        z = module.encode(x).latent_dist.mode()
+    with torch.no_grad(), FlopCounterMode(display=False) as dec:
+        module.decode(z, **cls.decode_kwargs(module, z))
+    return float(enc.get_total_flops()), float(dec.get_total_flops())
+
+
+def cmd_autoencoders(args: argparse.Namespace) -> int:
+    sizes = [_parse_size(s) for s in (args.size or ["17x256x256", "17x512x512"])]
+    rows = autoencoder_rows(args.model, sizes, args.vae_flops)
+    if args.json:
+        print(json.dumps({"model": args.model, "rows": rows}, indent=2))
+        return 0
+    print(f"{args.model} (patch {'x'.join(str(p) for p in STDiT_models[args.model].patch_size)}), training FLOPs "
+          "per sample = 3 x forward, the DiT only; the model takes each autoencoder's latent channels")
+    header = ["autoencoder", "compression", "ch", "frames", "video", "latent", "tokens", "TFLOP/sample", "vs sd"]
+    if args.vae_flops:
+        header += ["VAE enc TFLOP", "VAE dec TFLOP"]
+    table = []
+    for r in rows:
+        c = r["compression"]
+        row = [r["vae"], f"{c[0]}x{c[1]}x{c[2]}", str(r["latent_channels"]), r["frame_rule"],
+               "x".join(str(v) for v in r["video"]),
+               "x".join(str(v) for v in r["latent"]) if r["latent"] else "n/a",
+               f"{r['tokens']:,}" if r["tokens"] else "n/a",
+               f"{r['train_flops'] / 1e12:.2f}" if r["train_flops"] else "n/a",
+               f"{r['times_cheaper_than_sd']:.2f}x" if r["times_cheaper_than_sd"] else "-"]
+        if args.vae_flops:
+            row += [f"{r['encode_flops'] / 1e12:.2f}", f"{r['decode_flops'] / 1e12:.2f}"]
+        table.append(row)
+    print(_table(header, table))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,9 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--benchmark", type=Path, help="JSON from tools/benchmark.py; its 'mfu' field is used")
     fc.add_argument("--run-dir", type=Path, help="a run of this recipe: its actual figures are shown beside")
     fc.add_argument("--opensora-v1", action="store_true",
-                    help="also print what Open-Sora 1.0's stage-2 budget would cost at this MFU, GPU and price")
+                    help="also print what Open-Sora 1.0's stage-2 budget would cost at this MFU, GPU and price "
+                         "(and, with --vae / --vae-compression, with that autoencoder)")
+    vae = fc.add_mutually_exclusive_group()
+    vae.add_argument("--vae", choices=list(AUTOENCODER_PRESETS),
+                     help="price with this published autoencoder instead of the recipe's (factors, frame rule, "
+                          "latent channels; no weights needed; docs/autoencoders.md)")
+    vae.add_argument("--vae-compression", metavar="TxHxW",
+                     help="price with an autoencoder of these factors, e.g. 4x8x8 (causal when T > 1: 4k+1 frames)")
     fc.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fc.set_defaults(func=cmd_forecast)
+
+    ae = sub.add_parser("autoencoders", help="the published autoencoders side by side: latent, tokens, TFLOP/sample")
+    ae.add_argument("--model", default="STDiT-XL/2", choices=list(STDiT_models), help="the DiT to price")
+    ae.add_argument("--size", action="append", metavar="TxHxW",
+                    help="video size, repeatable (default 17x256x256 and 17x512x512); a frame count an autoencoder "
+                         "does not take becomes the smallest larger one it does")
+    ae.add_argument("--vae-flops", action="store_true",
+                    help="also count each autoencoder's own encode / decode FLOPs per clip (torch FlopCounterMode on "
+                         "the meta device: the published configs, no weights; a few seconds each)")
+    ae.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ae.set_defaults(func=cmd_autoencoders)
     return parser
 
 

@@ -35,7 +35,9 @@ The VAE and the text encoder are not included; the benchmark reports their share
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, Sequence
+
+from opensora.models.autoencoders import AutoencoderShape
 
 # Width of the sinusoidal timestep features fed to t_embedder (TimestepEmbedder default in STDiT).
 TIMESTEP_FREQ_DIM = 256
@@ -133,18 +135,31 @@ def train_flops_per_sample(cfg: STDiTShape, latent_size: tuple[int, int, int], t
     return 3.0 * stdit_forward_flops(cfg, latent_size, text_len)
 
 
-def latent_size_of(num_frames: int, image_size: tuple[int, int], vae_downsample: int = 8) -> tuple[int, int, int]:
-    """(T, H, W) latent of a ``num_frames`` x H x W video for a frame-by-frame (2D) VAE.
+def latent_size_of(
+    num_frames: int,
+    image_size: tuple[int, int],
+    compression: int | Sequence[int] = 8,
+    causal: bool = False,
+    frame_step: int | None = None,
+) -> tuple[int, int, int]:
+    """(T, H, W) latent of a ``num_frames`` x H x W video, from the autoencoder's factors (no weights needed).
 
     Args:
-        num_frames: video frames (the 2D VAE of Open-Sora 1.0 keeps them all).
-        image_size: (H, W) in pixels; must be divisible by ``vae_downsample``.
-        vae_downsample: spatial downsampling factor of the VAE (8 for SD-VAE).
+        num_frames: video frames; a causal 3D VAE takes t*k + 1 of them (e.g. 17 for 4x), see
+            ``opensora.models.autoencoders``.
+        image_size: (H, W) in pixels; must divide by the spatial factors.
+        compression: (t, h, w) of the autoencoder, e.g. (4, 8, 8) for Wan 2.1; or one int f, a frame-by-frame VAE's
+            (1, f, f) (the older ``vae_downsample``: 8 for SD-VAE).
+        causal: T' = (T - 1) // t + 1, as the causal 3D VAEs; otherwise T' = T // t.
+        frame_step: valid frame counts step by this (None: t; 8 for CogVideoX, which compresses 4x).
+    Raises:
+        ValueError naming the size, and for a frame count that does not fit, the nearest valid ones.
     """
-    h, w = (int(v) for v in image_size)
-    if h % vae_downsample or w % vae_downsample:
-        raise ValueError(f"image size {(h, w)} is not divisible by the VAE downsampling factor {vae_downsample}")
-    return int(num_frames), h // vae_downsample, w // vae_downsample
+    if isinstance(compression, int):
+        shape = AutoencoderShape.per_frame(compression)
+    else:
+        shape = AutoencoderShape(tuple(compression), causal, frame_step)  # type: ignore[arg-type]
+    return shape.latent_size((num_frames, *image_size))
 
 
 def mfu(achieved_flops_per_s: float, peak_flops_per_s: float) -> float:

@@ -3,19 +3,24 @@
     GPU-seconds = steps * batch_size * train_flops_per_sample / (MFU * peak FLOP/s per GPU)
 
 The recipe is the trainer's own (``opensora.training.load_recipe``: the same file, checks and ``--set``
-overrides as ``train/train.py``); :func:`cost_stages` takes from it what decides the cost: ``vae_downsample``
-and each stage's ``name``, ``model`` + ``model_overrides``, ``num_frames``, ``image_size``, ``batch_size``
-and ``steps``.
+overrides as ``train/train.py``); :func:`cost_stages` takes from it what decides the cost: the autoencoder's
+shape (:func:`recipe_autoencoder`) and each stage's ``name``, ``model`` + ``model_overrides``, ``num_frames``,
+``image_size``, ``batch_size`` and ``steps``.
+
+The autoencoder is priced by what it does to shapes (``opensora.models.autoencoders.AutoencoderShape``:
+compression (t, h, w), causal frame rule, latent channels), never by loading it: a 4x8x8 causal VAE turns 17
+frames into 5 latent frames where Open-Sora 1.0's per-frame SD-VAE keeps 16, and the DiT's FLOPs follow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from opensora.accounting.flops import latent_size_of, train_flops_per_sample
+from opensora.accounting.flops import train_flops_per_sample
 from opensora.config import ConfigError
+from opensora.models.autoencoders import AutoencoderShape
 from opensora.models.stdit import STDiT_models, STDiTConfig
 
 if TYPE_CHECKING:  # opensora.training imports this package (budgets), so only for the annotation
@@ -33,11 +38,11 @@ class CostStage:
     image_size: tuple[int, int]  # (H, W) pixels
     batch_size: int  # global samples per step
     steps: int
-    vae_downsample: int = 8
+    vae: AutoencoderShape = field(default_factory=lambda: AutoencoderShape.per_frame(8))  # SD-VAE's (1, 8, 8)
 
     @property
     def latent_size(self) -> tuple[int, int, int]:
-        return latent_size_of(self.num_frames, self.image_size, self.vae_downsample)
+        return self.vae.latent_size((self.num_frames, *self.image_size))
 
     @property
     def samples(self) -> int:
@@ -48,25 +53,37 @@ class CostStage:
         return train_flops_per_sample(self.model, self.latent_size, self.model.model_max_length)
 
 
-def cost_stages(recipe: RecipeConfig, source: str = "recipe") -> list[CostStage]:
+def recipe_autoencoder(recipe: RecipeConfig) -> AutoencoderShape:
+    """The autoencoder shape a recipe declares: today ``vae_downsample: f``, a per-frame VAE's (1, f, f)."""
+    return AutoencoderShape.per_frame(recipe.vae_downsample)
+
+
+def cost_stages(recipe: RecipeConfig, source: str = "recipe", vae: AutoencoderShape | None = None) -> list[CostStage]:
     """The stages of a loaded recipe, with what decides their cost.
 
     Args:
         recipe: from ``opensora.training.load_recipe`` (already validated).
         source: names the recipe in errors (its file).
+        vae: price the stages with this autoencoder instead of the recipe's (:func:`recipe_autoencoder`), e.g.
+            ``AUTOENCODER_PRESETS["wan2.1"].shape`` to see what a 4x8x8 causal VAE would cost. Where its latent
+            channels are known, they become the model's ``in_channels`` (unless ``model_overrides`` sets them).
     Returns:
         one :class:`CostStage` per stage, in order. The model is the stage's named size with its
-        ``model_overrides`` (the encoders' widths of the init bundle are not known before the run).
+        ``model_overrides`` (the text encoder's width of the init bundle is not known before the run).
     """
+    vae = recipe_autoencoder(recipe) if vae is None else vae
     out = []
     for i, st in enumerate(recipe.stages):
+        model = dataclasses.replace(STDiT_models[st.model], **st.model_overrides)
+        if vae.latent_channels is not None and "in_channels" not in st.model_overrides:
+            model = dataclasses.replace(model, in_channels=vae.latent_channels)
         stage = CostStage(
-            name=st.name, model=dataclasses.replace(STDiT_models[st.model], **st.model_overrides),
-            model_name=st.model, num_frames=st.num_frames, image_size=(int(st.image_size[0]), int(st.image_size[1])),
-            batch_size=st.batch_size, steps=st.steps, vae_downsample=recipe.vae_downsample,
+            name=st.name, model=model, model_name=st.model, num_frames=st.num_frames,
+            image_size=(int(st.image_size[0]), int(st.image_size[1])), batch_size=st.batch_size, steps=st.steps,
+            vae=vae,
         )
         try:
-            stage.flops_per_sample  # the patch and VAE factors must divide the size
+            stage.flops_per_sample  # the VAE's frame rule and factors, and the patch size, must fit the size
         except ValueError as err:
             raise ConfigError(f"{source}: stages[{i}] ('{st.name}'): {err}") from err
         out.append(stage)
@@ -136,11 +153,22 @@ OPENSORA_V1_STAGE2 = dict(
 )
 
 
-def opensora_v1_stage(vae_downsample: int = 8) -> CostStage:
-    """Open-Sora 1.0's video pretraining stage as a :class:`CostStage`."""
+def opensora_v1_stage(vae: AutoencoderShape | None = None) -> CostStage:
+    """Open-Sora 1.0's video pretraining stage as a :class:`CostStage`.
+
+    Args:
+        vae: the same budget (steps x batch at 256x256) with another autoencoder: the clip becomes the smallest
+            frame count it takes that holds the 16 frames (17 for 4x causal), and the model takes its latent
+            channels. None: Open-Sora 1.0's own sd-vae-ft-ema, (1, 8, 8), 4 channels, 16 frames.
+    """
     r = OPENSORA_V1_STAGE2
+    model, num_frames = STDiT_models[r["model"]], r["num_frames"]
+    if vae is None:
+        vae = AutoencoderShape.per_frame(8, latent_channels=model.in_channels)
+    num_frames = max(vae.nearest_valid_num_frames(num_frames))
+    if vae.latent_channels is not None:
+        model = dataclasses.replace(model, in_channels=vae.latent_channels)
     return CostStage(
-        name="opensora-v1-stage2", model=STDiT_models[r["model"]], model_name=r["model"],
-        num_frames=r["num_frames"], image_size=r["image_size"], batch_size=r["batch_size"], steps=r["steps"],
-        vae_downsample=vae_downsample,
+        name="opensora-v1-stage2", model=model, model_name=r["model"], num_frames=num_frames,
+        image_size=r["image_size"], batch_size=r["batch_size"], steps=r["steps"], vae=vae,
     )

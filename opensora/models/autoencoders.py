@@ -10,7 +10,8 @@ One frame (k = 0) is always valid: an image is a one-frame video.
 
 This module is the shape arithmetic shared by the autoencoders (``opensora.models.vae``), which read their
 factors from the loaded model, and by the cost forecast (``opensora.accounting``), which must price a recipe
-before any weights exist and so reads them from :data:`AUTOENCODER_PRESETS`, the published autoencoders.
+before any weights exist: it takes an :class:`AutoencoderShape`, declared by the recipe or one of
+:data:`AUTOENCODER_PRESETS`, the published autoencoders.
 It imports neither torch nor diffusers.
 """
 
@@ -111,24 +112,75 @@ def compressed_size(
 
 
 @dataclass(frozen=True)
+class AutoencoderShape:
+    """What an autoencoder does to shapes, all a FLOP count needs of it: factors, frame rule, channels."""
+
+    compression: tuple[int, int, int]  # (t, h, w)
+    causal: bool = False  # valid frame counts frame_step*k + 1; T' = (T - 1) // t + 1
+    frame_step: int | None = None  # valid frame counts step by this (None: t); 2t where a decoder wants odd T'
+    latent_channels: int | None = None  # None: not known (a forecast keeps the model's in_channels)
+    name: str = "the VAE"  # names it in errors
+
+    def __post_init__(self):
+        object.__setattr__(self, "compression", _factors(self.compression))
+
+    @classmethod
+    def per_frame(cls, downsample: int, latent_channels: int | None = None) -> "AutoencoderShape":
+        """An image VAE applied frame by frame, (1, f, f): what a recipe's ``vae_downsample: f`` means."""
+        return cls((1, downsample, downsample), causal=False, latent_channels=latent_channels,
+                   name=f"the VAE (1x{downsample}x{downsample})")
+
+    @classmethod
+    def parse(cls, text: str) -> "AutoencoderShape":
+        """``"4x8x8"`` -> (4, 8, 8), causal when it compresses time (as every such VAE here is)."""
+        try:
+            t, h, w = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"autoencoder compression {text!r}: give T x H x W factors, e.g. 4x8x8") from None
+        return cls((t, h, w), causal=t > 1, name=f"the VAE ({t}x{h}x{w})")
+
+    @property
+    def step(self) -> int:
+        """Valid frame counts step by this."""
+        return self.compression[0] if self.frame_step is None else self.frame_step
+
+    def valid_num_frames(self, num_frames: int) -> bool:
+        return valid_num_frames(num_frames, self.step, self.causal)
+
+    def nearest_valid_num_frames(self, num_frames: int) -> tuple[int, ...]:
+        return nearest_valid_num_frames(num_frames, self.step, self.causal)
+
+    def latent_size(self, input_size: Sequence[int]) -> tuple[int, int, int]:
+        """(T, H, W) -> latent (T', H', W'); ValueError naming the size and the nearest valid frame counts."""
+        return compressed_size(input_size, self.compression, self.causal, self.name, self.frame_step)
+
+    def summary(self) -> str:
+        """E.g. "4x8x8 causal (4k+1 frames), 16 ch"."""
+        t, h, w = self.compression
+        causal = " causal" if self.causal and t > 1 else ""
+        channels = f", {self.latent_channels} ch" if self.latent_channels is not None else ""
+        return f"{t}x{h}x{w}{causal} ({frame_rule(self.step, self.causal)} frames){channels}"
+
+
+@dataclass(frozen=True)
 class AutoencoderPreset:
     """A published autoencoder: what it does to shapes, and the diffusers config that builds it (no weights)."""
 
     name: str  # short name used by `tools/cost.py forecast --vae NAME`
     class_name: str  # the diffusers class (`_class_name` in its config.json)
-    compression: tuple[int, int, int]  # (t, h, w)
-    latent_channels: int
-    causal: bool  # valid frame counts t*k + 1
-    frame_step: int  # valid frame counts step by this: t, or 2t where the decoder wants an odd latent count
+    shape: AutoencoderShape
     normalisation: str  # what its authors do to latents before the diffusion model sees them, in words
     weights: str  # where the weights are published (a Hugging Face repo id; never downloaded here)
     # Constructor arguments that differ from the diffusers class's defaults (what the published config.json
     # sets that decides shapes and cost); {} when the class defaults are that autoencoder.
     config: dict[str, Any] = field(default_factory=dict)
 
-    def latent_size(self, input_size: Sequence[int]) -> tuple[int, int, int]:
-        """(T, H, W) -> latent (T', H', W'); ValueError naming the nearest valid frame counts."""
-        return compressed_size(input_size, self.compression, self.causal, self.name, self.frame_step)
+
+def _preset(name: str, class_name: str, compression: tuple[int, int, int], channels: int, frame_step: int,
+            normalisation: str, weights: str, config: dict[str, Any] | None = None) -> AutoencoderPreset:
+    shape = AutoencoderShape(compression, causal=compression[0] > 1, frame_step=frame_step, latent_channels=channels,
+                             name=name)
+    return AutoencoderPreset(name, class_name, shape, normalisation, weights, config or {})
 
 
 _WAN22_CONFIG = dict(  # Wan2.2-TI2V-5B's VAE: residual blocks, 2x2 patchify in front, 48 channels
@@ -141,31 +193,19 @@ _WAN22_CONFIG = dict(  # Wan2.2-TI2V-5B's VAE: residual blocks, 2x2 patchify in 
 AUTOENCODER_PRESETS: dict[str, AutoencoderPreset] = {
     p.name: p
     for p in (
-        AutoencoderPreset(
-            "sd", "AutoencoderKL", (1, 8, 8), 4, False, 1, "z * 0.18215 (Open-Sora 1.0)", "stabilityai/sd-vae-ft-ema",
-            dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2),
-        ),
-        AutoencoderPreset(
-            "wan2.1", "AutoencoderKLWan", (4, 8, 8), 16, True, 4, "(z - latents_mean) / latents_std, per channel",
-            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (subfolder vae)",
-        ),
-        AutoencoderPreset(
-            "wan2.2", "AutoencoderKLWan", (4, 16, 16), 48, True, 4, "(z - latents_mean) / latents_std, per channel",
-            "Wan-AI/Wan2.2-TI2V-5B-Diffusers (subfolder vae)", _WAN22_CONFIG,
-        ),
-        AutoencoderPreset(
-            "hunyuan", "AutoencoderKLHunyuanVideo", (4, 8, 8), 16, True, 4, "z * 0.476986",
-            "hunyuanvideo-community/HunyuanVideo (subfolder vae)",
-        ),
-        AutoencoderPreset(
-            "cogvideox", "AutoencoderKLCogVideoX", (4, 8, 8), 16, True, 8, "z * 1.15258426 (CogVideoX-2b; 0.7 for 5b)",
-            "THUDM/CogVideoX-2b (subfolder vae)",
-        ),
-        AutoencoderPreset(
-            "ltx", "AutoencoderKLLTXVideo", (8, 32, 32), 128, True, 8,
-            "(z - latents_mean) * scaling_factor / latents_std, per channel (mean/std stored with the weights)",
-            "Lightricks/LTX-Video (0.9.0, subfolder vae)",
-        ),
+        _preset("sd", "AutoencoderKL", (1, 8, 8), 4, 1, "z * 0.18215 (Open-Sora 1.0)", "stabilityai/sd-vae-ft-ema",
+                dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)),
+        _preset("wan2.1", "AutoencoderKLWan", (4, 8, 8), 16, 4, "(z - latents_mean) / latents_std, per channel",
+                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (subfolder vae)"),
+        _preset("wan2.2", "AutoencoderKLWan", (4, 16, 16), 48, 4, "(z - latents_mean) / latents_std, per channel",
+                "Wan-AI/Wan2.2-TI2V-5B-Diffusers (subfolder vae)", _WAN22_CONFIG),
+        _preset("hunyuan", "AutoencoderKLHunyuanVideo", (4, 8, 8), 16, 4, "z * 0.476986",
+                "hunyuanvideo-community/HunyuanVideo (subfolder vae)"),
+        _preset("cogvideox", "AutoencoderKLCogVideoX", (4, 8, 8), 16, 8, "z * 1.15258426 (CogVideoX-2b; 0.7 for 5b)",
+                "THUDM/CogVideoX-2b (subfolder vae)"),
+        _preset("ltx", "AutoencoderKLLTXVideo", (8, 32, 32), 128, 8,
+                "(z - latents_mean) * scaling_factor / latents_std, per channel (mean/std stored with the weights)",
+                "Lightricks/LTX-Video (0.9.0, subfolder vae)"),
     )
 }

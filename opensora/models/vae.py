@@ -35,7 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
-from opensora.models.autoencoders import compressed_size, nearest_valid_num_frames, valid_num_frames
+from opensora.models.autoencoders import AutoencoderShape
 
 # Scale of sd-vae-ft-ema latents (Stable Diffusion's value, and AutoencoderKL's config default), used by Open-Sora 1.0.
 SD_SCALING_FACTOR = 0.18215
@@ -97,7 +97,8 @@ def _wan_compression(c: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def _hunyuan_compression(c: Mapping[str, Any]) -> tuple[int, int, int]:
     # HunyuanVideoEncoder3D places its down-sampling layers from these two config fields.
-    return int(c["temporal_compression_ratio"]), int(c["spatial_compression_ratio"]), int(c["spatial_compression_ratio"])
+    f = int(c["spatial_compression_ratio"])
+    return int(c["temporal_compression_ratio"]), f, f
 
 
 def _cogvideox_compression(c: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -225,18 +226,23 @@ class VideoAutoencoder(nn.Module):
         """The (t, h, w) compression factors (the name Open-Sora 1.0 and older callers use)."""
         return self.compression
 
+    @property
+    def shape(self) -> AutoencoderShape:
+        """What it does to shapes, as a recipe or the cost forecast declares it without weights."""
+        return AutoencoderShape(self.compression, self.causal, self.frame_step, self.out_channels, self.name)
+
     def valid_num_frames(self, num_frames: int) -> bool:
         """Whether a ``num_frames``-frame video fits the frame rule (any / t*k + 1 / multiple of t)."""
-        return valid_num_frames(num_frames, self.frame_step, self.causal)
+        return self.shape.valid_num_frames(num_frames)
 
     def nearest_valid_num_frames(self, num_frames: int) -> tuple[int, ...]:
         """``num_frames`` if valid, else the valid counts just below and above it (e.g. 13 and 17 for 16)."""
-        return nearest_valid_num_frames(num_frames, self.frame_step, self.causal)
+        return self.shape.nearest_valid_num_frames(num_frames)
 
     def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
         """(T, H, W) of a video -> (T', H', W') of its latent; ValueError naming the size (and, for a frame
         count that does not fit, the nearest valid ones)."""
-        return compressed_size(input_size, self.compression, self.causal, self.name, self.frame_step)
+        return self.shape.latent_size(input_size)
 
     def describe(self) -> dict[str, Any]:
         """What decides the latents apart from the weights: class, factors, frame rule, channels, normalisation.
@@ -244,7 +250,8 @@ class VideoAutoencoder(nn.Module):
         JSON-serialisable, for records and cache keys.
         """
         return {"class": self.name, "compression": list(self.compression), "causal": self.causal,
-                "frame_step": self.frame_step, "latent_channels": self.out_channels, "normalisation": self._norm_description()}
+                "frame_step": self.frame_step, "latent_channels": self.out_channels,
+                "normalisation": self._norm_description()}
 
     def _norm_description(self) -> dict[str, Any]:
         return {"mean": None, "std": None, "scale": 1.0}
