@@ -94,14 +94,18 @@ def merge_shards(input_df: pd.DataFrame, output: str | Path, world: int) -> pd.D
     return merged
 
 
-def seed_journal(name: str, part: str | Path, output: str | Path, ids: set[str]) -> int:
-    """Resume across a change in the number of processes: adds to the journal of ``part`` (the output, or one
-    rank's shard of it) the rows of ``ids`` that journals of other layouts finished and it lacks
-    (``OUTPUT.journal.jsonl``, ``OUTPUT.rankR-of-W.EXT.journal.jsonl``). Returns how many rows it added."""
-    journal = Path(f"{part}.journal.jsonl")  # the runner's journal of ``part`` (runner.Journal)
+def seed_journal(name: str, output: str | Path, rank: int, world: int, ids: set[str]) -> int:
+    """Resume across a change in the number of processes: adds to the journal of this process's part of
+    ``output`` (all of it, or its shard) the rows of ``ids`` that journals of other layouts finished and it
+    lacks (``OUTPUT.journal.jsonl``, ``OUTPUT.rankR-of-W.EXT.journal.jsonl``). Returns how many rows it added."""
     output = Path(output)
+
+    def journal_of(r: int, w: int) -> Path:  # the runner's journal of a part (runner.Journal)
+        return Path(f"{output if w == 1 else shard_path(output, r, w)}.journal.jsonl")
+
+    journal, layout = journal_of(rank, world), {journal_of(r, world) for r in range(world)}
     pattern = f"{glob.escape(output.stem)}.rank*-of-*{glob.escape(output.suffix)}.journal.jsonl"
-    others = [p for p in [Path(f"{output}.journal.jsonl"), *sorted(output.parent.glob(pattern))] if p != journal]
+    others = [p for p in [journal_of(0, 1), *sorted(output.parent.glob(pattern))] if p not in layout]
     if not any(p.exists() for p in others):
         return 0
     own = {e["id"]: e["status"] for e in read_jsonl(journal)}
@@ -283,7 +287,7 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
         runner = dataclasses.replace(runner, batch_rows=max(runner.batch_rows, cfg.batch_size * cfg.task_batches))
     rank, world = dist_env()
     if world == 1:
-        seed_journal(name, output, output, set(df["id"]))
+        seed_journal(name, output, 0, 1, set(df["id"]))
         return run_stage(stage, df, output, runner)
     import torch.distributed as dist
 
@@ -298,7 +302,7 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     part, rows = shard_path(output, rank, world), shard(df, rank, world)
     with _Heartbeat(_alive_path(output, rank, world), token):
         try:
-            seed_journal(name, part, output, set(rows["id"]))
+            seed_journal(name, output, rank, world, set(rows["id"]))
             summary = run_stage(stage, rows, part, runner)
             _write_json(_done_path(output, rank, world), {"token": token, "status": "done", "summary": str(summary)})
             shard_done = True

@@ -392,3 +392,8 @@ def test_a_rerun_on_another_number_of_processes_redoes_only_unfinished_rows(tmp_
     assert result["id"].tolist() == df["id"].tolist() and (result["caption_status"] == "done").all()
     decoded.clear()
     assert run_one("caption", cfg, df, out, SERIAL).resumed == 6 and decoded == []
+    # and onto 3 ranks: rank 1 of 3 starts with its rows (1 and 4) finished
+    ids = set(shard(df, 1, 3)["id"])
+    assert pipeline.seed_journal("caption", out, 1, 3, ids) == 2
+    entries = [json.loads(line) for line in Path(f"{shard_path(out, 1, 3)}.journal.jsonl").read_text().splitlines()]
+    assert {e["id"] for e in entries} == ids and {e["status"] for e in entries} == {"done"}
