@@ -35,9 +35,10 @@ from scenedetect import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
 from data_pipeline.config import SplitConfig
-from data_pipeline.media import ClipWriter, even_size, safe_name
+from data_pipeline.media import even_size, safe_name
 from data_pipeline.rows import Reject, Row, is_missing
 from opensora.data.manifest import CONTENT_HASH_COLUMN
+from opensora.data.video_io import VideoWriter, plane_view
 from opensora.utils import file_sha256
 
 
@@ -45,11 +46,10 @@ def _small_bgr(frame: av.VideoFrame, step: int) -> np.ndarray:
     """A (H/step, W/step, 3) BGR thumbnail; planar YUV 4:2:0 is sampled directly (no full-size convert)."""
     if frame.format.name in ("yuv420p", "yuvj420p") and step % 2 == 0:
         h, w = frame.height, frame.width
-        y = np.frombuffer(frame.planes[0], np.uint8).reshape(-1, frame.planes[0].line_size)[:h, :w][::step, ::step]
+        y = plane_view(frame, 0, h, w)[::step, ::step]
         half = step // 2
-        u = np.frombuffer(frame.planes[1], np.uint8).reshape(-1, frame.planes[1].line_size)[: h // 2, : w // 2]
-        v = np.frombuffer(frame.planes[2], np.uint8).reshape(-1, frame.planes[2].line_size)[: h // 2, : w // 2]
-        u, v = u[::half, ::half], v[::half, ::half]
+        u = plane_view(frame, 1, h // 2, w // 2)[::half, ::half]
+        v = plane_view(frame, 2, h // 2, w // 2)[::half, ::half]
         hh, ww = min(y.shape[0], u.shape[0]), min(y.shape[1], u.shape[1])
         yuv = np.ascontiguousarray(np.dstack([y[:hh, :ww], u[:hh, :ww], v[:hh, :ww]]))  # (h, w, 3)
         return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR)
@@ -154,7 +154,7 @@ class _ClipCutter:
         self.shot_start = 0
         self.committed = -1  # the last frame handed to commit()
         self.span: list[int] | None = None  # [start, end) of the span being written
-        self.writer: ClipWriter | None = None
+        self.writer: VideoWriter | None = None
         self.count = 0
         self.result = SplitResult([], [], [], self.cuts, 0, fps, out_fps, *size)
 
@@ -193,8 +193,9 @@ class _ClipCutter:
         self.span[1] = index + 1
         if _keep(index - piece_start, self.fps, self.out_fps):
             if self.writer is None:
-                self.writer = ClipWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.size,
-                                         self.cfg.codec, self.cfg.crf, self.cfg.preset)
+                # One encoder thread: parallelism comes from running many videos at once.
+                self.writer = VideoWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.size,
+                                          self.cfg.codec, self.cfg.crf, self.cfg.preset, threads=1)
             self.writer.write(frame)
             self.count += 1
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from opensora.data.video_io import VideoReadError, read_video, tensor_to_frames, video_info, write_video
+from opensora.data.video_io import VideoReadError, VideoWriter, read_video, tensor_to_frames, video_info, write_video
 
 
 def smooth_frames(num_frames: int, height: int, width: int) -> np.ndarray:
@@ -90,6 +90,26 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path):
     with pytest.raises(Exception):
         write_video(tmp_path / "c.notacontainer", frames, fps=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]
+
+
+def test_video_writer_streams_scales_and_drops_aborted_files(tmp_path: Path):
+    """The one encoder (write_video and the split stage): frames one at a time, scaled to the output size;
+    an abort or an exception inside ``with`` leaves neither the file nor a temp file."""
+    frames = smooth_frames(6, 32, 48)
+    with VideoWriter(tmp_path / "s.mp4", 8, 24, 16) as writer:
+        for frame in frames:
+            writer.write(frame)
+    assert read_video(tmp_path / "s.mp4").shape == (6, 16, 24, 3)
+    with pytest.raises(RuntimeError, match="stop"):
+        with VideoWriter(tmp_path / "t.mp4", 8, 48, 32) as writer:
+            writer.write(frames[0])
+            raise RuntimeError("stop")
+    writer = VideoWriter(tmp_path / "u.mp4", 8, 48, 32)
+    writer.write(frames[0])
+    writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mp4"]
+    with pytest.raises(ValueError, match="even"):
+        VideoWriter(tmp_path / "o.mp4", 8, 33, 32)
 
 
 def test_truncated_and_missing_files_name_the_path(tmp_path: Path):

@@ -37,12 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.config import FilterConfig, ProbeConfig, RunnerConfig, SplitConfig  # noqa: E402
-from data_pipeline.media import resize_yuv420p  # noqa: E402
 from data_pipeline.pipeline import make_stage  # noqa: E402
 from data_pipeline.runner import run_stage  # noqa: E402
 from data_pipeline.split import detect_cuts  # noqa: E402
 from data_pipeline.sources import resolve_input  # noqa: E402
 from opensora.data.manifest import read_manifest  # noqa: E402
+from opensora.data.video_io import resize_yuv420p  # noqa: E402
 
 
 def make_source(path: Path, seconds: float, fps: int = 30, size=(1280, 720), shot_s: float = 4.0, seed: int = 0,
