@@ -266,7 +266,7 @@ def _with_vae_line(w: dict) -> str:
     f, (t, h, wd) = w["forecast"], w["latent_size"]
     r = OPENSORA_V1_STAGE2
     return (
-        f"\n  the same budget with a {w['vae']} autoencoder at {w['num_frames']}x{r['image_size'][0]}x"
+        f"\n  the same budget, autoencoder {w['vae']}, at {w['num_frames']}x{r['image_size'][0]}x"
         f"{r['image_size'][1]} (latent {t}x{h}x{wd}): {w['flops_per_sample'] / 1e12:.2f} TFLOP/sample, "
         f"{f['gpu_hours']:,.0f} GPU-hours, {f['wall_hours']:,.1f} h wall, ${f['dollars']:,.0f}: "
         f"{w['times_cheaper']:.2f}x cheaper than SD-VAE at {r['num_frames']} frames"
@@ -288,12 +288,13 @@ def autoencoder_rows(model_name: str, sizes: list[tuple[int, int, int]], vae_flo
     Args:
         model_name: an STDiT size (``STDiT_models``).
         sizes: (T, H, W) videos; T becomes the smallest valid frame count >= T for each autoencoder.
-        vae_flops: also count the autoencoder's own encode / decode FLOPs per clip.
+        vae_flops: also count the autoencoder's own encode / decode FLOPs per clip, and the training step's
+            FLOPs when it encodes its clips itself (no latent cache): DiT training + one encode.
     """
     base = STDiT_models[model_name]
     rows = []
     for T, H, W in sizes:
-        sd_flops = None
+        sd_flops = sd_total = None
         for name, preset in AUTOENCODER_PRESETS.items():
             shape = preset.shape
             frames = max(shape.nearest_valid_num_frames(T))
@@ -313,6 +314,12 @@ def autoencoder_rows(model_name: str, sizes: list[tuple[int, int, int]], vae_flo
             row["times_cheaper_than_sd"] = sd_flops / flops if sd_flops and flops else None
             if vae_flops:
                 row["encode_flops"], row["decode_flops"] = _vae_flops(preset, (frames, H, W))
+                # Encoding inside the training step (no latent cache): forward only, once per sample.
+                row["train_and_encode_flops"] = flops + row["encode_flops"] if flops else None
+                if name == "sd":
+                    sd_total = row["train_and_encode_flops"]
+                total = row["train_and_encode_flops"]
+                row["times_cheaper_than_sd_with_encode"] = sd_total / total if sd_total and total else None
             rows.append(row)
     return rows
 
@@ -346,7 +353,7 @@ def cmd_autoencoders(args: argparse.Namespace) -> int:
           "per sample = 3 x forward, the DiT only; the model takes each autoencoder's latent channels")
     header = ["autoencoder", "compression", "ch", "frames", "video", "latent", "tokens", "TFLOP/sample", "vs sd"]
     if args.vae_flops:
-        header += ["VAE enc TFLOP", "VAE dec TFLOP"]
+        header += ["VAE enc TFLOP", "VAE dec TFLOP", "DiT+enc TFLOP", "vs sd"]
     table = []
     for r in rows:
         c = r["compression"]
@@ -357,7 +364,9 @@ def cmd_autoencoders(args: argparse.Namespace) -> int:
                f"{r['train_flops'] / 1e12:.2f}" if r["train_flops"] else "n/a",
                f"{r['times_cheaper_than_sd']:.2f}x" if r["times_cheaper_than_sd"] else "-"]
         if args.vae_flops:
-            row += [f"{r['encode_flops'] / 1e12:.2f}", f"{r['decode_flops'] / 1e12:.2f}"]
+            total, ratio = r["train_and_encode_flops"], r["times_cheaper_than_sd_with_encode"]
+            row += [f"{r['encode_flops'] / 1e12:.2f}", f"{r['decode_flops'] / 1e12:.2f}",
+                    f"{total / 1e12:.2f}" if total else "n/a", f"{ratio:.2f}x" if ratio else "-"]
         table.append(row)
     print(_table(header, table))
     return 0

@@ -42,11 +42,12 @@ SD_SCALING_FACTOR = 0.18215
 
 # Default work per VAE call (VAEConfig.micro_batch_size). Per-frame image VAE: 32 frames. One 256x256 frame is
 # ~0.27 TFLOP through sd-vae-ft-ema's encoder (4.36 TFLOP for 16 frames, torch FlopCounterMode), so Open-Sora
-# 1.0's 4 frames per call gave an H100 about a millisecond of work per call: a hundred-odd small kernels whose
-# launches, not the math, set the pace. 32 frames is ~9 TFLOP per call; its largest activations (128 channels at
-# full resolution, bf16) are 0.5 GiB per tensor at 256x256 and 2 GiB at 512x512, a few GiB in all beside the
-# DiT's tens. (Chosen from these counts; not yet timed on a GPU.) 3D VAEs: 1 clip per call, as diffusers'
-# slicing does: one 17x256x256 clip is already ~6 TFLOP (Wan 2.1) to ~14 (HunyuanVideo) through the encoder.
+# 1.0's 4 frames per call gave an H100 about a millisecond of math at peak, against ~150 operator launches per
+# call at a few microseconds each: per-call overhead as large as the work. 32 frames is ~9 TFLOP per call; its
+# largest activations (128 channels at full resolution, bf16) are 0.5 GiB per tensor at 256x256 and 2 GiB at
+# 512x512, a few GiB in all beside the DiT's tens. (Chosen from these counts; not yet timed on a GPU.) 3D VAEs:
+# 1 clip per call, as diffusers' slicing does: one 17x256x256 clip is already ~6 TFLOP (Wan 2.1) to ~14
+# (HunyuanVideo) through the encoder (tools/cost.py autoencoders --vae-flops).
 FRAMES_PER_CALL = 32
 CLIPS_PER_CALL = 1
 
