@@ -18,7 +18,6 @@ from opensora.accounting.gpu import (
     canonical_gpu_name,
     default_price,
     detect_gpu_type,
-    gpu_spec,
     measure_matmul_tflops,
     peak_tflops,
 )
@@ -47,7 +46,6 @@ __all__ = [
     "check_budget",
     "default_price",
     "detect_gpu_type",
-    "gpu_spec",
     "latent_size_of",
     "measure_matmul_tflops",
     "mfu",

@@ -102,11 +102,6 @@ def detect_gpu_type(device: torch.device | str | None = None) -> str:
     return canonical_gpu_name(torch.cuda.get_device_name(device))
 
 
-def gpu_spec(gpu_type: str) -> GPUSpec | None:
-    """The spec of a canonical GPU type, or None if the table does not know it."""
-    return GPU_SPECS.get(gpu_type)
-
-
 def peak_tflops(gpu_type: str) -> float | None:
     """Dense bf16 peak TFLOP/s of ``gpu_type`` from the table, or None if unknown."""
     spec = GPU_SPECS.get(gpu_type)

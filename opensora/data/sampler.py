@@ -127,13 +127,6 @@ class DistributedBucketSampler(Sampler[list[int]]):
         """Batches left in the current epoch (the same on every rank)."""
         return len(self._plan()) - self._segments[-1][1]
 
-    def batches_per_epoch(self) -> int:
-        """Global batches in a fresh epoch at the current global batch size."""
-        return sum(
-            len(v) // self.global_batch_size + (0 if self.drop_last or len(v) % self.global_batch_size == 0 else 1)
-            for v in self.buckets.values()
-        )
-
     # -- the position ------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Starts ``epoch`` from its beginning (as ``DistributedSampler.set_epoch``)."""
