@@ -90,4 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from opensora.distributed import exit_process
+
+    exit_process(main())  # under torchrun (caption), torch's teardown at exit aborted 1 gloo run in 50

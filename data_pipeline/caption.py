@@ -264,3 +264,47 @@ def caption_row(row: Row, cfg: CaptionConfig) -> list[Row]:
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def make_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a random 2-layer LLaVA (tiny CLIP vision tower + tiny Llama) and its processor to ``out_dir``.
+
+    Same layout and loading path as a real LLaVA-1.5 folder (``LlavaForConditionalGeneration`` + ``LlavaProcessor``
+    with a chat template), with an offline word-level tokenizer: for tests and the GPU smoke check of the
+    caption stage, where no pretrained model can be downloaded. Its captions are random words.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor, PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    words = "a the cat dog runs sits on red blue green car beach street man woman walks camera pans . , and".split()
+    words += ["USER:", "ASSISTANT:", "describe", "this", "video", "in", "one", "detailed", "paragraph:"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                               vision_feature_select_strategy="default", chat_template=template,
+                               num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return Path(out_dir)

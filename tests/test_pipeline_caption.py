@@ -149,47 +149,9 @@ def test_frames_of_the_next_batch_decode_while_one_generates(tmp_path, monkeypat
     assert events.index(("generate", 0)) < events.index(("decode", "/v/4.mp4"))
 
 
-def build_tiny_llava(folder):
-    """A random 2-layer LLaVA (tiny CLIP vision + tiny Llama) with an offline word-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-        LlavaProcessor, PreTrainedTokenizerFast,
-    )
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    words = "a the cat dog runs sits on red blue green car beach street man woman walks camera pans . , and".split()
-    words += ["USER:", "ASSISTANT:", "describe", "this", "video", "in", "one", "detailed", "paragraph:"]
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-                "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
-                               vision_feature_select_strategy="default", chat_template=template,
-                               num_additional_image_tokens=1)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
-        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 @pytest.mark.slow
 def test_tiny_random_llava_through_the_real_loading_path(tmp_path):
-    build_tiny_llava(tmp_path / "llava")
+    cap.make_tiny_llava(tmp_path / "llava")
     for i in range(3):
         make_video(tmp_path / "clips" / f"c{i}.mp4", [24])
     df = normalize(pd.DataFrame({"path": [str(tmp_path / "clips" / f"c{i}.mp4") for i in range(3)]}))
@@ -218,7 +180,7 @@ def test_llava_loads_straight_onto_its_device(tmp_path, monkeypatch):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    build_tiny_llava(tmp_path / "llava")
+    cap.make_tiny_llava(tmp_path / "llava")
     real = LlavaForConditionalGeneration.from_pretrained.__func__
     calls = []
 
