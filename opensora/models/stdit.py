@@ -548,17 +548,22 @@ def convert_opensora_v1_state_dict(state: dict) -> dict:
     return out
 
 
-def load_opensora_v1_checkpoint(model: STDiT, path: str | Path) -> None:
-    """Loads an Open-Sora 1.0 ``.pth`` / ``.safetensors`` STDiT checkpoint into ``model`` (strict)."""
+def read_weights_file(path: str | Path, what: str = "checkpoint") -> dict:
+    """The state dict in a ``.safetensors`` file, or in a ``.pth`` read with ``torch.load(weights_only=True)``
+    (on the CPU); a missing file raises FileNotFoundError naming ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_opensora_v1_checkpoint(model: STDiT, path: str | Path) -> None:
+    """Loads an Open-Sora 1.0 ``.pth`` / ``.safetensors`` STDiT checkpoint into ``model`` (strict)."""
+    state = read_weights_file(path)
     load_state_dict_checked(model, convert_opensora_v1_state_dict(state), source=str(path))
 
 

@@ -12,7 +12,13 @@ from transformers import AutoConfig
 
 from opensora.bundle import BUNDLE_FILE, BundleConfig, write_bundle
 from opensora.config import ConfigError, merge
-from opensora.models.stdit import STDiT, STDiT_models, convert_opensora_v1_state_dict, load_opensora_v1_checkpoint
+from opensora.models.stdit import (
+    STDiT,
+    STDiT_models,
+    convert_opensora_v1_state_dict,
+    load_opensora_v1_checkpoint,
+    read_weights_file,
+)
 from opensora.models.text_encoder import TextEncoderConfig, make_tiny_t5
 from opensora.models.vae import VAEConfig, build_vae, make_tiny_vae
 from opensora.training.config import InitConfig
@@ -118,15 +124,8 @@ def load_init_checkpoint(model: STDiT, path: str | Path, fmt: str) -> None:
     if fmt == "opensora_v1":
         load_opensora_v1_checkpoint(model, path)
         return
-    if not path.is_file():
-        raise FileNotFoundError(f"init.checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = convert_opensora_v1_state_dict(state)  # unwraps "state_dict"/"ema"/"module." containers
+    # convert_opensora_v1_state_dict unwraps "state_dict"/"ema"/"module." containers.
+    state = convert_opensora_v1_state_dict(read_weights_file(path, "init.checkpoint"))
     state = {k: v for k, v in state.items() if k not in PIXART_DERIVED_KEYS}
     key = "x_embedder.proj.weight"
     if key in state and state[key].dim() == 4:  # (D, C, ph, pw) Conv2d -> (D, C, 1, ph, pw) Conv3d
