@@ -413,18 +413,22 @@ def test_torchrun_two_processes_fsdp(tmp_path, manifest):
     assert all(torch.isfinite(v).all() for v in bundle.model.state_dict().values())
 
 
+def engine_worker(tmp_path: Path, manifest: Path, mode: str) -> list[dict]:
+    """Runs a trainer mode of tests/dist_workers/engine_worker.py on 2 gloo ranks; returns each rank's result."""
+    recipe = write_recipe(tmp_path, manifest, steps0=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_workers" / "engine_worker.py"), mode, "--recipe", str(recipe),
+           "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / "out" / "result.json").read_text())
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_reduces_once_per_step_on_the_trainers_path(tmp_path, manifest):
     """Trainer.train_step on 2 ranks, 2 micro-steps each, on every engine: the backward of the first micro-step
     starts no gradient reduction, the last one does (counted at the collectives, not read from a flag)."""
-    recipe = write_recipe(tmp_path, manifest, steps0=2)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_workers" / "engine_worker.py"), "trainer-sync", "--recipe", str(recipe),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank in json.loads((out / "result.json").read_text()):
+    for rank in engine_worker(tmp_path, manifest, "trainer-sync"):
         for engine, r in rank.items():
             assert r["accum"] == 2, engine
             per_step = [r["per_micro"][i:i + 2] for i in (0, 2)]
@@ -436,18 +440,11 @@ def test_a_clip_failing_on_one_rank_of_a_sequence_parallel_group_is_dropped_by_a
     """Both ranks of an SP group load the same batches; a transient read error on one of them must not leave
     it with a smaller batch (the group's all-to-alls would get mismatched shapes and hang): the whole group
     drops that sample, trains on the rest, and the failure is recorded."""
-    recipe = write_recipe(tmp_path, manifest, steps0=2)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_workers" / "engine_worker.py"), "sp-broken", "--recipe", str(recipe),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = json.loads((out / "result.json").read_text())
+    ranks = engine_worker(tmp_path, manifest, "sp-broken")
     assert ranks[0]["seen"] == ranks[1]["seen"], "the ranks of the SP group trained on different samples"
     assert [len(b) for b in ranks[0]["seen"]] == [1, 2, 2, 2]  # the failed clip was dropped from the first batch
     assert ranks[0]["losses"] == ranks[1]["losses"]
-    failed = [json.loads(line) for line in (out / "run" / "short" / "failures.jsonl").read_text().splitlines()]
+    failed = [json.loads(line) for line in (tmp_path / "out" / "run" / "short" / "failures.jsonl").read_text().splitlines()]
     assert len(failed) == 1 and "simulated transient read error on rank 1" in failed[0]["error"]
 
 
