@@ -2,13 +2,19 @@
 
 Fixed order: sequence parallelism -> activation checkpointing -> torch.compile per block -> FSDP2 per block
 then root (or DDP). Each step must see the model as the previous one left it: SP swaps attention cores and adds
-hooks that checkpointing must replay, compile must see the checkpointed blocks, and FSDP2 must wrap the
-compiled blocks so its all-gathers stay outside the compiled graphs.
+hooks around the blocks, compile must see the checkpointed blocks (the checkpoint is traced into the graph), and
+FSDP2 must wrap the compiled blocks so its all-gathers stay outside the compiled graphs.
+
+What compile does was measured with :func:`opensora.distributed.compile_check.compile_check` (docs/training.md,
+"torch.compile"): one graph serves every block, no graph breaks, and a batch that changes size recompiles at
+most once (for a batch of 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +23,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from opensora.distributed.env import DistInfo
 from opensora.distributed.sequence_parallel import apply_sequence_parallel
@@ -33,7 +40,8 @@ class ParallelConfig:
     sp_size: int = 1  # ranks per sequence-parallel group (Ulysses over frames); must divide the world size
     grad_ckpt: bool = False  # activation checkpointing of STDiT blocks (all, or the first grad_ckpt_blocks)
     grad_ckpt_blocks: int | None = None  # selective checkpointing: only the first N blocks recompute; None = all
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each block (fullgraph; see apply_compile)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces the same graphs without codegen
     param_dtype: str = "bf16"  # compute dtype on CUDA ("fp32" or "bf16"); CPU always computes in fp32
     reduce_dtype: str = "fp32"  # gradient reduction dtype (FSDP2); only fp32 is supported
     zero_stage: int = 2  # ColossalAI LowLevelZero stage (1 or 2) on CUDA
@@ -121,16 +129,18 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
     if pcfg.sp_size > 1:
         apply_sequence_parallel(model, new_sp_group(pcfg, dist_info))
 
-    # 2. Activation checkpointing through the model's own switch (it wraps every block call, or the first N).
+    # 2. Activation checkpointing of every block, or of the first grad_ckpt_blocks.
     if pcfg.grad_ckpt:
         if not getattr(model, "_supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not declare _supports_gradient_checkpointing")
-        model.enable_gradient_checkpointing(True, pcfg.grad_ckpt_blocks)
+        if pcfg.compile:
+            checkpoint_blocks(model, pcfg.grad_ckpt_blocks)  # inside what step 3 compiles (torchtitan)
+        else:
+            model.enable_gradient_checkpointing(True, pcfg.grad_ckpt_blocks)  # the model's own switch
 
     # 3. Compile each block in place (parameter names stay the same, so checkpoints are unaffected).
     if pcfg.compile:
-        for block in model.blocks:
-            block.compile()
+        apply_compile(model, pcfg.compile_backend)
 
     # 4. Data parallelism.
     if pcfg.engine == "fsdp":
@@ -153,6 +163,79 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
         # broadcasts it once at construction; re-sending it before every forward is wasted bandwidth.
         model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     return model
+
+
+def checkpoint_blocks(model: nn.Module, num_blocks: int | None = None) -> None:
+    """Activation checkpointing inside each block's ``forward``, for blocks that are then compiled (torchtitan's
+    ``apply_ac`` before ``apply_compile``).
+
+    Dynamo traces the checkpoint into the compiled graph, so the recompute is part of the compiled backward.
+    The model's own switch (``enable_gradient_checkpointing``) calls ``checkpoint(block)`` from outside the
+    compiled block instead; that gives the same loss and gradients too (tests/test_compile.py), but re-runs the
+    whole compiled forward, and the block's hooks, in the backward. ``forward`` is replaced on the instance:
+    a ``checkpoint_wrapper`` module would rename every parameter (``_checkpoint_wrapped_module.``).
+
+    Args:
+        model: an STDiT; its first ``num_blocks`` blocks (None = all) recompute their activations in backward.
+    """
+    depth = len(model.blocks)
+    num_blocks = depth if num_blocks is None else num_blocks
+    if not 0 <= num_blocks <= depth:
+        raise ValueError(f"grad_ckpt_blocks must be in [0, {depth}] (the model's depth), got {num_blocks}")
+    for block in list(model.blocks)[:num_blocks]:
+        block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Compiles each STDiT block in place with ``fullgraph=True`` (a graph break is an error, as in torchtitan; so
+    is a 9th graph of one block, dynamo's ``recompile_limit``, where without it the block would silently run eager).
+
+    ``Module.compile`` compiles ``_call_impl``, which dynamo does not trace into: the forward is compiled as its
+    own frame, and the module's hooks (FSDP2's all-gathers, SP's slicing and gathering) run eagerly around it.
+    Every block is one code object, so one graph can serve all blocks if they all see the same kinds of input;
+    a pre-hook (which runs last, after FSDP2's cast and SP's slicing) makes that so:
+
+    * ``tpe``: only block 0 receives the temporal embedding; the others get ``None``, which fails the guard on
+      ``tpe``'s type and compiled a second graph (measured: 2 graphs and 1 recompile per input shape). The other
+      blocks get zeros instead: adding them is exact, and fused into the layout copy before temporal attention.
+    * the batch dim of ``x``, ``y``, ``t0`` and ``mask`` is marked dynamic on the first call: a batch that shrinks
+      after a broken clip then reuses the graph. Left to automatic dynamic shapes, B=2, 1, 3 compiled 3 graphs
+      (static 2, specialised 1, dynamic); marked, 2 (sizes >= 2, and 1, which torch always specialises).
+      ``maybe_mark_dynamic``: should a later change specialise the batch, training goes on (recompiling), and
+      tests/test_compile.py's recompile count fails instead. T and S (buckets) are left to automatic dynamic
+      shapes: the first change of each recompiles once, with that dim dynamic from then on.
+
+    Args:
+        model: an STDiT, after sequence parallelism and checkpointing, before FSDP2 / DDP.
+        backend: the torch.compile backend (``torch._dynamo.list_backends(exclude_tags=())`` lists them).
+    """
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:  # torch.compile itself would say so only at the first forward
+        raise ValueError(f"compile_backend {backend!r} is not a torch.compile backend; known: {', '.join(known)}")
+    signature = inspect.signature(type(model.blocks[0]).forward)
+    zeros: dict = {}
+
+    @torch.compiler.disable
+    def same_inputs_for_every_block(module, args, kwargs):
+        bound = signature.bind(module, *args, **kwargs)
+        x = bound.arguments["x"]  # (B, T, S, D); T is this rank's share under SP
+        if bound.arguments.get("tpe") is None:
+            key = (x.shape[1], x.shape[-1], x.dtype, x.device)
+            if key not in zeros:
+                zeros[key] = x.new_zeros(key[:2])  # (T, D)
+            bound.arguments["tpe"] = zeros[key]
+        for name in ("x", "y", "t0", "mask"):
+            if bound.arguments.get(name) is not None:
+                torch._dynamo.maybe_mark_dynamic(bound.arguments[name], 0)
+        return bound.args[1:], bound.kwargs
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(same_inputs_for_every_block, with_kwargs=True)
+        block.compile(backend=backend, fullgraph=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

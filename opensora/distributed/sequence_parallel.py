@@ -34,18 +34,8 @@ import inspect
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
-
-
-@torch.compiler.disable
-def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Splits ``x`` into P pieces along ``scatter_dim``, sends piece j to rank j, concatenates what arrives
-    along ``gather_dim`` in rank order."""
-    P = dist.get_world_size(group)
-    send = torch.stack(x.chunk(P, dim=scatter_dim)).contiguous()  # (P, ...) piece j goes to rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
 @torch.compiler.disable
@@ -58,18 +48,6 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 def _own_slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, scatter_dim, gather_dim):
-        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
-        return _all_to_all(x, group, scatter_dim, gather_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, ctx.group, gather_dim, scatter_dim), None, None, None
 
 
 class _SliceSeq(torch.autograd.Function):
@@ -102,8 +80,17 @@ class _GatherSeq(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Differentiable all-to-all: scatter ``scatter_dim`` over the ranks of ``group``, gather ``gather_dim``."""
-    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+    """Differentiable all-to-all: scatter ``scatter_dim`` over the ranks of ``group``, gather ``gather_dim``.
+
+    Splits ``x`` into P pieces along ``scatter_dim``, sends piece j to rank j, concatenates what arrives along
+    ``gather_dim`` in rank order; the backward is the reverse all-to-all. A functional collective, so that
+    torch.compile traces it into the compiled block's graph: the ``torch.compiler.disable``d ``dist`` call it
+    replaced broke every SP block into 3 graphs (11 graph breaks and 8 recompiles in 3 steps, docs/training.md).
+    """
+    P = dist.get_world_size(group)
+    send = torch.stack(x.chunk(P, dim=scatter_dim))  # (P, ...) piece j goes to rank j
+    recv = funcol.all_to_all_single_autograd(send, None, None, group)  # (P, ...) piece j came from rank j
+    return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
 class UlyssesAttention(nn.Module):
