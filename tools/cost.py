@@ -158,7 +158,9 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     forecasts = [forecast_stage(s, args.gpus, args.gpu_type, peak, price, mfu) for s in stages]
     actual_by_stage = {r.stage: r.spend for r in actual.stages} if actual is not None else {}
     if vae is None and recipe is not None:
-        vae, vae_from = recipe_autoencoder(recipe), f"recipe vae_downsample {recipe.vae_downsample}"
+        vae = recipe_autoencoder(recipe)
+        vae_from = (f"recipe vae_compression {list(recipe.vae_compression)}" if recipe.vae_compression is not None
+                    else f"recipe vae_downsample {vae.compression[1]}")
 
     if args.json:
         out = {"gpus": args.gpus, "gpu_type": args.gpu_type, "peak_tflops": peak, "price_per_gpu_hour": price,

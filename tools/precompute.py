@@ -40,7 +40,7 @@ from opensora.bundle import BUNDLE_FILE, load_bundle_config, load_encoders
 from opensora.config import ConfigError
 from opensora.data.latent_cache import PrecomputeReport, precompute
 from opensora.training import load_recipe
-from opensora.training.config import RecipeConfig, stage_data_config
+from opensora.training.config import RecipeConfig, check_recipe_autoencoder, stage_data_config
 from opensora.training.init import write_new_bundle
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 loaded.clear()  # one pair of encoders in memory at a time
                 loaded[key] = load_encoders(bundle, device=device, dtype=DTYPES[args.dtype])
             vae, text_encoder = loaded[key]
+            check_recipe_autoencoder(recipe, vae.shape, bundle)  # as training checks it: the cache is for that VAE
             failures = args.failures or Path(data_cfg.cache_dir) / "precompute_failures.jsonl"
             report = precompute(data_cfg, vae, text_encoder, data_cfg.cache_dir, rank=rank, world_size=world,
                                 batch_size=args.batch_size, device=device, dtype=DTYPES[args.store_dtype],

@@ -54,8 +54,11 @@ class CostStage:
 
 
 def recipe_autoencoder(recipe: RecipeConfig) -> AutoencoderShape:
-    """The autoencoder shape a recipe declares: today ``vae_downsample: f``, a per-frame VAE's (1, f, f)."""
-    return AutoencoderShape.per_frame(recipe.vae_downsample)
+    """The autoencoder shape a recipe declares (``vae_compression`` + frame rule + channels, or the per-frame
+    ``vae_downsample``): ``opensora.training.config.recipe_autoencoder``, the one the trainer checks the VAE with."""
+    from opensora.training.config import recipe_autoencoder as declared  # imported here: training imports accounting
+
+    return declared(recipe)
 
 
 def cost_stages(recipe: RecipeConfig, source: str = "recipe", vae: AutoencoderShape | None = None) -> list[CostStage]:

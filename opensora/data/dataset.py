@@ -4,7 +4,9 @@ One item is ``num_frames`` frames taken every ``frame_interval`` frames of a cli
 at interval 3), resized so that it covers its bucket's (H, W) and centre-cropped to it, as a float tensor
 (3, T, H, W) in [-1, 1]. Images (``.png``/``.jpg``/...) are 1-frame videos; with ``num_frames == 1`` every
 clip gives one frame. Where the window starts is random per (seed, epoch, index) by default, as
-Open-Sora's ``TemporalRandomCrop``, and reproducible on resume.
+Open-Sora's ``TemporalRandomCrop``, and reproducible on resume. ``num_frames`` must be a count the autoencoder
+takes: any for a per-frame VAE, t*k + 1 for a causal 3D one (17, not 16, at 4x: 5 latent frames); told the
+autoencoder's shape, the dataset refuses any other count when it is built, naming the nearest valid ones.
 
 Clips shorter than the window (``(num_frames - 1) * frame_interval + 1`` frames) are, by default,
 *skipped*: left out of the dataset when it is built and recorded in the failures file, because padding
@@ -44,6 +46,7 @@ from torch.utils.data import Dataset
 from opensora.data.buckets import BucketKey, bucket_key, nearest_size, parse_sizes
 from opensora.data.manifest import CONTENT_HASH_COLUMN, read_manifest
 from opensora.data.video_io import read_video, video_info
+from opensora.models.autoencoders import AutoencoderShape
 from opensora.utils import append_jsonl
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -55,7 +58,7 @@ SHORT_CLIP_POLICIES = ("skip", "pad")
 @dataclass
 class DataConfig:
     manifest: str = MISSING  # Parquet/CSV manifest (read_manifest); relative clip paths are relative to its folder
-    num_frames: int = 16  # frames per sample (T); 1 trains on single frames
+    num_frames: int = 16  # frames per sample (T); 1 trains on single frames; a causal 3D VAE takes t*k + 1 (17)
     frame_interval: int = 3  # take every k-th frame of the clip (Open-Sora 1.0: 3)
     image_size: tuple[int, int] = (256, 256)  # (H, W) of every sample when `buckets` is not set
     buckets: list[list[int]] | None = None  # [[H, W], ...]: each clip goes to the closest aspect ratio (buckets.py)
@@ -84,6 +87,21 @@ class DataConfig:
     def window(self) -> int:
         """Frames a clip needs to give ``num_frames`` frames at ``frame_interval`` without padding."""
         return (self.num_frames - 1) * self.frame_interval + 1
+
+
+def check_sample_shape(cfg: DataConfig, autoencoder: AutoencoderShape | None) -> None:
+    """Raises ValueError when a sample of ``cfg`` would not fit ``autoencoder``: ``num_frames`` outside its frame
+    rule (the message names the nearest valid counts, e.g. 13 and 17 for 16 frames at 4x causal), or an
+    ``image_size`` / bucket size not divisible by its spatial factors. Images (1 frame) need no check for a
+    causal or per-frame autoencoder: 1 is always valid there. No-op for None.
+    """
+    if autoencoder is None:
+        return
+    for size in parse_sizes(cfg.buckets, tuple(cfg.image_size)):  # type: ignore[arg-type]
+        try:
+            autoencoder.latent_size((cfg.num_frames, *size))
+        except ValueError as err:
+            raise ValueError(f"data.buckets {list(size)}: {err}" if cfg.buckets else str(err)) from None
 
 
 def record_failure(failures_path: str | Path | None, **fields: Any) -> None:
@@ -141,6 +159,8 @@ class VideoDataset(Dataset):
         seed: seed of the random window starts (combined with the epoch and the index).
         log_skipped: record the rows left out at build time (set False on all ranks but one, so that a
             multi-rank run records them once).
+        autoencoder: the shape of the autoencoder the samples are for: a ``num_frames`` or size it cannot
+            take is an error here (:func:`check_sample_shape`), before any clip is read. None: not checked.
 
     Attributes:
         bucket_keys: (T, H, W) of each index.
@@ -150,9 +170,12 @@ class VideoDataset(Dataset):
     """
 
     def __init__(
-        self, cfg: DataConfig, failures_path: str | Path | None = None, seed: int = 0, log_skipped: bool = True
+        self, cfg: DataConfig, failures_path: str | Path | None = None, seed: int = 0, log_skipped: bool = True,
+        autoencoder: AutoencoderShape | None = None,
     ):
+        check_sample_shape(cfg, autoencoder)
         self.cfg = cfg
+        self.autoencoder = autoencoder
         self.failures_path = failures_path
         self.seed = int(seed)
         # In shared memory: the loader's workers persist across epochs, and set_epoch in the main process
@@ -209,7 +232,10 @@ class VideoDataset(Dataset):
                 f"at interval {self.cfg.frame_interval} (data.short_clips='skip')"
             )
         num_out = 1 if image else self.cfg.num_frames
-        return bucket_key(num_out, nearest_size(int(height), int(width), sizes)), frames
+        key = bucket_key(num_out, nearest_size(int(height), int(width), sizes))
+        if image and self.autoencoder is not None:  # 1 frame: only a non-causal temporal compression refuses it
+            self.autoencoder.latent_size(key)
+        return key, frames
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -60,7 +60,8 @@ from tqdm import tqdm
 from opensora.data.buckets import BucketKey
 from opensora.data.dataset import DataConfig, VideoDataset, record_failure
 from opensora.models.text_encoder import T5TextEncoder
-from opensora.models.vae import IdentityAutoencoder, VideoAutoencoderKL
+from opensora.models.autoencoders import AutoencoderShape
+from opensora.models.vae import IdentityAutoencoder, VideoAutoencoder, VideoAutoencoderKL
 from opensora.utils import append_jsonl, atomic_write_path, file_sha256, read_jsonl
 
 CACHE_FORMAT = 1
@@ -150,12 +151,22 @@ def fingerprint_module(module: nn.Module, config: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def vae_identity(vae: VideoAutoencoderKL | IdentityAutoencoder) -> str:
-    """Fingerprint of an autoencoder from ``opensora.models.vae`` (config, scaling factor, weights)."""
+def vae_identity(vae: VideoAutoencoder) -> str:
+    """Fingerprint of an autoencoder from ``opensora.models.vae`` (config, normalisation, weights).
+
+    The per-frame ``VideoAutoencoderKL`` and the identity hash exactly what they hashed before 3D VAEs came, so
+    existing caches stay valid. Any other autoencoder (the 3D ones) also hashes ``describe()`` (class, factors,
+    frame rule, channels, normalisation) and its diffusers config, so a cache made with one autoencoder is never
+    read with another, even one whose weights happened to hash alike, and whether it encodes in spatial tiles
+    (blended tiles give other latents). ``micro_batch_size`` is left out: the posterior mode that is cached
+    does not depend on it.
+    """
     config: dict[str, Any] = {"out_channels": vae.out_channels, "patch_size": list(vae.patch_size)}
     if isinstance(vae, VideoAutoencoderKL):
-        # micro_batch_size is left out: the posterior mode that is cached does not depend on it.
         config.update(scaling_factor=vae.scaling_factor, module=_public_config(vae.module.config))
+    elif not isinstance(vae, IdentityAutoencoder):
+        config.update(autoencoder=vae.describe(), module=_public_config(vae.module.config),
+                      tiling=bool(getattr(vae.module, "use_tiling", False)))
     return fingerprint_module(vae, config)
 
 
@@ -179,7 +190,7 @@ def text_encoder_identity(text_encoder: T5TextEncoder) -> str:
     return fingerprint_module(text_encoder.model, config)
 
 
-def encoder_identity(vae: VideoAutoencoderKL | IdentityAutoencoder, text_encoder: T5TextEncoder) -> EncoderIdentity:
+def encoder_identity(vae: VideoAutoencoder, text_encoder: T5TextEncoder) -> EncoderIdentity:
     """The :class:`EncoderIdentity` of loaded encoders (hashes their weights once; notes their compute dtypes)."""
     return EncoderIdentity(vae=vae_identity(vae), text_encoder=text_encoder_identity(text_encoder),
                            vae_dtype=_dtype_name(vae), text_encoder_dtype=_dtype_name(text_encoder.model))
@@ -328,7 +339,7 @@ class _PrecomputeJobs(Dataset):
 @torch.no_grad()
 def precompute(
     cfg: DataConfig,
-    vae: VideoAutoencoderKL | IdentityAutoencoder,
+    vae: VideoAutoencoder,
     text_encoder: T5TextEncoder,
     cache_dir: str | Path,
     rank: int = 0,
@@ -362,7 +373,7 @@ def precompute(
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    videos = VideoDataset(cfg, failures_path=failures_path, log_skipped=rank == 0)
+    videos = VideoDataset(cfg, failures_path=failures_path, log_skipped=rank == 0, autoencoder=vae.shape)
     identity = encoder_identity(vae, text_encoder)
     device = text_encoder.device if device is None else torch.device(device)
     mine = list(range(rank, len(videos), world_size))
@@ -440,6 +451,7 @@ class CachedLatentDataset(Dataset):
         seed: unused by the cache (fixed windows); accepted so both datasets build alike.
         log_skipped: record rows left out at build time (True on one rank only).
         max_leading_misses: see above (default :data:`MAX_LEADING_MISSES`; 0 never raises).
+        autoencoder: the autoencoder's shape; frames or sizes it cannot take are an error (as in VideoDataset).
 
     Items: ``dict(latent=(C, T, h, w), y=(1, L, D), mask=(L,), text=str, index=int, bucket=(T, H, W))``.
     """
@@ -452,13 +464,15 @@ class CachedLatentDataset(Dataset):
         seed: int = 0,
         log_skipped: bool = True,
         max_leading_misses: int | None = None,
+        autoencoder: AutoencoderShape | None = None,
     ):
         if cfg.cache_dir is None:
             raise ValueError("CachedLatentDataset needs data.cache_dir")
         self.cache_dir = Path(cfg.cache_dir)
         self.identity = identity
         self.failures_path = failures_path
-        self.videos = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=log_skipped)
+        self.videos = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=log_skipped,
+                                   autoencoder=autoencoder)
         self.bucket_keys = self.videos.bucket_keys
         self.sha256s = known_content_hashes(self.videos, self.cache_dir)
         self.max_leading_misses = MAX_LEADING_MISSES if max_leading_misses is None else int(max_leading_misses)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from opensora.data.dataset import DataConfig, VideoDataset, collate
 from opensora.data.latent_cache import CachedLatentDataset, EncoderIdentity
 from opensora.data.sampler import DistributedBucketSampler, ResumableDataLoader
+from opensora.models.autoencoders import AutoencoderShape
 
 
 def _worker_init(_: int) -> None:
@@ -41,6 +42,7 @@ def build_dataloader(
     drop_last: bool = True,
     pin_memory: bool = False,
     agree_group=None,
+    autoencoder: AutoencoderShape | None = None,
 ) -> tuple[ResumableDataLoader, DistributedBucketSampler]:
     """The training loader of one data-parallel rank and its sampler (whose state is the data position).
 
@@ -59,6 +61,8 @@ def build_dataloader(
         agree_group: with sequence parallelism, the gloo group of this rank's SP group: its ranks load the
             same batches and must train on the same samples even when a clip fails on one of them only
             (see :class:`ResumableDataLoader`). None without SP.
+        autoencoder: the shape of the autoencoder the samples are for (the trainer passes the recipe's): a
+            ``num_frames`` or size it cannot take fails here, naming the nearest valid frame counts.
     Returns:
         ``(loader, sampler)``: each ``for batch in loader`` runs the rest of the current epoch; save
         ``sampler.state_dict()`` with checkpoints and ``sampler.load_state_dict`` it on resume.
@@ -70,10 +74,12 @@ def build_dataloader(
                 f"encoder_identity(vae, text_encoder)) to pick entries made by the same encoders"
             )
         dataset: Dataset = CachedLatentDataset(
-            cfg, encoder_identity, failures_path=failures_path, seed=seed, log_skipped=rank == 0
+            cfg, encoder_identity, failures_path=failures_path, seed=seed, log_skipped=rank == 0,
+            autoencoder=autoencoder,
         )
     else:
-        dataset = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=rank == 0)
+        dataset = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=rank == 0,
+                               autoencoder=autoencoder)
     sampler = DistributedBucketSampler(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
                                        drop_last=drop_last)  # type: ignore[arg-type]
     workers = cfg.num_workers

@@ -154,6 +154,24 @@ class AutoencoderShape:
         """(T, H, W) -> latent (T', H', W'); ValueError naming the size and the nearest valid frame counts."""
         return compressed_size(input_size, self.compression, self.causal, self.name, self.frame_step)
 
+    def differences(self, other: "AutoencoderShape") -> list[str]:
+        """What differs between two shapes in what they do to a video, in words (empty: the same latents' shape).
+
+        Compression and the frame rule always count; causality only where it changes the latent (t > 1 or a
+        frame step > 1: a per-frame VAE and a "causal" 1x8x8 one give the same latent); latent channels only
+        where both know them.
+        """
+        out = []
+        if self.compression != other.compression:
+            out.append(f"compression {'x'.join(map(str, self.compression))} vs "
+                       f"{'x'.join(map(str, other.compression))}")
+        steps_matter = max(self.compression[0], self.step, other.compression[0], other.step) > 1
+        if self.step != other.step or (steps_matter and self.causal != other.causal):
+            out.append(f"frames {frame_rule(self.step, self.causal)} vs {frame_rule(other.step, other.causal)}")
+        if None not in (self.latent_channels, other.latent_channels) and self.latent_channels != other.latent_channels:
+            out.append(f"latent channels {self.latent_channels} vs {other.latent_channels}")
+        return out
+
     def summary(self) -> str:
         """E.g. "4x8x8 causal (4k+1 frames), 16 ch"."""
         t, h, w = self.compression

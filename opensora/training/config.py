@@ -6,8 +6,9 @@ this schema), whose dotted overrides index into the stage list (``stages.1.steps
 
     recipe = load_recipe("configs/demo/train.yaml", ["stages.0.steps=4", "optim.grad_clip=0.5"])
 
-The cost forecast (``opensora.accounting.forecast.cost_stages``) prices a loaded recipe from
-``vae_downsample`` and ``stages[*].{name, model, model_overrides, num_frames, image_size, batch_size, steps}``.
+The cost forecast (``opensora.accounting.forecast.cost_stages``) prices a loaded recipe from its autoencoder's
+shape (:func:`recipe_autoencoder`: ``vae_compression`` or ``vae_downsample``) and
+``stages[*].{name, model, model_overrides, num_frames, image_size, batch_size, steps}``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from opensora.accounting import BudgetConfig
 from opensora.config import ConfigError, load_config
-from opensora.data.dataset import DataConfig
+from opensora.data.dataset import DataConfig, check_sample_shape
 from opensora.diffusion import SCHEDULERS
 from opensora.distributed import ParallelConfig
+from opensora.models.autoencoders import AutoencoderShape
 from opensora.models.stdit import STDiT_models, STDiTConfig
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -46,9 +48,10 @@ class InitConfig:
     """
 
     bundle: str | None = None  # pipeline bundle dir (tools/init_checkpoint.py or a stage export)
-    # New model: a local AutoencoderKL dir, "identity" (pixel space) or "tiny" (random, built in).
+    # New model: a local autoencoder dir (SD-VAE, Wan, HunyuanVideo, CogVideoX, LTX: the class comes from its
+    # config.json), "identity" (pixel space), "tiny" (random per-frame, built in) or "tiny-KIND" (e.g. tiny-wan2.1).
     vae: str | None = None
-    vae_subfolder: str | None = None  # e.g. "vae" inside a Stable Diffusion repo
+    vae_subfolder: str | None = None  # e.g. "vae" inside a diffusers pipeline repo (Wan2.1-T2V-1.3B-Diffusers)
     text_encoder: str | None = None  # new model: a local T5 encoder dir (with tokenizer) or "tiny"
     seed: int = 0  # seed of a new model's random initialisation (and of the tiny encoders)
     checkpoint: str | None = None  # weights file loaded over the model (.pth / .safetensors)
@@ -201,8 +204,14 @@ class RecipeConfig:
 
     stages: list[StageConfig] = MISSING  # in order; at least one
     data: DataConfig = field(default_factory=DataConfig)  # data defaults (num_frames / image_size come from each stage)
-    # Spatial factor of the VAE (1: identity); checked against the real VAE, and read by the cost forecast.
-    vae_downsample: int = 8
+    # The stages' autoencoder, as the cost forecast prices it (no weights needed) and the trainer checks the loaded
+    # VAE against it (recipe_autoencoder below). A per-frame image VAE: vae_downsample alone; a 3D one:
+    # vae_compression (+ vae_causal, vae_frame_step, vae_latent_channels).
+    vae_downsample: int | None = None  # legacy: a per-frame VAE's spatial factor f, i.e. (1, f, f); None: 8 (SD-VAE)
+    vae_compression: list[int] | None = None  # (t, h, w) factors, e.g. [4, 8, 8] for Wan 2.1; None: vae_downsample
+    vae_causal: bool = True  # with vae_compression: first frame alone, so t*k + 1 frames give k + 1 latent frames
+    vae_frame_step: int | None = None  # with vae_compression: valid frame counts step by this (None: t; CogVideoX: 8)
+    vae_latent_channels: int | None = None  # latent channels (Wan 2.1: 16); None: undeclared (forecast: in_channels)
     diffusion: str = "iddpm"  # training objective: "iddpm" (Open-Sora 1.0) or "rflow"; recorded in the exports
     rflow: RFlowConfig = field(default_factory=RFlowConfig)  # timestep distribution when diffusion is rflow
     seed: int = 0  # seed of the data order, noise, timesteps and caption dropout
@@ -236,8 +245,71 @@ class RecipeConfig:
             raise ValueError(f"diffusion must be one of {sorted(SCHEDULERS)}, got {self.diffusion!r}")
         if self.diffusion != "rflow" and self.rflow != RFlowConfig():
             raise ValueError(f"rflow: timestep options are set but diffusion is {self.diffusion!r} (they apply to rflow only)")
-        if self.vae_downsample < 1:
-            raise ValueError(f"vae_downsample must be >= 1, got {self.vae_downsample}")
+        vae = recipe_autoencoder(self)  # raises on a bad or contradictory declaration
+        for i, stage in enumerate(self.stages):
+            try:  # frames and size of the stage (and of every bucket) must fit the autoencoder
+                check_sample_shape(stage_data_config(self, stage), vae)
+            except ValueError as err:
+                raise ValueError(f"stages[{i}] ('{stage.name}'): {err}") from None
+
+
+def recipe_autoencoder(recipe: RecipeConfig) -> AutoencoderShape:
+    """The autoencoder shape the recipe declares: what the forecast prices and the trainer checks the VAE against.
+
+    ``vae_compression`` (with ``vae_causal``, ``vae_frame_step``, ``vae_latent_channels``), else a per-frame
+    VAE's (1, f, f) from ``vae_downsample`` (8 when neither is set, SD-VAE as in Open-Sora 1.0).
+
+    Raises:
+        ValueError: factors that are not three integers >= 1, a frame step that is not a multiple of t, a
+            ``vae_downsample`` that disagrees with ``vae_compression``, a frame step without a compression.
+    """
+    f, compression = recipe.vae_downsample, recipe.vae_compression
+    if f is not None and f < 1:
+        raise ValueError(f"vae_downsample must be >= 1, got {f}")
+    if recipe.vae_latent_channels is not None and recipe.vae_latent_channels < 1:
+        raise ValueError(f"vae_latent_channels must be >= 1, got {recipe.vae_latent_channels}")
+    if compression is None:
+        if recipe.vae_frame_step is not None:
+            raise ValueError("vae_frame_step needs vae_compression (a per-frame VAE takes any frame count)")
+        return AutoencoderShape.per_frame(8 if f is None else f, latent_channels=recipe.vae_latent_channels)
+    if len(compression) != 3 or any(int(v) != v or v < 1 for v in compression):
+        raise ValueError(f"vae_compression must be three integer factors [t, h, w] >= 1, got {list(compression)}")
+    t, h, w = (int(v) for v in compression)
+    if f is not None and (t, h, w) != (1, f, f):
+        raise ValueError(f"vae_downsample {f} (a per-frame VAE, 1x{f}x{f}) disagrees with vae_compression "
+                         f"{[t, h, w]}: give one of them")
+    step = recipe.vae_frame_step
+    if step is not None and (step < 1 or step % t):
+        raise ValueError(f"vae_frame_step must be a multiple of the temporal factor {t}, got {step}")
+    causal = recipe.vae_causal and t * (step or t) > 1  # t = 1 with step 1: the same as a per-frame VAE
+    return AutoencoderShape((t, h, w), causal=causal, frame_step=step, latent_channels=recipe.vae_latent_channels,
+                            name=f"the recipe's autoencoder ({t}x{h}x{w})")
+
+
+def check_recipe_autoencoder(recipe: RecipeConfig, vae_shape: AutoencoderShape, source: str | Path) -> None:
+    """Raises ConfigError naming both when the loaded autoencoder's shape is not the one the recipe declares.
+
+    Args:
+        recipe: the recipe (``vae_compression`` / ``vae_downsample`` and friends).
+        vae_shape: ``vae.shape`` of the loaded autoencoder.
+        source: where the autoencoder came from (the init bundle), for the message.
+    """
+    declared = recipe_autoencoder(recipe)
+    differs = declared.differences(vae_shape)
+    if differs:
+        t, h, w = vae_shape.compression
+        if t == 1 and h == w and vae_shape.step == 1:
+            fix = [f"vae_downsample: {h}"]
+        else:
+            fix = [f"vae_compression: [{t}, {h}, {w}]", f"vae_causal: {str(vae_shape.causal).lower()}"]
+            fix += [] if vae_shape.step == t else [f"vae_frame_step: {vae_shape.step}"]
+        fix += [f"vae_latent_channels: {vae_shape.latent_channels}"] if declared.latent_channels is not None else []
+        fix_text = ", ".join(fix)
+        raise ConfigError(
+            f"the recipe declares the autoencoder {declared.summary()} but the VAE of {source} "
+            f"({vae_shape.name}) is {vae_shape.summary()} ({'; '.join(differs)}): set {fix_text} in the recipe, "
+            "or start the stage from a bundle with the autoencoder it declares"
+        )
 
 
 def stage_data_config(recipe: RecipeConfig, stage: StageConfig) -> DataConfig:

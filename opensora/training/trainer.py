@@ -37,7 +37,14 @@ from opensora.diffusion import build_scheduler
 from opensora.distributed import DistInfo, ParallelDims, build_engine
 from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
 from opensora.models.stdit import STDiT
-from opensora.training.config import RecipeConfig, StageConfig, stage_data_config, stage_model_config
+from opensora.training.config import (
+    RecipeConfig,
+    StageConfig,
+    check_recipe_autoencoder,
+    recipe_autoencoder,
+    stage_data_config,
+    stage_model_config,
+)
 from opensora.training.ema import EMA
 from opensora.training.init import load_init_checkpoint
 from opensora.training.metrics import MetricsLogger
@@ -80,6 +87,7 @@ class Trainer:
         self.step = 0
         self.dims = ParallelDims.build(recipe.parallel, dist_info)
         self.micro_batch, self.accum = self._batch_split()
+        self.autoencoder = recipe_autoencoder(recipe)  # the loaded VAE is checked against it; latents are counted by it
 
         # 1. Model (fp32 master weights), encoders and the objective.
         bundle = load_bundle_config(self.init_dir)
@@ -109,6 +117,7 @@ class Trainer:
                 failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
                 pin_memory=self.device.type == "cuda",
                 agree_group=new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None,
+                autoencoder=self.autoencoder,
             )
 
         # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
@@ -151,11 +160,7 @@ class Trainer:
         dtype = torch.bfloat16 if uses_mixed_precision(self.recipe.parallel, self.dist) else None
         vae, text_encoder = load_encoders(self.init_dir, device=self.device, dtype=dtype, config=bundle)
         check_compatible(model, vae, text_encoder, source=self.init_dir)
-        factor = 64 // vae.get_latent_size((1, 64, 64))[1]
-        if factor != self.recipe.vae_downsample:
-            raise ConfigError(
-                f"vae_downsample is {self.recipe.vae_downsample} but the VAE of {self.init_dir} downsamples by {factor}"
-            )
+        check_recipe_autoencoder(self.recipe, vae.shape, self.init_dir)  # factors, frame rule (and channels)
         return vae, text_encoder
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -240,8 +245,8 @@ class Trainer:
         return batch["video"].shape[0], tuple(self._latent_size((T, H, W)))
 
     def _latent_size(self, size: tuple[int, int, int]) -> tuple[int, int, int]:
-        f = self.recipe.vae_downsample
-        return size[0], size[1] // f, size[2] // f
+        """Latent (T', h, w) of a video (T, H, W): time too, so a 3D VAE's 17 frames count as 5 latent frames."""
+        return self.autoencoder.latent_size(size)
 
     def _tokens(self, latent: tuple[int, int, int]) -> int:
         p = self.model_config.patch_size
