@@ -24,7 +24,8 @@ from omegaconf import MISSING
 from opensora.config import ConfigError, load_config, to_yaml
 from opensora.models.stdit import STDiT
 from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder
-from opensora.models.vae import VAEConfig, build_vae
+from opensora.models.autoencoders import AutoencoderShape
+from opensora.models.vae import VAEConfig, autoencoder_shape, build_vae
 from opensora.utils import atomic_write_path
 
 BUNDLE_FILE = "bundle.yaml"
@@ -90,7 +91,9 @@ class Bundle:
         return next(self.model.parameters()).device
 
     def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """Latent (T, H, W) for a video size; raises ValueError naming the size if a factor does not divide it."""
+        """Latent (T, H, W) for a video size; raises ValueError naming the size if a factor does not divide it, or
+        the nearest valid frame counts if the autoencoder does not take ``num_frames`` (13 and 17 for 16 at 4x
+        causal)."""
         size = self.vae.get_latent_size((num_frames, height, width))
         self.model.check_input_size(size)
         return size
@@ -140,7 +143,25 @@ class Bundle:
             model_fn = classifier_free_guidance(self.model, cfg_scale, guided_channels=self.model.in_channels)
             kwargs = dict(y=torch.cat([y, self.model.null_caption(B).to(y.dtype)]), mask=torch.cat([mask, mask]))
         z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator)
-        return self.vae.decode(z.to(next(self.vae.parameters(), z).dtype)).float().clamp(-1, 1).cpu()
+        video = self.vae.decode(z.to(next(self.vae.parameters(), z).dtype)).float().clamp(-1, 1).cpu()
+        if tuple(video.shape[2:]) != (num_frames, height, width):  # a decoder off its frame rule would say so here
+            raise RuntimeError(f"{self.vae.name} decoded a {tuple(video.shape[2:])} video for the requested "
+                               f"{(num_frames, height, width)}")
+        return video
+
+
+def bundle_autoencoder_shape(directory: str | Path, config: BundleConfig | None = None) -> AutoencoderShape:
+    """What a bundle's autoencoder does to shapes (factors, frame rule, channels), read from its config.json
+    without loading any weights, so a size it cannot take is refused before any work."""
+    cfg = load_bundle_config(directory) if config is None else config
+    return autoencoder_shape(_resolved_vae_config(directory, cfg.vae))
+
+
+def _resolved_vae_config(directory: str | Path, vae_cfg: VAEConfig) -> VAEConfig:
+    """``vae_cfg`` with its path resolved against the bundle (see :func:`resolve_path`)."""
+    if vae_cfg.path is None:
+        return vae_cfg
+    return VAEConfig(**{**vae_cfg.__dict__, "path": resolve_path(directory, vae_cfg.path)})
 
 
 def load_bundle(directory: str | Path, device: str | torch.device | None = None,
@@ -173,10 +194,7 @@ def load_encoders(directory: str | Path, device: str | torch.device | None = Non
     """
     directory = Path(directory)
     cfg = load_bundle_config(directory) if config is None else config
-    vae_cfg = cfg.vae
-    if vae_cfg.path is not None:
-        vae_cfg = VAEConfig(**{**vae_cfg.__dict__, "path": resolve_path(directory, vae_cfg.path)})
-    vae = build_vae(vae_cfg, device=device, dtype=dtype)
+    vae = build_vae(_resolved_vae_config(directory, cfg.vae), device=device, dtype=dtype)
     te_cfg = TextEncoderConfig(**{**cfg.text_encoder.__dict__, "path": resolve_path(directory, cfg.text_encoder.path)})
     text_encoder = build_text_encoder(te_cfg, device=device, dtype=dtype).eval().requires_grad_(False)
     return vae, text_encoder

@@ -10,7 +10,14 @@ Real size, with pretrained parts from local directories (e.g. snapshots in your 
     python tools/init_checkpoint.py --model STDiT-XL/2 --out runs/xl-init \\
         --vae /models/sd-vae-ft-ema --text-encoder /models/t5-v1_1-xxl --set space_scale=0.5
 
-``--vae identity`` trains in pixel space (3 channels); ``--set key=value`` overrides model fields.
+A 3D causal VAE (Wan 2.1 here; any autoencoder ``load_autoencoder`` reads, the class comes from its config.json);
+the model's ``in_channels`` become the VAE's latent channels (16)::
+
+    python tools/init_checkpoint.py --model STDiT-XL/2 --out runs/xl-wan-init \
+        --vae /models/Wan2.1-T2V-1.3B-Diffusers --vae-subfolder vae --text-encoder /models/t5-v1_1-xxl
+
+``--vae identity`` trains in pixel space (3 channels); ``--vae tiny-wan2.1`` (or ``tiny-hunyuan``, ...) writes a
+tiny random one of that class into the bundle; ``--set key=value`` overrides model fields.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ if __package__ in (None, ""):
 from opensora.bundle import BUNDLE_FILE, DIFFUSIONS
 from opensora.config import ConfigError, parse_overrides
 from opensora.models import STDiT_models, count_parameters
+from opensora.models.vae import TINY_VAE_CONFIGS
 from opensora.training.init import TINY, write_random_bundle
 
 
@@ -33,9 +41,11 @@ def parse_args(argv):
     p.add_argument("--model", required=True, choices=sorted(STDiT_models), help="named STDiT size")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--vae", default=None,
-                   help="local AutoencoderKL dir, 'identity' (pixel space) or 'tiny' (random, built in); "
-                        "default: tiny for STDiT-debug, required otherwise")
-    p.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a Stable Diffusion repo")
+                   help="local autoencoder dir (SD-VAE, Wan, HunyuanVideo, CogVideoX, LTX: the class comes from "
+                        "its config.json), 'identity' (pixel space), 'tiny' (random per-frame, built in) or "
+                        f"'tiny-KIND' (KIND one of {', '.join(TINY_VAE_CONFIGS)}); default: tiny for STDiT-debug, "
+                        "required otherwise")
+    p.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a diffusers pipeline repo")
     p.add_argument("--text-encoder", default=None,
                    help="local T5 encoder dir (with tokenizer) or 'tiny'; default: tiny for STDiT-debug")
     p.add_argument("--diffusion", default="iddpm", choices=DIFFUSIONS, help="training objective / default sampler")
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     te_arg = args.text_encoder or (TINY if debug else None)
     if vae_arg is None or te_arg is None:
         raise SystemExit(
-            f"error: {args.model} needs --vae (a local AutoencoderKL directory or 'identity') and --text-encoder "
+            f"error: {args.model} needs --vae (a local autoencoder directory or 'identity') and --text-encoder "
             "(a local T5 directory); nothing is downloaded. Use 'tiny' for random built-in ones."
         )
     if (args.out / BUNDLE_FILE).exists() and not args.force:

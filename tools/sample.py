@@ -3,6 +3,9 @@
     python tools/sample.py --ckpt runs/demo/stage2/export --prompt "a red circle moving left on a blue background" \\
         --num-frames 8 --height 32 --width 32 --steps 50 --cfg-scale 4 --seed 0 --out samples/
 
+A bundle on a causal 3D VAE takes t*k + 1 frames (Wan 2.1, 4x: ``--num-frames 17``, which decodes from 5 latent
+frames); another count is refused before anything loads, naming the nearest valid ones.
+
 Videos are named ``NNN_<prompt-slug>.mp4`` and listed with their full prompts in ``OUT/prompts.tsv``.
 The same seed gives the same video for the same prompt batch (``--batch-size 1``, the default, makes each video
 depend only on its prompt and the seed).
@@ -20,8 +23,10 @@ if __package__ in (None, ""):
 
 import torch
 
-from opensora.bundle import DIFFUSIONS, load_bundle, load_bundle_config
+from opensora.bundle import DIFFUSIONS, bundle_autoencoder_shape, load_bundle, load_bundle_config
 from opensora.utils import atomic_write_path, slugify
+
+DEFAULT_NUM_FRAMES = 16  # Open-Sora 1.0's; an autoencoder that does not take it gets the next count it takes
 
 
 def parse_args(argv):
@@ -29,7 +34,9 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, type=Path, help="pipeline bundle directory (init_checkpoint or a training export)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", type=Path, help="text file, one prompt per line (blank lines and # comments skipped)")
-    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames per video; the bundle's autoencoder must take it (a 4x causal VAE: 4k+1, e.g. 17). "
+                        "Default: 16, or the nearest larger count the autoencoder takes (17 at 4x causal)")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=100, help="sampling steps")
@@ -72,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts = collect_prompts(args)
     for name in ("num_frames", "height", "width", "steps", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.crf <= 51:  # checked here, not by the writer after the first video was sampled
         raise SystemExit(f"error: --crf must be in [0, 51], got {args.crf}")
     try:
-        load_bundle_config(args.ckpt)  # cheap: a bad path fails before anything heavy loads
+        # Cheap (config files only): a bad path, or a size the autoencoder cannot take, fails before anything
+        # heavy loads, naming the nearest valid frame counts.
+        vae_shape = bundle_autoencoder_shape(args.ckpt, load_bundle_config(args.ckpt))
+        if args.num_frames is None:
+            args.num_frames = max(vae_shape.nearest_valid_num_frames(DEFAULT_NUM_FRAMES))
+        vae_shape.latent_size((args.num_frames, args.height, args.width))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

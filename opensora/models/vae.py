@@ -635,6 +635,26 @@ def build_vae(
     return vae.eval().requires_grad_(False)
 
 
+def autoencoder_shape(cfg: VAEConfig) -> AutoencoderShape:
+    """What the autoencoder ``cfg`` names does to shapes (factors, frame rule, channels), from its config.json
+    alone: no weights are loaded, so a wrong frame count can be refused before any work. The same shape as
+    ``build_vae(cfg).shape``.
+
+    Raises:
+        FileNotFoundError / ValueError as :func:`build_vae` would for a missing directory or unsupported class.
+    """
+    if cfg.type == "identity":
+        return IdentityAutoencoder().shape
+    path: str = cfg.path  # type: ignore[assignment]  # __post_init__ guarantees a path for "auto" / "kl"
+    config = read_autoencoder_config(path, cfg.subfolder)
+    source = f"{path}" + (f" (subfolder {cfg.subfolder!r})" if cfg.subfolder else "")
+    cls = AUTOENCODER_CLASSES["AutoencoderKL"] if cfg.type == "kl" else autoencoder_class(config, source)
+    compression = cls.compression(config)
+    name = config["_class_name"] if "_class_name" in config else "AutoencoderKL"
+    return AutoencoderShape(compression, cls.causal, compression[0] * cls.latent_frame_step,
+                            cls.latent_channels(config), name)
+
+
 # ---------------------------------------------------------------------------------- tiny random models
 
 

@@ -20,7 +20,7 @@ from opensora.models.stdit import (
     read_weights_file,
 )
 from opensora.models.text_encoder import TextEncoderConfig, make_tiny_t5
-from opensora.models.vae import VAEConfig, build_vae, make_tiny_vae
+from opensora.models.vae import TINY_VAE_CONFIGS, VAEConfig, build_vae, make_tiny_vae
 from opensora.training.config import InitConfig
 
 TINY = "tiny"
@@ -64,10 +64,13 @@ def write_random_bundle(out_dir: Path, model_name: str, vae: str, text_encoder: 
     Args:
         out_dir: bundle directory (created).
         model_name: named STDiT size.
-        vae: a local AutoencoderKL dir, "identity" (pixel space) or "tiny".
+        vae: a local autoencoder dir (any class ``opensora.models.vae.load_autoencoder`` reads: SD-VAE, Wan,
+            HunyuanVideo, CogVideoX, LTX; the class comes from its config.json), "identity" (pixel space),
+            "tiny" (a random per-frame one) or "tiny-KIND" (a random one of ``TINY_VAE_CONFIGS``, e.g.
+            "tiny-wan2.1": 4x8x8, 4 channels). The model's ``in_channels`` become its latent channels.
         text_encoder: a local T5 encoder dir (with tokenizer) or "tiny".
         diffusion: objective recorded in the bundle.
-        vae_subfolder: e.g. "vae" inside a Stable Diffusion repo.
+        vae_subfolder: e.g. "vae" inside a diffusers pipeline repo (Stable Diffusion, Wan2.1-T2V-1.3B-Diffusers).
         seed: seed of the model's and the tiny encoders' weights (the global generators are left as they were).
         overrides: :func:`opensora.config.merge` sources of STDiTConfig fields (``parse_overrides`` of
             ``--set`` arguments, or a stage's ``model_overrides`` dict).
@@ -78,19 +81,25 @@ def write_random_bundle(out_dir: Path, model_name: str, vae: str, text_encoder: 
         ConfigError: an encoder directory that does not exist, or a bad override; the message names it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if vae == TINY:
-        make_tiny_vae(out_dir / "vae", seed=seed)
-        vae_cfg, vae_build = VAEConfig(type="kl", path="vae"), VAEConfig(type="kl", path=str(out_dir / "vae"))
+    tiny_kind = _tiny_vae_kind(vae, names[0])
+    if tiny_kind is not None:
+        make_tiny_vae(out_dir / "vae", seed=seed, kind=tiny_kind)
+        # "tiny" keeps the bundle it always wrote (type kl); the other kinds are read by config.json's class.
+        vae_type = "kl" if vae == TINY else "auto"
+        vae_cfg, vae_build = VAEConfig(type=vae_type, path="vae"), VAEConfig(type=vae_type, path=str(out_dir / "vae"))
     elif vae == "identity":
         vae_cfg = vae_build = VAEConfig(type="identity")
-    else:
-        vae_cfg = vae_build = VAEConfig(type="kl", path=_existing_dir(vae, names[0]), subfolder=vae_subfolder)
+    else:  # any supported autoencoder: the class comes from the directory's config.json
+        vae_cfg = vae_build = VAEConfig(type="auto", path=_existing_dir(vae, names[0]), subfolder=vae_subfolder)
     if text_encoder == TINY:
         make_tiny_t5(out_dir / "text_encoder", seed=seed)
         te_path, te_read = "text_encoder", str(out_dir / "text_encoder")
     else:
         te_path = te_read = _existing_dir(text_encoder, names[1])
-    vae_channels = build_vae(vae_build).out_channels
+    try:
+        vae_channels = build_vae(vae_build).out_channels  # the model's in_channels: the autoencoder's latent channels
+    except (FileNotFoundError, ValueError) as err:  # no config.json, an unsupported class, missing weights
+        raise ConfigError(f"{names[0]}: {err}") from err
     # The text width is read from the T5 config: no need to load billions of weights for a random init.
     te_width = AutoConfig.from_pretrained(te_read, local_files_only=True).d_model
     fitted = ("fitted to the encoders", {"in_channels": vae_channels, "caption_channels": te_width})
@@ -101,6 +110,19 @@ def write_random_bundle(out_dir: Path, model_name: str, vae: str, text_encoder: 
     te_cfg = TextEncoderConfig(path=te_path, max_length=config.model_max_length)
     write_bundle(out_dir, model, BundleConfig(vae=vae_cfg, text_encoder=te_cfg, diffusion=diffusion))
     return model
+
+
+def _tiny_vae_kind(vae: str, key: str) -> str | None:
+    """The kind of tiny random VAE ``vae`` names ("tiny": the per-frame "kl"; "tiny-wan2.1": "wan2.1"), else None."""
+    if vae == TINY:
+        return "kl"
+    if not vae.startswith(TINY + "-") or Path(vae).exists():
+        return None
+    kind = vae[len(TINY) + 1:]
+    if kind not in TINY_VAE_CONFIGS:
+        raise ConfigError(f"{key}: {vae}: no such tiny VAE; one of "
+                          f"{', '.join(f'{TINY}-{k}' for k in TINY_VAE_CONFIGS)} (or '{TINY}', a per-frame one)")
+    return kind
 
 
 def _existing_dir(path: str, key: str) -> str:
