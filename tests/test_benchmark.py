@@ -35,6 +35,22 @@ def test_benchmark_record(tmp_path, extra, capsys):
     assert "samples/s/device" in capsys.readouterr().out
 
 
+def test_benchmark_on_a_3d_vaes_latents(tmp_path):
+    """--vae-compression / --latent-channels: the step sees a causal VAE's latent (17 frames -> 5) and channels."""
+    out = tmp_path / "b.json"
+    wan = ["--frames", "17", "--cached-latents", "--vae-compression", "4x8x8", "--latent-channels", "16"]
+    assert benchmark.main(BASE[:2] + BASE[4:] + wan + ["--out", str(out), "--no-matmul-peak"]) == 0
+    r = json.loads(out.read_text())
+    cfg = stdit_config("STDiT-debug", in_channels=16)
+    assert (r["latent"], r["latent_channels"]) == ([5, 4, 4], 16)
+    assert (r["vae_compression"], r["vae_causal"]) == ([4, 8, 8], True)
+    assert r["train_tflop_per_sample"] == pytest.approx(train_flops_per_sample(cfg, (5, 4, 4), 16) / 1e12)
+    with pytest.raises(SystemExit, match="16 frames do not fit.*13 and 17"):
+        benchmark.main(BASE + ["--frames", "16"] + wan[2:])
+    with pytest.raises(SystemExit):  # two latent shapes
+        benchmark.main(BASE + wan + ["--vae-downsample", "8"])
+
+
 def test_benchmark_rejects_bad_sizes():
     with pytest.raises(SystemExit, match="not divisible"):
         benchmark.main(BASE[:5] + ["31"] + BASE[6:] + ["--cached-latents", "--vae-downsample", "1"])

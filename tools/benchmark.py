@@ -9,6 +9,8 @@ update — on synthetic inputs of the requested shape, and writes one JSON recor
     torchrun --nproc_per_node 8 tools/benchmark.py ... --engine fsdp     # per-GPU figures, N ranks
     python tools/benchmark.py --model STDiT-debug --frames 4 --height 32 --width 32 --batch 2 --engine ddp \
         --steps 3 --out bench.json                                         # CPU smoke run
+    python tools/benchmark.py --model STDiT-XL/2 --frames 17 --height 256 --width 256 --cached-latents \
+        --vae-compression 4x8x8 --latent-channels 16 ...                   # on Wan 2.1's latents (5x32x32x16)
 
 Without torchrun the engine runs on a world of one (DDP of one process is the closest to a bare model).
 
@@ -31,6 +33,7 @@ How it measures (so the numbers compare with Open-Sora's and torchtitan's):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +49,7 @@ from opensora.accounting.gpu import detect_gpu_type, measure_matmul_tflops, peak
 from opensora.config import ConfigError, merge, parse_overrides  # noqa: E402
 from opensora.diffusion import build_scheduler  # noqa: E402
 from opensora.distributed import exit_process  # noqa: E402
+from opensora.models.autoencoders import AutoencoderShape  # noqa: E402
 from opensora.models.stdit import STDiT, STDiT_models, stdit_config  # noqa: E402
 from opensora.training.metrics import peak_memory_gb  # noqa: E402
 from opensora.utils import atomic_write_path  # noqa: E402
@@ -80,10 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cached-latents", action="store_true", help="feed latents + text embeddings (no VAE / T5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--vae", default=None, help="local SD-VAE dir for inline encoding (default: random SD-VAE)")
+    p.add_argument("--vae", default=None,
+                   help="local autoencoder dir for inline encoding (any class load_autoencoder reads; the latent "
+                        "shape and the model's in_channels follow it; default: random SD-VAE)")
     p.add_argument("--text-encoder", default=None, help="local T5 dir for inline encoding (default: random T5-XXL)")
-    p.add_argument("--vae-downsample", type=int, default=8, choices=[1, 8],
-                   help="spatial factor of the VAE: 8 = SD-VAE, 1 = pixel space (identity autoencoder)")
+    p.add_argument("--vae-downsample", type=int, default=None, choices=[1, 8],
+                   help="spatial factor of a per-frame VAE: 8 = SD-VAE (default), 1 = pixel space (identity)")
+    p.add_argument("--vae-compression", metavar="TxHxW", default=None,
+                   help="latent shape of a 3D VAE for --cached-latents, e.g. 4x8x8 (Wan 2.1; causal when T > 1: "
+                        "4k+1 frames, 17 -> 5 latent frames); instead of --vae-downsample")
+    p.add_argument("--latent-channels", type=int, default=None,
+                   help="latent channels = the model's in_channels (e.g. 16 for Wan 2.1; default: the model's)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune, allocator)")
     p.add_argument("--no-matmul-peak", action="store_true", help="skip the measured matmul peak")
@@ -92,14 +103,42 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a model config field, e.g. --set depth=4")
     args = p.parse_args(argv)
     args.grad_ckpt = args.grad_ckpt or args.grad_ckpt_blocks is not None
+    given = [name for name, v in (("--vae", args.vae), ("--vae-downsample", args.vae_downsample),
+                                  ("--vae-compression", args.vae_compression)) if v is not None]
+    if len(given) > 1:
+        p.error(f"give one of --vae, --vae-downsample, --vae-compression (got {' and '.join(given)})")
+    if args.vae_compression is not None and not args.cached_latents:
+        p.error("--vae-compression gives the latent shape of --cached-latents; to encode inline, give --vae DIR")
+    if args.latent_channels is not None and args.latent_channels < 1:
+        p.error(f"--latent-channels must be >= 1, got {args.latent_channels}")
     return args
+
+
+def autoencoder_of(args) -> AutoencoderShape:
+    """The latent shape the step sees: ``--vae`` DIR's (read from its config.json), ``--vae-compression``'s, or a
+    per-frame VAE's (``--vae-downsample``, 8 by default); channels from ``--latent-channels`` where given."""
+    from opensora.models.vae import VAEConfig, autoencoder_shape
+
+    try:
+        if args.vae:
+            shape = autoencoder_shape(VAEConfig(path=args.vae))
+        elif args.vae_compression:
+            shape = AutoencoderShape.parse(args.vae_compression)
+        else:
+            shape = AutoencoderShape.per_frame(args.vae_downsample or 8)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.latent_channels is not None:
+        shape = dataclasses.replace(shape, latent_channels=args.latent_channels)
+    return shape
 
 
 def _build_encoders(args, device, dtype, cfg):
     """Inline VAE + text encoder for the non-cached mode: local weights if given, else random real-size ones.
 
-    ``--vae-downsample 1`` without ``--vae`` means the pixel-space identity autoencoder (3 channels), 8 means an
-    SD-VAE (4 channels): the model's ``in_channels`` must match (checked by the caller).
+    ``--vae DIR`` loads that autoencoder (its class from config.json); without it, ``--vae-downsample 1`` means
+    the pixel-space identity autoencoder (3 channels), 8 (the default) an SD-VAE (4 channels): the model's
+    ``in_channels`` must match (checked by the caller).
     """
     from transformers import T5Config, T5EncoderModel
 
@@ -107,7 +146,7 @@ def _build_encoders(args, device, dtype, cfg):
     from opensora.models.vae import IdentityAutoencoder, VAEConfig, VideoAutoencoderKL, build_vae
 
     if args.vae:
-        vae = build_vae(VAEConfig(type="kl", path=args.vae))
+        vae = build_vae(VAEConfig(type="auto", path=args.vae))
     elif args.vae_downsample == 1:
         vae = IdentityAutoencoder()
     else:
@@ -189,8 +228,7 @@ def build_step(args, info, cfg, dtype, model: STDiT | None = None):
     ema = EMA(engine.unwrap(), ema_cfg.decay, ema_cfg.warmup)
 
     B, L = args.batch, cfg.model_max_length
-    f = args.vae_downsample
-    latent = (args.frames, args.height // f, args.width // f)
+    latent = autoencoder_of(args).latent_size((args.frames, args.height, args.width))
     gen = torch.Generator(device=device).manual_seed(args.seed + info.rank)
     vae = text_encoder = None
     if args.cached_latents:
@@ -225,17 +263,21 @@ def _run(args, info) -> dict:
     dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[args.dtype]
     overrides = list(args.overrides)
-    if args.vae_downsample == 1 and not args.cached_latents and not args.vae:
-        # pixel space: the identity autoencoder passes RGB through; first, so a --set in_channels=... wins
-        overrides.insert(0, "in_channels=3")
+    vae = autoencoder_of(args)
+    # The model takes the latent channels; first, so that a --set in_channels=... wins.
+    if args.latent_channels is not None or args.vae:
+        overrides.insert(0, f"in_channels={vae.latent_channels}")
+    elif args.vae_downsample == 1 and not args.cached_latents:
+        overrides.insert(0, "in_channels=3")  # pixel space: the identity autoencoder passes RGB through
     try:
         cfg = merge(stdit_config(args.model), parse_overrides(overrides))
     except (KeyError, ConfigError) as err:
         raise SystemExit(f"error: --model/--set: {err}") from err
-    f = args.vae_downsample
-    if args.height % (f * cfg.patch_size[1]) or args.width % (f * cfg.patch_size[2]):
-        raise SystemExit(f"error: {args.height}x{args.width} is not divisible by VAE x patch = {f * cfg.patch_size[1]}")
-    latent = (args.frames, args.height // f, args.width // f)
+    try:  # the autoencoder's frame rule and factors, then the patch size, must fit the video
+        latent = vae.latent_size((args.frames, args.height, args.width))
+        video_tokens(cfg, latent)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     steps, ema, batch = build_step(args, info, cfg, dtype)
     B, L = args.batch, cfg.model_max_length
 
@@ -301,6 +343,7 @@ def _run(args, info) -> dict:
     memory_gib = peak_memory_gb(device)  # on a CPU: the whole process's peak RSS, the closest analogue
     result = dict(
         model=args.model, frames=args.frames, height=args.height, width=args.width, latent=list(latent),
+        vae_compression=list(vae.compression), vae_causal=vae.causal, latent_channels=cfg.in_channels,
         batch_per_device=B, world_size=world, engine=args.engine, compile=args.compile, grad_ckpt=args.grad_ckpt,
         depth=cfg.depth,
         grad_ckpt_blocks=(cfg.depth if args.grad_ckpt_blocks is None else args.grad_ckpt_blocks) if args.grad_ckpt else 0,
@@ -335,7 +378,8 @@ def format_table(r: dict) -> str:
         return str(v)
 
     rows = [
-        ("config", f"{r['model']} {r['frames']}x{r['height']}x{r['width']} batch {r['batch_per_device']}/device "
+        ("config", f"{r['model']} {r['frames']}x{r['height']}x{r['width']} (latent "
+                   f"{'x'.join(map(str, r['latent']))}x{r['latent_channels']}ch) batch {r['batch_per_device']}/device "
                    f"x {r['world_size']}, {r['engine']}, {r['dtype']}"
                    + (", compile" if r["compile"] else "")
                    + (f", grad-ckpt {r['grad_ckpt_blocks']}/{r['depth']} blocks" if r["grad_ckpt"] else "")
