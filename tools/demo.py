@@ -34,8 +34,16 @@ if __package__ in (None, ""):
 import numpy as np
 
 from opensora.config import ConfigError, load_config, to_yaml
-from opensora.training import load_recipe
 from opensora.utils import atomic_write_path, slugify
+
+
+def load_recipe(*args, **kwargs):
+    """``opensora.training.load_recipe``, imported when first needed: the data pipeline's worker processes are
+    spawned, and each re-imports this module; importing opensora.training (torch, the trainer) at the top made
+    every pipeline stage wait ~8 s for its workers on a 2-core VM."""
+    from opensora.training import load_recipe as load
+
+    return load(*args, **kwargs)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = ROOT / "configs" / "demo"

@@ -13,18 +13,24 @@ Frames are always uint8 arrays shaped (T, H, W, 3) in RGB order.
 from __future__ import annotations
 
 import contextlib
+import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import av
 import cv2
 import decord
 import numpy as np
-import torch
 from einops import rearrange
 
 from opensora.utils import AtomicPath
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a tensor is handled: the data pipeline's split stage writes its clips through this
+# module in spawned worker processes, and importing torch there cost each of them ~3 s.
 
 
 class VideoReadError(RuntimeError):
@@ -141,7 +147,8 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float,
         ``path`` as a Path.
     """
     path = Path(path)
-    if isinstance(frames, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor cannot exist without it: no need to import it here
+    if torch is not None and isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video({path}): frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
@@ -273,6 +280,8 @@ def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
     Returns:
         uint8 (T, H, W, 3).
     """
+    import torch
+
     if x.ndim != 4 or x.shape[0] != 3:
         raise ValueError(f"tensor_to_frames: expected (3, T, H, W), got shape {tuple(x.shape)}")
     x = x.detach().float().clamp(-1, 1)
