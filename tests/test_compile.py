@@ -21,7 +21,7 @@ from opensora.distributed import ParallelConfig, destroy_distributed, init_distr
 from opensora.distributed.compile_check import compile_check
 from opensora.models.stdit import STDiT, stdit_config
 
-WORKER = Path(__file__).parent / "dist_workers" / "compile_worker.py"
+WORKER = Path(__file__).parent / "dist_workers" / "engine_worker.py"
 
 
 def run_check(pcfg: ParallelConfig, **kwargs) -> dict:
@@ -98,7 +98,7 @@ def test_sequence_parallel_compiled_blocks_have_no_graph_break(tmp_path):
     into the graph (a functional collective); the slicing / gathering hooks of the first / last block are not."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           "--sp-size", "2", "--grad-ckpt", "--batch-sizes", "2,1,3", "--out", str(tmp_path)]
+           "compile", "--sp-size", "2", "--grad-ckpt", "--batch-sizes", "2,1,3", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for r in json.loads((tmp_path / "result.json").read_text()):

@@ -9,6 +9,7 @@ needs no file exchange; rank 0 writes the measured differences as JSON for the t
     ... trainer-sync --recipe R --out DIR            # Trainer.train_step with accumulation, per engine: when
                                                      # the gradients are reduced
     ... sp-broken --recipe R --out DIR               # trainer with SP over 2 ranks, a clip failing on rank 1 only
+    ... compile --sp-size 2 [--grad-ckpt] --out DIR  # compile_check on every rank (tests/test_compile.py)
 """
 
 from __future__ import annotations
@@ -243,18 +244,30 @@ def cmd_sp_broken(args, info) -> dict:
     return dict(seen=seen, losses=losses)
 
 
+def cmd_compile(args, info) -> dict:
+    """``compile_check`` (compiled vs eager steps, dynamo's counts) on every rank, e.g. with SP over both."""
+    from opensora.distributed.compile_check import compile_check
+
+    pcfg = ParallelConfig(engine=args.engine, sp_size=args.sp_size, grad_ckpt=args.grad_ckpt,
+                          compile_backend=args.backend, param_dtype="fp32")
+    return compile_check(pcfg, info, batch_sizes=[int(b) for b in args.batch_sizes.split(",")])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["step", "sp", "ckpt", "trainer-sync", "sp-broken"])
+    p.add_argument("mode", choices=["step", "sp", "ckpt", "trainer-sync", "sp-broken", "compile"])
     p.add_argument("--recipe", default=None)
     p.add_argument("--engine", default="fsdp")
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--sp-size", type=int, default=2, help="compile: ranks per sequence-parallel group")
+    p.add_argument("--backend", default="aot_eager", help="compile: the torch.compile backend")
+    p.add_argument("--batch-sizes", default="2,1,3", help="compile: the batch size of each step")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     info = init_distributed()
     result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt, "trainer-sync": cmd_trainer_sync,
-              "sp-broken": cmd_sp_broken}[args.mode](args, info)
+              "sp-broken": cmd_sp_broken, "compile": cmd_compile}[args.mode](args, info)
     results = [None] * info.world_size
     dist.all_gather_object(results, result)
     if info.rank == 0:
