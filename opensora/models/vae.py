@@ -356,7 +356,52 @@ def load_autoencoder(
 # ------------------------------------------------------------------------------------- implementations
 
 
-class VideoAutoencoderKL(VideoAutoencoder):
+class _DiffusersAutoencoder(VideoAutoencoder):
+    """What the autoencoders that wrap a diffusers model share: loading from local files only, and saving."""
+
+    module: ModelMixin
+
+    @classmethod
+    def _module_class(cls, config: Mapping[str, Any], source: str) -> type[ModelMixin]:
+        """The diffusers class that ``config`` (a config.json) names, if this wrapper takes it; else ValueError."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        subfolder: str | None = None,
+        micro_batch_size: int | None = None,
+        scaling_factor: float | None = None,
+        torch_dtype: torch.dtype | None = None,
+        tiling: bool = False,
+    ):
+        """Loads the autoencoder with diffusers' own loader, from local files only.
+
+        Args:
+            path: a directory written by ``save_pretrained`` (or a diffusers snapshot), or a Hugging Face repo id
+                already in the local cache (e.g. ``stabilityai/sd-vae-ft-ema``, or
+                ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` with subfolder ``vae``).
+            subfolder: sub-directory holding the VAE (``"vae"`` in a pipeline repo).
+            micro_batch_size: frames (per-frame VAE) or clips (3D VAE) per VAE call; None: the class default.
+            scaling_factor: overrides the normalisation's scale (None: the authors', e.g. 0.18215 for SD-VAE).
+            torch_dtype: load the weights in this dtype (default: as stored).
+            tiling: turn on diffusers' tiled encode/decode (bounded memory at large H, W).
+        """
+        source = f"{path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        module = _load_module(cls._module_class(read_autoencoder_config(path, subfolder), source), path, subfolder,
+                              torch_dtype)
+        if tiling:
+            module.enable_tiling()
+        return cls(module, micro_batch_size=micro_batch_size, scaling_factor=scaling_factor)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Writes the VAE (config.json + safetensors) so that :meth:`from_pretrained` reads it back."""
+        self.module.save_pretrained(str(out_dir))
+        return Path(out_dir)
+
+
+class VideoAutoencoderKL(_DiffusersAutoencoder):
     """A diffusers ``AutoencoderKL`` (an image VAE) applied to each frame of a video: compression (1, f, f).
 
     Args:
@@ -381,42 +426,14 @@ class VideoAutoencoderKL(VideoAutoencoder):
         self.shift_factor: float | None = norm.mean  # type: ignore[assignment]  # a scalar for AutoencoderKL
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        subfolder: str | None = None,
-        micro_batch_size: int | None = None,
-        scaling_factor: float | None = None,
-        torch_dtype: torch.dtype | None = None,
-        tiling: bool = False,
-    ) -> "VideoAutoencoderKL":
-        """Loads the image VAE with diffusers' own loader, from local files only.
-
-        Args:
-            path: a directory written by ``save_pretrained`` (or a diffusers repo snapshot), or a Hugging Face
-                repo id such as ``stabilityai/sd-vae-ft-ema`` that is already in the local cache.
-            subfolder: sub-directory holding the VAE (``"vae"`` in a full pipeline repo).
-            micro_batch_size: frames per VAE call (None: ``FRAMES_PER_CALL``).
-            scaling_factor: latent scale (None: the config's, 0.18215 for the Stable Diffusion VAEs).
-            torch_dtype: load the weights in this dtype (default: as stored).
-            tiling: turn on diffusers' tiled encode/decode of each frame.
-        """
-        config = read_autoencoder_config(path, subfolder)
+    def _module_class(cls, config: Mapping[str, Any], source: str) -> type[ModelMixin]:
         name = config["_class_name"] if "_class_name" in config else "AutoencoderKL"  # very old configs lack it
         if name != "AutoencoderKL":
             raise ValueError(
-                f"{path}: config.json names {name}, not the per-frame AutoencoderKL that vae.type 'kl' loads; "
+                f"{source}: config.json names {name}, not the per-frame AutoencoderKL that vae.type 'kl' loads; "
                 f"use vae.type 'auto' (load_autoencoder), which picks the class from config.json"
             )
-        module = _load_module(AutoencoderKL, path, subfolder, torch_dtype)
-        if tiling:
-            module.enable_tiling()
-        return cls(module, micro_batch_size=micro_batch_size, scaling_factor=scaling_factor)
-
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Writes the image VAE (config.json + safetensors) so that :meth:`from_pretrained` reads it back."""
-        self.module.save_pretrained(str(out_dir))
-        return Path(out_dir)
+        return AutoencoderKL
 
     def _norm_description(self) -> dict[str, Any]:
         return {"mean": self.shift_factor, "std": None, "scale": self.scaling_factor}
@@ -464,7 +481,7 @@ class VideoAutoencoderKL(VideoAutoencoder):
         return rearrange(x, "(B T) C H W -> B C T H W", B=B)
 
 
-class VideoAutoencoder3D(VideoAutoencoder):
+class VideoAutoencoder3D(_DiffusersAutoencoder):
     """A diffusers 3D video VAE (Wan 2.1 / 2.2, HunyuanVideo, CogVideoX, LTX-Video) on whole clips.
 
     What differs between the classes (how to read the factors, the normalisation, extra decode arguments) is
@@ -507,40 +524,12 @@ class VideoAutoencoder3D(VideoAutoencoder):
         self._norm = norm
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        subfolder: str | None = None,
-        micro_batch_size: int | None = None,
-        scaling_factor: float | None = None,
-        torch_dtype: torch.dtype | None = None,
-        tiling: bool = False,
-    ) -> "VideoAutoencoder3D":
-        """Loads a 3D video VAE of the class its config.json names, from local files only.
-
-        Args:
-            path: a directory written by ``save_pretrained`` (or a diffusers snapshot), or a Hugging Face repo id
-                already in the local cache (e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` with subfolder ``vae``).
-            subfolder: sub-directory holding the VAE (``"vae"`` in a pipeline repo).
-            micro_batch_size: clips per VAE call (None: ``CLIPS_PER_CALL``).
-            scaling_factor: overrides the normalisation's scale (None: the authors').
-            torch_dtype: load the weights in this dtype (default: as stored).
-            tiling: turn on diffusers' spatially tiled encode/decode (bounded memory at large H, W).
-        """
-        source = f"{path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-        ae = autoencoder_class(read_autoencoder_config(path, subfolder), source)
+    def _module_class(cls, config: Mapping[str, Any], source: str) -> type[ModelMixin]:
+        ae = autoencoder_class(config, source)
         if ae.per_frame:
             raise ValueError(f"{source}: config.json names the per-frame AutoencoderKL: load it with "
                              "VideoAutoencoderKL, or load_autoencoder, which picks the class")
-        module = _load_module(ae.module_class, path, subfolder, torch_dtype)
-        if tiling:
-            module.enable_tiling()
-        return cls(module, micro_batch_size=micro_batch_size, scaling_factor=scaling_factor)
-
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Writes the VAE (config.json + safetensors) so that :func:`load_autoencoder` reads it back."""
-        self.module.save_pretrained(str(out_dir))
-        return Path(out_dir)
+        return ae.module_class
 
     def _norm_description(self) -> dict[str, Any]:
         return {"mean": self._norm.mean, "std": self._norm.std, "scale": self.scaling_factor}
