@@ -86,7 +86,9 @@ class SplitConfig:
     max_clip_s: float = _f(10.0, "longer shots are cut into pieces of at most this length (0 = no limit)")
     drop_edge_frames: int = _f(0, "frames dropped at both ends of each shot (dissolves, flashes)")
     target_fps: float = _f(0.0, "re-time clips to this fps by dropping frames (0 = keep the source fps)")
-    short_side: int = _f(0, "resize clips so that the shorter side is this many pixels (0 = keep)")
+    short_side: int = _f(0, "shrink clips so that the shorter side is at most this many pixels (0 = keep); "
+                         "never enlarges, smaller sources keep their size")
+    min_short_side: int = _f(0, "reject sources whose shorter side is below this many pixels (0 = accept all)")
     codec: str = _f("libx264", "output encoder")
     crf: int = _f(18, "x264 constant rate factor")
     preset: str = _f("veryfast", "x264 preset: veryfast keeps clips small; ultrafast costs ~1.7x less CPU at 720p "

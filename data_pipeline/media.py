@@ -13,9 +13,9 @@ def safe_name(text: str, max_len: int = 120) -> str:
 
 
 def even_size(width: int, height: int, short_side: int = 0) -> tuple[int, int]:
-    """Output (width, height): the shorter side scaled to ``short_side`` (0 = keep), both rounded to even
-    (yuv420p H.264 needs even sizes)."""
-    if short_side:
+    """Output (width, height): the shorter side shrunk to ``short_side`` (0 = keep), both rounded to even
+    (yuv420p H.264 needs even sizes). Never enlarges: an upscaled clip only teaches a model blur."""
+    if short_side and short_side < min(width, height):
         scale = short_side / min(width, height)
         width, height = round(width * scale), round(height * scale)
     return max(2, width - width % 2), max(2, height - height % 2)

@@ -240,7 +240,11 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     with container:
         fps = Fraction(stream.average_rate or stream.guessed_rate)
         out_fps = min(fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else fps
-        size = even_size(stream.codec_context.width, stream.codec_context.height, cfg.short_side)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if cfg.min_short_side and min(width, height) < cfg.min_short_side:
+            # Unwanted, not broken: rejected before any decode, and never upscaled to fit.
+            raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
+        size = even_size(width, height, cfg.short_side)
         detector = _detector(cfg)
         step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
         step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly

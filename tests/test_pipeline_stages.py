@@ -56,6 +56,26 @@ def test_long_shots_are_split_and_retimed_and_resized(tmp_path):
         assert (clip["width"], clip["height"]) == (48, 32) == (reader[0].shape[1], reader[0].shape[0])
 
 
+def test_short_side_never_upscales_and_min_short_side_rejects(tmp_path):
+    # A 64x48 source asked for short_side=360 keeps its size: an upscaled clip only teaches blur.
+    make_video(tmp_path / "small.mp4", [30], size=(64, 48))
+    cfg = SplitConfig(out_dir=str(tmp_path / "clips"), min_clip_s=0.5, short_side=360)
+    (clip,) = split({"id": "small", "path": str(tmp_path / "small.mp4")}, cfg)
+    frame = decord.VideoReader(clip["path"])[0]
+    assert (clip["width"], clip["height"]) == (64, 48) == (frame.shape[1], frame.shape[0])
+    # min_short_side rejects (not fails) a source that is too small, with the reason.
+    make_video(tmp_path / "tiny.mp4", [30], size=(32, 24))
+    (tmp_path / "in.csv").write_text(f"path\n{tmp_path / 'small.mp4'}\n{tmp_path / 'tiny.mp4'}\n")
+    cfg = SplitConfig(out_dir=str(tmp_path / "clips2"), min_clip_s=0.5, short_side=360, min_short_side=48)
+    summary = run_stage(make_stage("split", cfg, tmp_path / "s.parquet"), tmp_path / "in.csv", tmp_path / "s.parquet",
+                        SERIAL)
+    assert (summary.done, summary.rejected, summary.failed) == (1, 1, 0)
+    df = read_manifest(tmp_path / "s.parquet", usable_only=False)
+    tiny = df[df["split_status"] == "rejected"].iloc[0]
+    assert tiny["path"] == str(tmp_path / "tiny.mp4")
+    assert "short side 24 px < min_short_side 48" in tiny["split_error"]
+
+
 def test_plan_clips_edges_and_limits():
     cfg = SplitConfig(min_clip_s=1.0, max_clip_s=2.0, drop_edge_frames=2, max_clips=3)
     assert plan_clips([30], 100, 10.0, cfg) == [(2, 22), (32, 52), (52, 72)]
