@@ -19,6 +19,56 @@ class ProbeError(RuntimeError):
     """The file is not a usable video; the message says why."""
 
 
+# Leading bytes of common files that are not videos, so the reason names what the file is. The `filetype`
+# package would do this but is not a dependency here; these few cover what ends up in video folders by
+# mistake (stills, documents, archives, an HTML error page saved under a video's name). Audio is left to the
+# container probe: it opens and says "no video stream", which is already clear.
+_NOT_VIDEO_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "PNG image data"),
+    (0, b"\xff\xd8\xff", "JPEG image data"),
+    (0, b"BM", "BMP image data"),
+    (0, b"II*\x00", "TIFF image data"),
+    (0, b"MM\x00*", "TIFF image data"),
+    (8, b"WEBP", "WebP image data"),
+    (0, b"%PDF-", "PDF document"),
+    (0, b"PK\x03\x04", "Zip archive data"),
+    (0, b"\x1f\x8b", "gzip compressed data"),
+    (0, b"7z\xbc\xaf\x27\x1c", "7-zip archive data"),
+    (0, b"Rar!", "RAR archive data"),
+)
+# Demuxers that read one still image (FFmpeg's image2 family): a file they open is a picture, whatever its name.
+_IMAGE_DEMUXERS = ("image2", "image2pipe")
+
+
+def sniff(path: str) -> str | None:
+    """What the first bytes say the file is (``PNG image data``, ``HTML document``, ``text``...), or None
+    when they look like no known non-video format."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    for offset, magic, what in _NOT_VIDEO_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            if magic == b"BM" and len(head) < 26:  # two bytes alone are too common to name a BMP
+                continue
+            return what
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "HTML document"
+    if head and all(b in b"\t\n\r" or 32 <= b < 127 or b >= 128 for b in head):
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if err.start < len(head) - 3:  # a multi-byte character cut by the 512-byte window is still text
+                return None
+        return "text"
+    return None
+
+
+def _av_reason(err: Exception) -> str:
+    """PyAV raises FFmpeg's error codes as OSError subclasses (seeking an unseekable stream gives
+    ``PermissionError: [Errno 1] Operation not permitted``); the class name is noise, the message is not."""
+    return str(getattr(err, "strerror", None) or err)
+
+
 def probe_video(path: str, cfg: ProbeConfig) -> dict:
     """Reads a video's properties.
 
@@ -32,11 +82,20 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
         raise ProbeError(f"no such file: {path}")
     if os.path.getsize(path) == 0:
         raise ProbeError("empty file (0 bytes)")
+    what = sniff(path)
+    if what is not None and what != "text":
+        raise ProbeError(f"not a video container ({what})")
     try:
         container = av.open(path)
     except av.error.FFmpegError as err:
-        raise ProbeError(f"not a readable container: {err}") from err
+        if what is not None:
+            raise ProbeError(f"not a video container ({what})") from err
+        raise ProbeError(f"not a readable container: {_av_reason(err)}") from err
     with container:
+        demuxer = container.format.name
+        if demuxer in _IMAGE_DEMUXERS or demuxer.endswith("_pipe"):
+            codec = demuxer[: -len("_pipe")] if demuxer.endswith("_pipe") else container.streams.video[0].codec_context.name
+            raise ProbeError(f"not a video container ({codec.upper()} image data)")
         if not container.streams.video:
             raise ProbeError("no video stream")
         stream = container.streams.video[0]
@@ -53,7 +112,7 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
                     if packet.size:  # the final flush packet is empty
                         counted += 1
             except av.error.FFmpegError as err:
-                raise ProbeError(f"truncated or corrupt after {counted} packets: {err}") from err
+                raise ProbeError(f"truncated or corrupt after {counted} packets: {_av_reason(err)}") from err
             if declared and counted < declared:
                 raise ProbeError(f"truncated: header says {declared} frames, {counted} readable")
         num_frames = counted or declared
@@ -61,11 +120,14 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
             raise ProbeError(f"{num_frames} frames (need >= {max(cfg.min_frames, 1)})")
         width, height = ctx.width, ctx.height
         if cfg.decode_check:
-            container.seek(0)
+            try:
+                container.seek(0)
+            except av.error.FFmpegError as err:
+                raise ProbeError(f"cannot seek back to the start ({container.format.name}): {_av_reason(err)}") from err
             try:
                 frame = next(container.decode(stream), None)
             except av.error.FFmpegError as err:
-                raise ProbeError(f"first frame does not decode: {err}") from err
+                raise ProbeError(f"first frame does not decode: {_av_reason(err)}") from err
             if frame is None:
                 raise ProbeError("no decodable frame")
             width, height = frame.width, frame.height

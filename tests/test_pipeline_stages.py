@@ -2,6 +2,8 @@
 
 from fractions import Fraction
 
+import av
+import cv2
 import decord
 import numpy as np
 import pytest
@@ -132,21 +134,33 @@ def test_broken_inputs_are_recorded_not_fatal(tmp_path):
     truncate(tmp_path / "good.mp4", tmp_path / "trunc.mp4", 0.5)
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "text.mp4").write_text("hello, not a video")
-    names = ["good", "trunc", "empty", "text", "missing"]
+    # A still renamed to .mp4: FFmpeg's image demuxer opens it, so only a look at what it is gives an honest reason.
+    ok, png = cv2.imencode(".png", np.full((48, 64, 3), 128, np.uint8))
+    (tmp_path / "image.mp4").write_bytes(png.tobytes())
+    with av.open(str(tmp_path / "audio.mp4"), "w", format="wav") as container:  # audio only, named like a video
+        stream = container.add_stream("pcm_s16le", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    names = ["good", "trunc", "empty", "text", "missing", "image", "audio"]
     (tmp_path / "in.csv").write_text("path\n" + "\n".join(str(tmp_path / f"{n}.mp4") for n in names) + "\n")
     summary = run_stage(make_stage("probe", ProbeConfig(), tmp_path / "p.parquet"), tmp_path / "in.csv",
                         tmp_path / "p.parquet", SERIAL)
-    assert (summary.done, summary.failed) == (1, 4)
+    assert (summary.done, summary.failed) == (1, 6)
     df = read_manifest(tmp_path / "p.parquet", usable_only=False).set_index("path")
     status = {n: df.loc[str(tmp_path / f"{n}.mp4"), "probe_status"] for n in names}
     error = {n: df.loc[str(tmp_path / f"{n}.mp4"), "probe_error"] for n in names}
-    assert status == {"good": "done", "trunc": "failed", "empty": "failed", "text": "failed", "missing": "failed"}
-    assert "empty" in error["empty"] and "no such file" in error["missing"] and "container" in error["text"]
+    assert status == {"good": "done", **{n: "failed" for n in names[1:]}}
+    assert "empty" in error["empty"] and "no such file" in error["missing"] and "container" in error["trunc"]
+    assert error["text"] == "ProbeError: not a video container (text)"
+    assert error["image"] == "ProbeError: not a video container (PNG image data)"
+    assert "no video stream" in error["audio"]
     assert df.loc[str(tmp_path / "good.mp4"), "num_frames"] == 80
     # The next stage carries failures through without touching them.
     split_summary = run_stage(make_stage("split", SplitConfig(min_clip_s=0.5), tmp_path / "s.parquet"),
                               tmp_path / "p.parquet", tmp_path / "s.parquet", SERIAL)
-    assert (split_summary.upstream, split_summary.done) == (4, 1)
+    assert (split_summary.upstream, split_summary.done) == (6, 1)
     assert len(read_manifest(tmp_path / "s.parquet")) == 2
 
 
