@@ -25,6 +25,7 @@ from typing import Sequence
 
 from data_pipeline.config import PipelineConfig, RunnerConfig
 from data_pipeline.pipeline import STAGES, run_one, run_pipeline
+from data_pipeline.runner import SystemicError
 from opensora.config import ConfigError, load_config, merge, parse_overrides, read_file
 
 
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (1 on a config error, 0 otherwise: row failures are records)."""
+    """Entry point; returns the exit code: 1 on a config error, 3 when a stage stopped on a systemic error
+    (disk full, read-only or vanished output folder: :class:`~data_pipeline.runner.SystemicError`), 0
+    otherwise (a row's own failure is a record in the manifest, not an error)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -86,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 1
+    except SystemicError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -60,10 +60,12 @@ def make_stage(name: str, cfg, output: str | Path) -> Stage:
         output: the stage's output manifest (locates default media folders).
     """
     spec = STAGES[name]
+    out_dirs: tuple[str, ...] = ()
     if name in MEDIA_DIRS:
         out_dir = cfg.out_dir or str(Path(output).resolve().parent / MEDIA_DIRS[name])
         cfg = dataclasses.replace(cfg, out_dir=str(Path(out_dir).resolve()))
-    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn)
+        out_dirs = (cfg.out_dir,)
+    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn, out_dirs=out_dirs)
 
 
 def dist_env() -> tuple[int, int]:

@@ -10,7 +10,11 @@ A stage is a plain function ``fn(row, cfg) -> list[row]`` (see :class:`Stage`). 
 3. runs the rest on a local process pool (``executor=local``), in this process (``workers=0``) or as
    Ray tasks (``executor=ray``), a batch of ``batch_rows`` rows per task;
 4. turns an exception on a row into a failure record (``<stage>_status=failed``, ``<stage>_error``)
-   and :class:`~data_pipeline.rows.Reject` into ``rejected``; the run goes on;
+   and :class:`~data_pipeline.rows.Reject` into ``rejected``; the run goes on - unless the exception is
+   *systemic* (:func:`systemic_cause`: a full disk or quota, a read-only or vanished output folder, an I/O
+   error on output), which would fail every remaining row the same way: then the stage stops submitting,
+   journals what the rows in flight finished, leaves the systemic rows out of the journal (a re-run redoes
+   them) and raises :class:`SystemicError`; a failed journal write stops it the same way;
 5. writes the output manifest atomically and prints a summary line
    (done / skipped / failed / rejected, with reasons).
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -40,7 +45,23 @@ from data_pipeline.rows import Reject, Row, plain, plain_row
 from opensora.data.manifest import OK_STATUS, read_manifest, write_manifest
 
 BatchResult = list[dict]
-"""Per input row of a batch: ``{"id", "status", "error", "rows"}``."""
+"""Per input row of a batch: ``{"id", "status", "error", "rows"}``, and ``"oserror": (errno, path)`` on a
+failure caused by an ``OSError`` (the driver classifies it and removes the key before journaling)."""
+
+# Errors of the storage rather than of the row: every later row would fail the same way, so a row that
+# raises one stops its batch at once. ENOENT and EIO are systemic only where they concern the output
+# (a vanished output folder, an I/O error writing there): a missing or unreadable input is the row's.
+ALWAYS_SYSTEMIC = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system"}
+OUTPUT_SYSTEMIC = {errno.ENOENT: "output folder vanished", errno.EIO: "I/O error on the output storage"}
+
+
+class SystemicError(RuntimeError):
+    """A stage stopped on an error of its storage (disk full, read-only, output folder gone), not of a row.
+
+    ``python -m data_pipeline`` exits with status 3 on it. The journal holds every row that finished; a
+    re-run after the cause is fixed redoes the rest.
+    """
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,36 @@ class Stage:
     fn: Callable[[Row, Any], list[Row]]
     cfg: Any
     batch_fn: Callable[[list[Row], Any], list] | None = None
+    out_dirs: tuple[str, ...] = ()  # folders the stage writes media to (an ENOENT there is systemic)
+
+
+def _oserror(err: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path) of the first ``OSError`` with an errno in ``err``'s chain (a stage may wrap it)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err.errno, None if err.filename is None else str(err.filename)
+        text = str(err)  # e.g. an ffmpeg subprocess's stderr in a RuntimeError
+        for code in ALWAYS_SYSTEMIC:
+            if os.strerror(code) in text:
+                return code, None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def systemic_cause(code: int, path: str | None, out_dirs: Iterable[str | Path]) -> str | None:
+    """Why an ``OSError`` (``code``, ``path``) stops the stage, e.g. ``"no space left on device (ENOSPC)"``;
+    None when it is the row's own failure (a missing input file)."""
+    name = f"{errno.errorcode.get(code, code)}"
+    if code in ALWAYS_SYSTEMIC:
+        return f"{ALWAYS_SYSTEMIC[code]} ({name})"
+    dirs = [Path(d) for d in out_dirs]
+    if code == errno.ENOENT and any(not d.is_dir() for d in dirs):
+        return f"{OUTPUT_SYSTEMIC[code]} ({name}: {', '.join(str(d) for d in dirs if not d.is_dir())})"
+    if code == errno.EIO and path is not None and any(Path(path).is_relative_to(d) for d in dirs):
+        return f"{OUTPUT_SYSTEMIC[code]} ({name})"
+    return None
 
 
 def _error_text(err: BaseException) -> str:
@@ -72,23 +123,41 @@ def _record(stage: str, row_in: Row, outcome: list[Row] | BaseException) -> dict
     if isinstance(outcome, BaseException):
         err = _error_text(outcome)
         row = {**row_in, status_col: "failed", error_col: err}
-        return {"id": row_in["id"], "status": "failed", "error": err, "rows": [row]}
+        entry = {"id": row_in["id"], "status": "failed", "error": err, "rows": [row]}
+        oserror = _oserror(outcome)
+        if oserror is not None:
+            entry["oserror"] = oserror
+        return entry
     rows = [{**plain_row(r), status_col: OK_STATUS, error_col: None} for r in outcome]
     return {"id": row_in["id"], "status": OK_STATUS, "error": None, "rows": rows}
 
 
+def _stops(outcome: Any) -> bool:
+    """Whether a row's outcome is an error that fails every later row too (its batch stops there)."""
+    found = _oserror(outcome) if isinstance(outcome, BaseException) else None
+    return found is not None and found[0] in ALWAYS_SYSTEMIC
+
+
 def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
-    """Runs ``stage`` on ``rows`` in the current process, catching each row's failure (worker entry point)."""
+    """Runs ``stage`` on ``rows`` in the current process, catching each row's failure (worker entry point).
+
+    A row that fails on a full disk or read-only storage ends the batch: the rows after it are not tried
+    and not in the result (the driver stops the stage; a re-run does them)."""
     if stage.batch_fn is not None:
         try:
             outcomes = stage.batch_fn(rows, stage.cfg)
             if len(outcomes) != len(rows):
                 raise RuntimeError(f"{stage.name}: batch_fn returned {len(outcomes)} results for {len(rows)} rows")
         except Exception as err:  # a batch-level failure: retry the rows one by one to find the bad one
-            if len(rows) == 1:
+            if len(rows) == 1 or _stops(err):
                 outcomes = [err]
             else:
-                return [entry for row in rows for entry in process_batch(stage, [row])]
+                result: BatchResult = []
+                for row in rows:
+                    result += process_batch(stage, [row])
+                    if _stops_entry(result[-1]):
+                        break
+                return result
     else:
         outcomes = []
         for row in rows:
@@ -96,7 +165,14 @@ def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
                 outcomes.append(stage.fn(dict(row), stage.cfg))
             except Exception as err:
                 outcomes.append(err)
-    return [_record(stage.name, row, outcome) for row, outcome in zip(rows, outcomes)]
+                if _stops(err):
+                    break
+    cut = next((i + 1 for i, outcome in enumerate(outcomes) if _stops(outcome)), len(outcomes))
+    return [_record(stage.name, row, outcome) for row, outcome in zip(rows[:cut], outcomes[:cut])]
+
+
+def _stops_entry(entry: dict) -> bool:
+    return "oserror" in entry and entry["oserror"][0] in ALWAYS_SYSTEMIC
 
 
 class Journal:
@@ -108,7 +184,7 @@ class Journal:
         if self.path.exists():
             self._load()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _load(self) -> None:
         data = self.path.read_bytes()
@@ -124,18 +200,31 @@ class Journal:
                 self.entries[entry["id"]] = entry  # a later entry (a retry) wins
 
     def append(self, entries: Iterable[dict]) -> None:
-        """Writes entries and fsyncs them before returning: what is journaled survives ``kill -9``."""
-        lines = []
+        """Writes entries and fsyncs them before returning: what is journaled survives ``kill -9``.
+
+        A failed write (disk full) is cut back off the file as far as the disk allows (a torn last line
+        left behind is cut on the next load) and raises; the entries then count as not journaled."""
+        entries = list(entries)
+        data = "".join(json.dumps(e, default=plain, ensure_ascii=False) + "\n" for e in entries).encode("utf-8")
+        if not data:
+            return
+        start = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
         for entry in entries:
             self.entries[entry["id"]] = entry
-            lines.append(json.dumps(entry, default=plain, ensure_ascii=False) + "\n")
-        if lines:
-            self._file.write("".join(lines))
-            self._file.flush()
-            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
 
 @dataclass
@@ -184,19 +273,53 @@ def _batches(rows: list[Row], size: int) -> list[list[Row]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def _run_inline(stage: Stage, batches: list[list[Row]], on_result: Callable[[BatchResult], None]) -> None:
+class _Sink:
+    """The driver's side of results: journals the finished rows of each batch and notes the first systemic
+    failure (:func:`systemic_cause`) in ``stopped``, after which the executors submit nothing more."""
+
+    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm):
+        self.stage, self.journal, self.out_dirs, self.bar = stage, journal, out_dirs, bar
+        self.stopped: str | None = None
+        self.journaled = 0
+
+    def __call__(self, entries: BatchResult) -> None:
+        finished = []
+        for entry in entries:
+            oserror = entry.pop("oserror", None)
+            cause = None if oserror is None else systemic_cause(*oserror, self.out_dirs)
+            if cause is None:
+                finished.append(entry)
+            elif self.stopped is None:
+                where = oserror[1] or " / ".join(str(d) for d in self.out_dirs)
+                self.stopped = f"{cause} at {where} (row {entry['id']}: {entry['error']})"
+        try:
+            self.journal.append(finished)
+        except OSError as err:
+            code = err.errno if err.errno is not None else 0
+            cause = systemic_cause(code, str(self.journal.path), self.out_dirs) or _error_text(err)
+            raise SystemicError(f"{self.stage.name}: stopped: its journal {self.journal.path} could not be "
+                                f"written: {cause}. {self.journaled} rows finished in this run are journaled; "
+                                f"fix the cause and re-run to do the rest") from err
+        self.journaled += len(finished)
+        self.bar.update(len(finished))
+
+
+def _run_inline(stage: Stage, batches: list[list[Row]], on_result: _Sink) -> None:
     for batch in batches:
+        if on_result.stopped:
+            return
         on_result(process_batch(stage, batch))
 
 
-def _run_local(stage: Stage, batches: list[list[Row]], workers: int, on_result) -> None:
+def _run_local(stage: Stage, batches: list[list[Row]], workers: int, on_result: _Sink) -> None:
     """Process pool with a bounded queue. A crashed worker (a segfault in a decoder) breaks the whole
     pool, so the pool is rebuilt and the rows that were in flight are re-run one at a time, alone in the
-    pool: a row that crashes its pool alone is the culprit and gets a failure record; the others finish."""
+    pool: a row that crashes its pool alone is the culprit and gets a failure record; the others finish.
+    Once ``on_result.stopped``, nothing more is submitted and the batches in flight are collected."""
     queue = collections.deque(batches)
     suspects: collections.deque[Row] = collections.deque()
     ctx = mp.get_context("spawn")  # fork after threads (tqdm, pyarrow, torch) can deadlock
-    while queue or suspects:
+    while (queue or suspects) and not on_result.stopped:
         broken: list[tuple[list[Row], bool]] = []
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending: dict[cf.Future, tuple[list[Row], bool]] = {}
@@ -213,21 +336,30 @@ def _run_local(stage: Stage, batches: list[list[Row]], workers: int, on_result) 
                 for fut in finished:
                     batch, alone = pending.pop(fut)
                     try:
-                        on_result(fut.result())
+                        result = fut.result()
                     except cf.process.BrokenProcessPool:
                         broken.append((batch, alone))
+                        continue
+                    try:
+                        on_result(result)
+                    except SystemicError:  # the journal cannot be written: nothing more can be kept
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
+                if on_result.stopped:
+                    queue.clear()
+                    suspects.clear()
                 if broken:
                     broken += list(pending.values())
                     pending.clear()
                     break
-        for batch, alone in broken:
+        for batch, alone in broken if not on_result.stopped else ():
             if alone:
                 on_result([_record(stage.name, batch[0], RuntimeError("worker process crashed on this row"))])
             else:
                 suspects.extend(batch)
 
 
-def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_result) -> None:
+def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_result: _Sink) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -248,9 +380,12 @@ def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_resul
         for ref in ready:
             batch = pending.pop(ref)
             try:
-                on_result(ray.get(ref))
+                result = ray.get(ref)
             except Exception as err:  # the task itself died (worker crash, OOM kill)
-                on_result([_record(stage.name, row, err) for row in batch])
+                result = [_record(stage.name, row, err) for row in batch]
+            on_result(result)
+        if on_result.stopped:
+            queue.clear()
 
 
 def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path, cfg: RunnerConfig) -> Summary:
@@ -283,11 +418,8 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
         todo.append(row)
 
     bar = tqdm(total=len(todo), desc=stage.name, unit="row", disable=not cfg.progress, file=sys.stderr)
-
-    def on_result(entries: BatchResult) -> None:
-        journal.append(entries)
-        bar.update(len(entries))
-
+    out_dirs = [Path(d).resolve() for d in stage.out_dirs] + [Path(output).resolve().parent]
+    on_result = _Sink(stage, journal, out_dirs, bar)
     batches = _batches(todo, cfg.batch_rows)
     try:
         if cfg.executor == "ray":
@@ -299,6 +431,10 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
     finally:
         bar.close()
         journal.close()
+    if on_result.stopped:
+        raise SystemicError(f"{stage.name}: stopped: {on_result.stopped}. {on_result.journaled} rows finished in "
+                            f"this run are journaled in {journal.path}, the rows that failed this way are not; "
+                            f"fix the cause and re-run to do the {len(todo) - on_result.journaled} rows left")
 
     out_rows: list[Row] = []
     for row in rows:
@@ -322,7 +458,14 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
             summary.reasons[_reason_key(entry["error"])] += 1
     summary.rows_out = len(out_rows)
     out_df = pd.DataFrame(out_rows) if out_rows else df.iloc[:0].copy()
-    write_manifest(out_df, output)
+    try:
+        write_manifest(out_df, output)
+    except OSError as err:
+        cause = None if err.errno is None else systemic_cause(err.errno, str(output), out_dirs)
+        if cause is None:
+            raise
+        raise SystemicError(f"{stage.name}: every row is journaled in {journal.path}, but the manifest {output} "
+                            f"could not be written: {cause}; fix the cause and re-run to write it") from err
     summary.seconds = time.time() - t0
     print(str(summary), file=sys.stderr, flush=True)
     return summary

@@ -1,5 +1,7 @@
-"""The runner: failure records, resume (also after kill -9), crashed workers, the Ray executor."""
+"""The runner: failure records, resume (also after kill -9), crashed workers, systemic errors (disk full),
+the Ray executor."""
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +16,8 @@ import pytest
 from data_helpers import flaky_stage, make_video
 from data_pipeline.config import RunnerConfig, SplitConfig
 from data_pipeline.pipeline import make_stage
-from data_pipeline.runner import Journal, Stage, run_stage
+from data_pipeline import __main__ as cli
+from data_pipeline.runner import Journal, Stage, SystemicError, run_stage
 from opensora.data.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +134,102 @@ def test_ray_executor_on_two_local_cpus(tmp_path):
     a, b = read_manifest(tmp_path / "ray.parquet"), read_manifest(tmp_path / "local.parquet")
     assert a["id"].tolist() == b["id"].tolist() and a["num_frames"].tolist() == b["num_frames"].tolist()
     assert local.done == 3
+
+
+def disk_stage(row: dict, cfg: dict) -> list[dict]:
+    """A test stage on a disk that holds ``cfg['room']`` files: each row marks ``attempts/`` (outside the
+    "disk"), then writes ``out/<id>`` without creating ``out/``, and raises ENOSPC once ``out/`` is full."""
+    base = Path(cfg["base"])
+    (base / "attempts" / row["id"]).touch()
+    out = base / "out"
+    if out.is_dir() and len(list(out.iterdir())) >= cfg["room"]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / row["id"]))
+    if not Path(row["path"]).parent.is_dir():  # the row's own input is missing: its failure, not the disk's
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), row["path"])
+    with open(out / row["id"], "w") as f:
+        f.write("clip")
+    return [{**row, "seen": 1}]
+
+
+def _disk(tmp_path, n):
+    (tmp_path / "attempts").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in").mkdir()
+    rows = pd.DataFrame({"path": [str(tmp_path / "in" / f"v{i}.mp4") for i in range(n)]})
+    return read_manifest(_write(tmp_path, rows), usable_only=False)
+
+
+def _journal_ids(path):
+    return [json.loads(line)["id"] for line in Path(f"{path}.journal.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_full_disk_stops_the_stage_and_a_rerun_finishes(tmp_path, workers):
+    n, room = 24, 5
+    df = _disk(tmp_path, n)
+    out = tmp_path / "o.parquet"
+    stage = Stage("disk", disk_stage, {"base": str(tmp_path), "room": room}, out_dirs=(str(tmp_path / "out"),))
+    with pytest.raises(SystemicError) as info:
+        run_stage(stage, df, out, RunnerConfig(workers=workers, progress=False, batch_rows=2))
+    message = str(info.value)
+    assert "no space left on device (ENOSPC)" in message and str(tmp_path / "out") in message
+    assert not out.exists()  # no manifest that would look complete
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    journaled = _journal_ids(out)
+    assert sorted(journaled) == written and len(written) >= room  # every finished row, no failed one
+    attempted = len(list((tmp_path / "attempts").iterdir()))
+    assert attempted <= len(written) + 2 * workers * 2 + 2 < n  # it stopped instead of failing every row
+    # After space is freed, a re-run does exactly the rest.
+    freed = Stage("disk", disk_stage, {"base": str(tmp_path), "room": n}, out_dirs=stage.out_dirs)
+    summary = run_stage(freed, df, out, RunnerConfig(workers=workers, progress=False, batch_rows=2))
+    assert (summary.resumed, summary.done, summary.failed) == (len(written), n - len(written), 0)
+    result = read_manifest(out)
+    assert result["id"].tolist() == df["id"].tolist()
+    assert sorted(_journal_ids(out)) == sorted(df["id"])  # each row journaled exactly once
+
+
+def test_a_missing_input_fails_its_row_but_a_vanished_output_folder_stops(tmp_path):
+    df = _disk(tmp_path, 4)
+    df.loc[1, "path"] = str(tmp_path / "gone" / "v1.mp4")
+    stage = Stage("disk", disk_stage, {"base": str(tmp_path), "room": 100}, out_dirs=(str(tmp_path / "out"),))
+    summary = run_stage(stage, df, tmp_path / "a.parquet", RunnerConfig(workers=0, progress=False))
+    assert (summary.done, summary.failed) == (3, 1) and "FileNotFoundError" in str(summary)
+    (tmp_path / "out").rename(tmp_path / "unmounted")
+    with pytest.raises(SystemicError, match=r"output folder vanished \(ENOENT: .*out\)"):
+        run_stage(stage, df, tmp_path / "b.parquet", RunnerConfig(workers=0, progress=False))
+    # With an output folder gone every ENOENT counts as systemic (the missing input too): nothing is journaled.
+    assert _journal_ids(tmp_path / "b.parquet") == []
+
+
+def test_a_journal_write_on_a_full_disk_stops_and_keeps_whole_lines(tmp_path, monkeypatch):
+    df = read_manifest(_write(tmp_path, _rows(8)), usable_only=False)
+    out = tmp_path / "o.parquet"
+    real_write, calls = os.write, []
+
+    def write(fd, data):  # the 4th journal write gets 10 bytes onto the disk, then the disk is full
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(".journal.jsonl"):
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) == 4:
+            return real_write(fd, bytes(data[:10]))
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(SystemicError, match=r"journal .*o\.parquet\.journal\.jsonl could not be written: no space left on device \(ENOSPC\)"):
+        run_stage(Stage("flaky", flaky_stage, {}), df, out, RunnerConfig(workers=0, progress=False))
+    monkeypatch.setattr(os, "write", real_write)
+    assert _journal_ids(out) == df["id"].iloc[:3].tolist()  # the torn 4th line was cut back off
+    summary = run_stage(Stage("flaky", flaky_stage, {}), df, out, RunnerConfig(workers=0, progress=False))
+    assert (summary.resumed, summary.done) == (3, 5)
+    assert sorted(_journal_ids(out)) == sorted(df["id"])
+
+
+def test_cli_exits_3_on_a_systemic_error(tmp_path, monkeypatch, capsys):
+    def full(*args):
+        raise SystemicError("split: stopped: no space left on device (ENOSPC) at /data/clips/x.mp4")
+
+    monkeypatch.setattr(cli, "run_one", full)
+    code = cli.main(["split", "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "o.parquet")])
+    assert code == 3 and "ENOSPC) at /data/clips/x.mp4" in capsys.readouterr().err
