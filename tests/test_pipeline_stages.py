@@ -183,6 +183,33 @@ def test_filter_rejects_black_static_and_short(tmp_path):
     assert df.loc[paths[3], "filter_error"].startswith("duration")
 
 
+def test_folder_input_lists_every_skipped_entry(tmp_path):
+    src = tmp_path / "in"
+    make_video(src / "a.mp4", [30])
+    (src / "a.txt").write_text("a caption")  # a sidecar, named as one
+    (src / "notes.md").write_text("not a video")
+    (src / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")  # dangling
+    (src / "folder.mp4").mkdir()
+    make_video(src / "folder.mp4" / "b.mp4", [30])  # a folder named like a video is still scanned
+    (src / ".a.mp4.tmp").write_bytes(b"")
+    (tmp_path / "run.yaml").write_text(
+        f"input: {src}\nwork_dir: {tmp_path / 'w'}\nstages: [probe]\nrunner: {{workers: 0, progress: false}}\n")
+    assert main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    df = read_manifest(tmp_path / "w" / "00_probe.parquet", usable_only=False)
+    entries = ["a.mp4", "a.txt", "notes.md", "gone.mp4", "folder.mp4", "folder.mp4/b.mp4", ".a.mp4.tmp"]
+    assert sorted(df["path"]) == sorted(str(src / e) for e in entries)  # inputs: every entry, a row each
+    df = df.set_index("path")
+    scan = {e: (df.loc[str(src / e), "scan_status"], df.loc[str(src / e), "scan_error"]) for e in entries}
+    assert scan["a.mp4"][0] == scan["folder.mp4/b.mp4"][0] == "done"
+    assert scan["gone.mp4"] == ("failed", f"dangling symlink -> {tmp_path / 'deleted.mp4'}")
+    assert scan["a.txt"] == ("rejected", "caption sidecar of a video, not a video")
+    assert scan["notes.md"] == ("rejected", "not a video by its extension (.md)")
+    assert scan["folder.mp4"][0] == "rejected" and "folder" in scan["folder.mp4"][1]
+    assert scan[".a.mp4.tmp"][0] == "rejected" and "hidden" in scan[".a.mp4.tmp"][1]
+    assert set(df["probe_status"].dropna()) == {"done"} and df["probe_status"].notna().sum() == 2
+    assert len(read_manifest(tmp_path / "w" / "manifest.parquet")) == 2
+
+
 def test_cli_stage_and_config_errors(tmp_path, capsys):
     make_video(tmp_path / "in" / "a.mp4", [30, 30])
     assert main(["probe", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "p.csv"),
