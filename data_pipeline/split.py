@@ -23,10 +23,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import av
 import cv2
@@ -75,6 +75,78 @@ def _open(path: str) -> tuple[av.container.InputContainer, av.video.stream.Video
     return container, stream
 
 
+# A source with more unusable frames than this share is rejected: what is left is scraps between damage.
+MAX_DAMAGED_SHARE = 0.5
+
+
+@dataclass
+class Damage:
+    """What ``_decode`` skipped: packets the decoder rejected and frame slots unusable because of them."""
+
+    packets: int = 0
+    frames: int = 0
+    at: list[int] = field(default_factory=list)  # frame slot of each damaged packet
+
+
+def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+            damage: Damage) -> Iterator[tuple[int, av.VideoFrame | None]]:
+    """Frames numbered from 0 in output order, decoding past damaged packets (as FFmpeg and PySceneDetect do)
+    instead of losing the whole video to one ``InvalidDataError``.
+
+    Yields (index, frame), frame None for an unusable slot: a packet the decoder rejected or silently dropped
+    (after a lost keyframe it outputs nothing until the next one), placed by its time stamp so that later
+    frames keep their number and time; and every frame after such a loss until the next clean keyframe,
+    because those are predicted from the lost picture: FFmpeg conceals the error and returns them without a
+    word, smeared. A frame the decoder itself flags corrupt starts such a run too.
+    """
+    n = 0
+    clean = True
+    pending: list[int] = []  # time stamps of packets sent whose frame has not come out yet, ascending
+    damaged: set[int] = set()  # ... of those, the ones the decoder rejected
+    for packet in container.demux(stream):
+        stamped = packet.size and packet.pts is not None and not packet.is_discard
+        if stamped:
+            bisect.insort(pending, packet.pts)
+        try:
+            frames = stream.decode(packet)
+        except av.error.InvalidDataError:
+            damage.packets += 1
+            if stamped:
+                damaged.add(packet.pts)
+                continue
+            damage.frames += 1  # no time stamp to place it by: lost where it happened
+            damage.at.append(n)
+            clean = False
+            yield n, None
+            n += 1
+            continue
+        for frame in frames:
+            while pending and frame.pts is not None and pending[0] <= frame.pts:
+                pts = pending.pop(0)
+                if pts == frame.pts:
+                    break
+                damage.frames += 1  # presented before this frame, never came out: lost
+                if pts in damaged:
+                    damage.at.append(n)
+                clean = False
+                yield n, None
+                n += 1
+            if frame.is_corrupt:
+                clean = False
+            elif frame.key_frame:
+                clean = True
+            if not clean:
+                damage.frames += 1
+            yield n, frame if clean else None
+            n += 1
+    for pts in pending:  # the decoder never gave these back (damage at the very end)
+        damage.frames += 1
+        if pts in damaged:
+            damage.at.append(n)
+        yield n, None
+        n += 1
+
+
 def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
     """Finds shot boundaries.
 
@@ -82,7 +154,9 @@ def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
         path: the video.
         cfg: detector kind, thresholds, ``min_scene_len`` (frames) and ``detect_width``.
     Returns:
-        (cut frames: each the first frame of a new shot, sorted; total decoded frames; fps).
+        (cut frames: each the first frame of a new shot, sorted; total decoded frames, damaged ones included;
+        fps). Damaged stretches (see ``_decode``) are not cuts; the clean stretches around them are detected
+        separately.
     """
     container, stream = _open(path)
     with container:
@@ -91,13 +165,19 @@ def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
         step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
         step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly
         cuts: list[int] = []
-        n = 0
-        for frame in container.decode(stream):
+        total, last = 0, -1  # frames seen; the last frame the detector took
+        for n, frame in _decode(container, stream, Damage()):
+            total = n + 1
+            if frame is None:
+                if last == n - 1 >= 0:  # damage ends the stretch: its pending cuts, then a fresh detector
+                    cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))]
+                    detector = _detector(cfg)
+                continue
             cuts += [c.frame_num for c in detector.process_frame(FrameTimecode(n, fps=fps), _small_bgr(frame, step))]
-            n += 1
-        if n:
-            cuts += [c.frame_num for c in detector.post_process(FrameTimecode(n - 1, fps=fps))]
-    return sorted({c for c in cuts if 0 < c < n}), n, fps
+            last = n
+        if last == total - 1 >= 0:
+            cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))]
+    return sorted({c for c in cuts if 0 < c < total}), total, fps
 
 
 def plan_clips(cuts: list[int], num_frames: int, fps: float, cfg: SplitConfig) -> list[tuple[int, int]]:
@@ -137,6 +217,7 @@ class SplitResult:
     out_fps: Fraction
     width: int  # clip size
     height: int
+    damage: Damage = field(default_factory=Damage)  # damaged packets decoded past (none of them is in a clip)
 
 
 class _ClipCutter:
@@ -182,6 +263,9 @@ class _ClipCutter:
             return
         while self.ahead and self.ahead[0] <= index:
             self.shot_start = self.ahead.pop(0)
+        if frame is None:  # damaged (see _decode): no span crosses it; cuts at both ends of the damage restart
+            self.close_span()
+            return
         start = self.shot_start + self.cfg.drop_edge_frames
         if index < start or (self.ahead and index >= self.ahead[0] - self.cfg.drop_edge_frames):
             self.close_span()  # an edge frame of a shot
@@ -229,6 +313,11 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     ``drop_edge_frames`` before a cut needs that many more. Then it is encoded into the current clip. The clips
     are exactly ``plan_clips(*detect_cuts(path))``, at half the decoding of detecting first and cutting after.
 
+    Damaged packets are decoded past (``_decode``): a damaged stretch ends the shot it falls in like a cut, no
+    clip holds a damaged frame, and the clean frames after it start a new shot with a fresh detector (so the
+    garbage never reaches its statistics). With damage, the clips are ``plan_clips`` of the cuts plus both ends
+    of every damaged stretch, without the damaged pieces.
+
     Args:
         path: the source video.
         cfg: detector, clip length rules, fps/size and encoder settings.
@@ -250,22 +339,35 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
         step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly
         delay = detector.event_buffer_length + cfg.drop_edge_frames
         cutter = _ClipCutter(cfg, fps, out_fps, size, out_path)
-        queue: deque[tuple[int, av.VideoFrame]] = deque()  # decoded, not yet committed; at most `delay` frames
-        n = 0
+        queue: deque[tuple[int, av.VideoFrame | None]] = deque()  # not yet committed; at most `delay` frames
+        damage = cutter.result.damage
+        n, last = 0, -1  # frames seen; the last frame the detector took
         try:
-            for frame in container.decode(stream):
-                for cut in detector.process_frame(FrameTimecode(n, fps=fps), _small_bgr(frame, step)):
-                    cutter.add_cut(cut.frame_num)
-                queue.append((n, frame))
-                n += 1
+            for index, frame in _decode(container, stream, damage):
+                if frame is None:
+                    if last == index - 1:  # the first damaged frame: it ends the shot like a cut
+                        if last >= 0:
+                            for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))):
+                                if 0 < cut < index:
+                                    cutter.add_cut(cut)
+                        cutter.add_cut(index, is_end=True)
+                        detector = _detector(cfg)
+                else:
+                    if last < index - 1:  # the first clean frame after damage starts a new shot
+                        cutter.add_cut(index, is_end=True)
+                    for cut in detector.process_frame(FrameTimecode(index, fps=fps), _small_bgr(frame, step)):
+                        cutter.add_cut(cut.frame_num)
+                    last = index
+                queue.append((index, frame))
+                n = index + 1
                 while len(queue) > delay:
                     cutter.commit(*queue.popleft())
                 if cutter.full:
                     cutter.abort()
                     break
             else:
-                if n:
-                    for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(n - 1, fps=fps))):
+                if last == n - 1 >= 0:
+                    for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))):
                         if 0 < cut < n:
                             cutter.add_cut(cut)
                 cutter.add_cut(n, is_end=True)
@@ -287,9 +389,17 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
     res = split_video(row["path"], cfg, lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4")
     if res.num_frames == 0:
         raise RuntimeError("no decodable frames")
+    damage = res.damage
+    damaged = f", {damage.packets} damaged packets" if damage.packets else ""
+    if damage.frames > MAX_DAMAGED_SHARE * res.num_frames:
+        for clip in res.paths:  # scraps between damage: not worth keeping, so not left behind either
+            if clip is not None:
+                Path(clip).unlink(missing_ok=True)
+        raise Reject(f"mostly damaged: {damage.frames} of {res.num_frames} frames unusable{damaged}",
+                     {"split_damaged_packets": damage.packets})
     if not res.spans:
-        raise Reject(f"no shot of at least {cfg.min_clip_s}s ({len(res.cuts) + 1} shots, {res.num_frames} frames)",
-                     {"split_cuts": res.cuts})
+        raise Reject(f"no shot of at least {cfg.min_clip_s}s ({len(res.cuts) + 1} shots, {res.num_frames} frames"
+                     f"{damaged})", {"split_cuts": res.cuts, "split_damaged_packets": damage.packets})
     fps, out_fps, width, height = res.fps, res.out_fps, res.width, res.height
     source = row.get("source") if not is_missing(row.get("source")) else (row.get("url") or row["path"])
     clips = []
@@ -314,6 +424,9 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
             "end_time": float(end / fps),
             "start_frame": start,
             "end_frame": end,
+            # Of the source, and of this clip (0 unless a bug let damage in: the test and anyone can check).
+            "split_damaged_packets": damage.packets,
+            "damaged_packets": sum(start <= at < end for at in damage.at),
             # Of this clip, not inherited from the parent row: the cache's content key (see the docstring).
             CONTENT_HASH_COLUMN: file_sha256(path),
         })

@@ -87,3 +87,16 @@ def first_frame_rgb(path: str | Path, index: int) -> np.ndarray:
             if i == index:
                 return frame.to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
     raise IndexError(f"{path} has no frame {index}")
+
+
+def damage(src: str | Path, dst: str | Path, frames: range, seed: int = 0) -> None:
+    """Copies a video with the bytes of the packets of ``frames`` (decode order) overwritten by noise, as an
+    interrupted copy leaves them. PyAV writes mp4 without faststart (moov after mdat), so the index stays
+    intact and only those packets are hit."""
+    data = bytearray(Path(src).read_bytes())
+    with av.open(str(src)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    start, end = packets[frames.start][0], sum(packets[frames.stop - 1])
+    assert end <= data.find(b"moov"), "the damage would hit the index"
+    data[start:end] = np.random.default_rng(seed).integers(0, 256, end - start, dtype=np.uint8).tobytes()
+    Path(dst).write_bytes(bytes(data))
