@@ -31,6 +31,7 @@ import numpy as np
 
 from data_pipeline.config import CaptionConfig
 from data_pipeline.rows import Row, is_missing
+from opensora.data.manifest import SourceSpan, source_span
 
 
 def clean_caption(text: str, openings: list[str]) -> str:
@@ -80,7 +81,8 @@ def existing_caption(row: Row, cfg: CaptionConfig) -> tuple[str, str] | None:
     """(caption, where it came from) if the data carries one, else None."""
     if not is_missing(row.get("text")):
         return str(row["text"]).strip(), "column"
-    candidates = [row.get("path")]
+    # A reference row's path is its source video: its sidecar is the source's, taken only with sidecar_from_source.
+    candidates = [] if source_span(row) is not None else [row.get("path")]
     if cfg.sidecar_from_source:
         candidates.append(row.get("source_video"))
     for video in candidates:
@@ -122,17 +124,25 @@ def load_llava(model_dir: str, device: str, dtype: str):
     return model, processor
 
 
-def read_frames(path: str, positions: list[float], layout: str) -> list[np.ndarray]:
-    """Frames at relative ``positions`` of the clip, (H, W, 3) uint8 each; ``grid`` joins them side by side."""
+def read_frames(path: str, positions: list[float], layout: str, span: SourceSpan | None = None,
+                num_frames: int = 0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Frames at relative ``positions`` of the clip, (H, W, 3) uint8 each; ``grid`` joins them side by side.
+
+    For a reference row (``span``: ``path`` is its source video) the positions are within its ``num_frames``
+    clip frames, sought in the source and decoded at the clip's ``size`` (height, width), as the clip would be.
+    """
     import decord
 
     if not Path(path).is_file():  # decord says only "Error reading PATH..." for a missing and a corrupt file alike
         raise FileNotFoundError(f"clip not found: {path}")
-    reader = decord.VideoReader(path, num_threads=1)
-    n = len(reader)
+    kw = {} if span is None or size is None else dict(height=int(size[0]), width=int(size[1]))
+    reader = decord.VideoReader(path, num_threads=1, **kw)
+    n = len(reader) if span is None else num_frames
     if n == 0:
         raise RuntimeError(f"{path}: no frames")
     indices = [min(n - 1, max(0, int(p * n))) for p in positions]
+    if span is not None:
+        indices = span.source_indices(indices).tolist()
     frames = list(reader.get_batch(indices).asnumpy())
     return [np.concatenate(frames, axis=1)] if layout == "grid" else frames
 
@@ -160,10 +170,19 @@ def generate(images: list[list[np.ndarray]], cfg: CaptionConfig, max_new_tokens:
     return list(zip(texts, truncated))
 
 
+def read_row_frames(row: Row, cfg: CaptionConfig) -> list[np.ndarray]:
+    """The caption frames of a manifest row: a clip file, or a reference row's span of its source."""
+    span = source_span(row)
+    if span is None:
+        return read_frames(row["path"], list(cfg.frame_positions), cfg.layout)
+    size = None if is_missing(row.get("height")) or is_missing(row.get("width")) else (row["height"], row["width"])
+    return read_frames(row["path"], list(cfg.frame_positions), cfg.layout, span, int(row["num_frames"]), size)
+
+
 def _decode(row: Row, cfg: CaptionConfig) -> list[np.ndarray] | Exception:
     """A row's frames, or the exception that fails that row alone (a broken clip)."""
     try:
-        return read_frames(row["path"], list(cfg.frame_positions), cfg.layout)
+        return read_row_frames(row, cfg)
     except Exception as err:
         return err
 

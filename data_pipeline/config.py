@@ -75,6 +75,9 @@ class SplitConfig:
     """split: PySceneDetect shot detection, then frame-accurate H.264 clips (min/max length, fps, resize)."""
 
     out_dir: str = _f("", "folder for clips ('' = <output manifest folder>/clips)")
+    mode: str = _f("encode", "encode (each clip an H.264 file of its own: portable, costs the x264 encode) or "
+                   "reference (a row per clip pointing into its source video by frame span: nothing is encoded, "
+                   "training and filter/caption seek into the source; the source must stay where it is)")
     detector: str = _f("content", "content (PySceneDetect ContentDetector) or adaptive (AdaptiveDetector)")
     threshold: float = _f(27.0, "ContentDetector threshold on the HSV/edge frame difference")
     adaptive_threshold: float = _f(3.0, "AdaptiveDetector ratio of a frame's score to its neighbours'")
@@ -96,6 +99,8 @@ class SplitConfig:
     max_clips: int = _f(0, "at most this many clips per video (0 = all)")
 
     def __post_init__(self):
+        if self.mode not in ("encode", "reference"):
+            raise ValueError(f"split.mode must be 'encode' or 'reference', got {self.mode!r}")
         if self.detector not in ("content", "adaptive"):
             raise ValueError(f"split.detector must be 'content' or 'adaptive', got {self.detector!r}")
         if self.max_clip_s and self.max_clip_s < self.min_clip_s:

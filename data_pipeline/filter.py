@@ -16,14 +16,20 @@ import numpy as np
 
 from data_pipeline.config import FilterConfig
 from data_pipeline.rows import Reject, Row, is_missing
+from opensora.data.manifest import SourceSpan, source_span
 
 
-def sample_pairs(path: str, num_samples: int, width: int) -> np.ndarray:
-    """(S, 2, h, w, 3) uint8: ``num_samples`` evenly spaced frames, each with the frame after it."""
+def sample_pairs(path: str, num_samples: int, width: int, span: SourceSpan | None = None,
+                 num_frames: int = 0) -> np.ndarray:
+    """(S, 2, h, w, 3) uint8: ``num_samples`` evenly spaced frames, each with the frame after it.
+
+    For a reference row (``span``: ``path`` is its source video) the frames are those of its ``num_frames``
+    clip frames, sought in the source; "the frame after" is the next *clip* frame, as in an encoded clip.
+    """
     import decord
 
     reader = decord.VideoReader(path, num_threads=1)
-    n = len(reader)
+    n = len(reader) if span is None else num_frames
     if n < 2:
         raise RuntimeError(f"{n} frames: too few to measure motion")
     h0, w0 = reader[0].shape[:2]
@@ -31,6 +37,8 @@ def sample_pairs(path: str, num_samples: int, width: int) -> np.ndarray:
     reader = decord.VideoReader(path, width=width, height=height, num_threads=1)
     starts = np.unique(np.linspace(0, n - 2, num_samples).round().astype(int))
     idx = np.stack([starts, starts + 1], axis=1).reshape(-1)
+    if span is not None:
+        idx = span.source_indices(idx)
     frames = reader.get_batch(list(idx)).asnumpy()  # (2S, h, w, 3)
     return frames.reshape(len(starts), 2, *frames.shape[1:])
 
@@ -108,7 +116,9 @@ def filter_clip(row: Row, cfg: FilterConfig) -> list[Row]:
     height, width = row.get("height"), row.get("width")
     if height is not None and height < cfg.min_height or width is not None and width < cfg.min_width:
         raise Reject(f"size {width}x{height} below {cfg.min_width}x{cfg.min_height}")
-    pairs = sample_pairs(row["path"], cfg.num_samples, cfg.sample_width)
+    span = source_span(row)
+    pairs = sample_pairs(row["path"], cfg.num_samples, cfg.sample_width, span,
+                         0 if span is None else int(row["num_frames"]))
     black, blank = bad_frame_fraction(pairs[:, 0], cfg)
     scores.update(black_frac=black, blank_frac=blank)
     if black + blank > cfg.max_bad_frac:

@@ -16,6 +16,12 @@ Clip files are named ``<row id>_<k>.mp4`` and written through a temp file, so a 
 overwrites its own clips. Each clip's row records the sha256 of its bytes (``sha256``, read back right
 after the write, while the file is still in the page cache): the latent cache keys on it, so training
 from the cache never has to open a clip to learn what it is.
+
+``split.mode: reference`` runs the same decode and the same decisions but encodes nothing: each clip is a row
+whose ``path`` is the source video, with its span (``start_frame``/``end_frame``, ``source_fps`` -> ``fps``,
+``split_mode=reference``; ``opensora.data.manifest.source_span``) and the size it would have been resized to;
+its ``sha256`` is the source's. Training, the latent cache, filter and caption seek into the source for
+exactly the frames the encoded clip would hold.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from scenedetect.detectors import AdaptiveDetector, ContentDetector
 from data_pipeline.config import SplitConfig
 from data_pipeline.media import even_size, safe_name
 from data_pipeline.rows import Reject, Row, is_missing
-from opensora.data.manifest import CONTENT_HASH_COLUMN
+from opensora.data.manifest import CONTENT_HASH_COLUMN, SOURCE_FPS_COLUMN, SPLIT_MODE_COLUMN
 from opensora.data.video_io import VideoWriter, plane_view
 from opensora.utils import file_sha256
 
@@ -210,7 +216,7 @@ class SplitResult:
 
     spans: list[tuple[int, int]]  # [start, end) source frames, as plan_clips(cuts, num_frames) gives them
     counts: list[int]  # frames written per clip (fewer than end - start when re-timed)
-    paths: list[Path]
+    paths: list[Path | None]  # None in reference mode (nothing written)
     cuts: list[int]  # first frames of new shots
     num_frames: int  # frames decoded (all of them, unless max_clips stopped the decode early)
     fps: Fraction  # source
@@ -276,6 +282,9 @@ class _ClipCutter:
             self.span = [piece_start, piece_start]
         self.span[1] = index + 1
         if _keep(index - piece_start, self.fps, self.out_fps):
+            if self.cfg.mode == "reference":  # the row points into the source: count, write nothing
+                self.count += 1
+                return
             if self.writer is None:
                 # One encoder thread: parallelism comes from running many videos at once.
                 self.writer = VideoWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.size,
@@ -295,7 +304,7 @@ class _ClipCutter:
             return
         self.result.spans.append((start, end))
         self.result.counts.append(count)
-        self.result.paths.append(writer.close())
+        self.result.paths.append(writer.close() if writer is not None else None)
 
     def abort(self) -> None:
         """Drops the span being written (on an error)."""
@@ -386,6 +395,7 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
     if is_missing(row.get("path")):
         raise RuntimeError("row has no path")
     stem = safe_name(str(row["id"]))
+    reference = cfg.mode == "reference"
     res = split_video(row["path"], cfg, lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4")
     if res.num_frames == 0:
         raise RuntimeError("no decodable frames")
@@ -402,13 +412,15 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
                      f"{damaged})", {"split_cuts": res.cuts, "split_damaged_packets": damage.packets})
     fps, out_fps, width, height = res.fps, res.out_fps, res.width, res.height
     source = row.get("source") if not is_missing(row.get("source")) else (row.get("url") or row["path"])
+    # Reference rows share their source's hash; the latent cache adds each row's span to it (source_span).
+    source_sha = file_sha256(row["path"]) if reference else None
     clips = []
     for k, ((start, end), count, path) in enumerate(zip(res.spans, res.counts, res.paths)):
         parent = {key: value for key, value in row.items() if key not in ("codec", "pix_fmt")}
         clips.append({
             **parent,
             "id": f"{row['id']}_{k:04d}",
-            "path": str(path),
+            "path": str(row["path"] if reference else path),
             "text": None,
             "num_frames": count,
             "fps": float(out_fps),
@@ -427,7 +439,9 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
             # Of the source, and of this clip (0 unless a bug let damage in: the test and anyone can check).
             "split_damaged_packets": damage.packets,
             "damaged_packets": sum(start <= at < end for at in damage.at),
+            SPLIT_MODE_COLUMN: cfg.mode,
+            SOURCE_FPS_COLUMN: float(fps),
             # Of this clip, not inherited from the parent row: the cache's content key (see the docstring).
-            CONTENT_HASH_COLUMN: file_sha256(path),
+            CONTENT_HASH_COLUMN: source_sha if reference else file_sha256(path),
         })
     return clips

@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from opensora.data.buckets import BucketKey, bucket_key, nearest_size, parse_sizes
-from opensora.data.manifest import CONTENT_HASH_COLUMN, read_manifest
+from opensora.data.manifest import CONTENT_HASH_COLUMN, SourceSpan, read_manifest, source_span
 from opensora.data.video_io import read_video, video_info
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.utils import append_jsonl
@@ -167,6 +167,8 @@ class VideoDataset(Dataset):
         paths, texts, ids: per index.
         sha256s: per index, the clip's content hash from the manifest's ``sha256`` column (written by the
             data pipeline's split stage), or None where the manifest has none.
+        spans: per index, the :class:`~opensora.data.manifest.SourceSpan` of a reference row (``path`` is the
+            source video; its frames are read by seeking there), None for a clip file.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class VideoDataset(Dataset):
         self.texts: list[str] = []
         self.ids: list[str] = []
         self.sha256s: list[str | None] = []
+        self.spans: list[SourceSpan | None] = []
         hashed = CONTENT_HASH_COLUMN in df.columns
         self.frame_counts: list[int] = []
         self.bucket_keys: list[BucketKey] = []
@@ -197,6 +200,7 @@ class VideoDataset(Dataset):
             if path and not os.path.isabs(path):
                 path = str(manifest.parent / path)
             try:
+                span = source_span(row)
                 key, frames = self._assign(path, row, sizes)
             except Exception as err:  # a bad row must not stop the run: it is recorded and left out
                 skip = dict(path=path, id=str(row.id), error=f"{type(err).__name__}: {err}")
@@ -211,6 +215,7 @@ class VideoDataset(Dataset):
             self.sha256s.append(None if sha is None or pd.isna(sha) or not str(sha) else str(sha))
             self.frame_counts.append(frames)
             self.bucket_keys.append(key)
+            self.spans.append(span)
 
     def _assign(self, path: str, row: Any, sizes: list[tuple[int, int]]) -> tuple[BucketKey, int]:
         """(bucket key, frame count) of one manifest row; raises for a row that cannot be used."""
@@ -283,7 +288,10 @@ class VideoDataset(Dataset):
         if _is_image(path):
             frames = _read_image(Path(path))  # (1, h, w, 3)
         else:
-            frames = read_video(path, self.frame_indices(index, random_start))  # (T, h, w, 3)
+            indices, span = self.frame_indices(index, random_start), self.spans[index]
+            # A reference row reads the same frames from its source at the source's size: one resize to the
+            # bucket instead of the encoded clip's two (split's short_side, then this), no H.264 loss.
+            frames = read_video(path, indices if span is None else span.source_indices(indices))  # (T, h, w, 3)
         return resize_center_crop(frames, (H, W))
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:

@@ -5,7 +5,10 @@ encoding each clip once and training from the cache is the cheap path (Open-Sora
 pre-extraction). The danger of any cache is using an entry made from other inputs; here every entry's
 name is the sha256 of everything it depends on:
 
-- the clip file's content (sha256 of its bytes, not its path or mtime) and its caption text;
+- the clip file's content (sha256 of its bytes, not its path or mtime) and its caption text; for a
+  reference row of the split stage (``path`` is the source video) the source's sha256 plus the row's span
+  (start/end frame, source and clip fps: ``SourceSpan.cache_part``), so two shots of one source never share
+  an entry;
 - the encoders' identity: class, config, and a fingerprint of every weight tensor (and, for the text
   encoder, its tokenizer and ``max_length``) — see :func:`encoder_identity`. The dtype the encoders
   compute in is not part of it (see :func:`fingerprint_module`); it is recorded next to each entry;
@@ -245,6 +248,7 @@ def cache_key(
     bucket: BucketKey,
     frame_interval: int,
     short_clips: str,
+    span: dict[str, Any] | None = None,
 ) -> str:
     """The name of a cache entry: sha256 over everything the cached tensors depend on.
 
@@ -255,6 +259,8 @@ def cache_key(
         bucket: (T, H, W) the clip was resized/cropped to.
         frame_interval: frame step of the window.
         short_clips: "skip" or "pad" (padding changes the frames of short clips).
+        span: for a reference row, its span in the file (``SourceSpan.cache_part()``); None for a clip file
+            (its keys stay what they were before reference rows existed).
     """
     parts = {
         "format": CACHE_FORMAT,
@@ -268,6 +274,8 @@ def cache_key(
         "frame_interval": int(frame_interval),
         "short_clips": short_clips,
     }
+    if span is not None:
+        parts["span"] = span
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -278,8 +286,9 @@ def entry_path(cache_dir: str | Path, key: str) -> Path:
 
 def _key(videos: VideoDataset, index: int, content_sha256: str, identity: EncoderIdentity) -> str:
     cfg = videos.cfg
+    span = videos.spans[index]
     return cache_key(content_sha256, videos.texts[index], identity, videos.bucket_keys[index], cfg.frame_interval,
-                     cfg.short_clips)
+                     cfg.short_clips, None if span is None else span.cache_part())
 
 
 def _shape(cfg: DataConfig) -> dict[str, Any]:

@@ -23,9 +23,13 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from opensora.utils import atomic_write_path
@@ -45,12 +49,76 @@ CONTENT_HASH_COLUMN = "sha256"
 """Optional column: hex sha256 of the file at ``path``, written by whoever writes the file (the split stage).
 It is trusted: a tool that rewrites a clip in place must rewrite or clear its ``sha256``."""
 
+SPLIT_MODE_COLUMN = "split_mode"
+"""Optional column written by the split stage: ``encode`` (``path`` is a clip file of its own) or ``reference``
+(``path`` is the *source* video and the clip is its frames ``[start_frame, end_frame)``, re-timed from
+``source_fps`` to ``fps`` by dropping frames; nothing was encoded). Rows without it are clip files."""
+
+SOURCE_FPS_COLUMN = "source_fps"
+"""Frame rate of ``source_video`` (written by split); a reference row needs it to re-time as the encoder would."""
+
 _INT_COLUMNS = ["num_frames", "height", "width", "resolution", "start_frame", "end_frame"]
 _FLOAT_COLUMNS = ["fps", "aspect_ratio", "start_time", "end_time"]
+_OPTIONAL_TYPES = {SPLIT_MODE_COLUMN: "string", SOURCE_FPS_COLUMN: "float64", CONTENT_HASH_COLUMN: "string"}
 _STR_COLUMNS = ["id", "path", "text", "url", "source", "source_video"]
 
 OK_STATUS = "done"
 """The value of a ``<stage>_status`` column for a row the stage finished successfully."""
+
+
+@dataclass(frozen=True)
+class SourceSpan:
+    """Where a reference row's frames are in its source video (see :data:`SPLIT_MODE_COLUMN`).
+
+    Clip frame ``j`` is source frame ``start_frame + ceil(j * source_fps / fps)``: the first source frame of
+    each output frame interval, which is the frame split's encoder keeps when it re-times by dropping frames
+    (``data_pipeline.split._keep``); without re-timing it is simply ``start_frame + j``.
+    """
+
+    start_frame: int  # inclusive, source frames counted from 0 in presentation order
+    end_frame: int  # exclusive
+    source_fps: float
+    fps: float  # of the clip (<= source_fps)
+
+    def source_indices(self, clip_indices: np.ndarray | list[int]) -> np.ndarray:
+        """int64 source frame numbers of clip frames ``clip_indices``."""
+        j = np.asarray(clip_indices, dtype=np.int64)
+        if self.fps >= self.source_fps:
+            out = self.start_frame + j
+        else:
+            # 1e-9: j * src / out is an integer in exact arithmetic when the rates divide (e.g. 60 -> 30)
+            out = self.start_frame + np.ceil(j * (self.source_fps / self.fps) - 1e-9).astype(np.int64)
+        if out.size and (out.min() < self.start_frame or out.max() >= self.end_frame):
+            raise IndexError(f"clip frames {j.tolist()} fall outside source frames [{self.start_frame}, {self.end_frame})")
+        return out
+
+    def cache_part(self) -> dict[str, Any]:
+        """What the latent cache adds to a source file's hash to name this span's content."""
+        return dict(start_frame=self.start_frame, end_frame=self.end_frame, source_fps=round(self.source_fps, 6),
+                    fps=round(self.fps, 6))
+
+
+def _value(row: Any, name: str) -> Any:
+    value = row.get(name) if isinstance(row, dict) else getattr(row, name, None)
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
+
+
+def source_span(row: Any) -> SourceSpan | None:
+    """The :class:`SourceSpan` of a reference row (a dict or an ``itertuples`` row), None for a clip file.
+
+    Raises ValueError for a reference row that lacks its span (start/end frame, fps, source_fps).
+    """
+    if _value(row, SPLIT_MODE_COLUMN) != "reference":
+        return None
+    values = {name: _value(row, name) for name in ("start_frame", "end_frame", SOURCE_FPS_COLUMN, "fps")}
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise ValueError(f"reference row {_value(row, 'id')!r} lacks {', '.join(missing)}")
+    span = SourceSpan(int(values["start_frame"]), int(values["end_frame"]), float(values[SOURCE_FPS_COLUMN]),
+                      float(values["fps"]))
+    if not (0 <= span.start_frame < span.end_frame) or not math.isfinite(span.fps) or span.fps <= 0:
+        raise ValueError(f"reference row {_value(row, 'id')!r} has a bad span {span}")
+    return span
 
 
 def status_columns(df: pd.DataFrame) -> list[str]:
@@ -88,8 +156,9 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     for col in _STR_COLUMNS:
         df[col] = df[col].astype("string")
-    if CONTENT_HASH_COLUMN in df.columns:
-        df[CONTENT_HASH_COLUMN] = df[CONTENT_HASH_COLUMN].astype("string")
+    for col, dtype in _OPTIONAL_TYPES.items():
+        if col in df.columns:
+            df[col] = (pd.to_numeric(df[col], errors="coerce") if dtype == "float64" else df[col]).astype(dtype)
     missing = df["id"].isna() | (df["id"] == "")
     if missing.any():
         keys = df["url"].fillna(df["path"]).fillna("")
