@@ -69,6 +69,20 @@ def _av_reason(err: Exception) -> str:
     return str(getattr(err, "strerror", None) or err)
 
 
+def _first_frame(container: av.container.InputContainer, stream: av.video.stream.VideoStream
+                 ) -> tuple[av.VideoFrame | None, int]:
+    """The first frame that decodes, and how many damaged packets came before it: a damaged first keyframe
+    costs its GOP, not the video (split decodes past damage the same way)."""
+    damaged = 0
+    for packet in container.demux(stream):
+        try:
+            for frame in stream.decode(packet):
+                return frame, damaged
+        except av.error.InvalidDataError:
+            damaged += 1
+    return None, damaged
+
+
 def probe_video(path: str, cfg: ProbeConfig) -> dict:
     """Reads a video's properties.
 
@@ -125,11 +139,11 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
             except av.error.FFmpegError as err:
                 raise ProbeError(f"cannot seek back to the start ({container.format.name}): {_av_reason(err)}") from err
             try:
-                frame = next(container.decode(stream), None)
+                frame, damaged = _first_frame(container, stream)
             except av.error.FFmpegError as err:
                 raise ProbeError(f"first frame does not decode: {_av_reason(err)}") from err
             if frame is None:
-                raise ProbeError("no decodable frame")
+                raise ProbeError(f"no decodable frame ({damaged} damaged packets)" if damaged else "no decodable frame")
             width, height = frame.width, frame.height
         if not width or not height:
             raise ProbeError("unknown frame size")
