@@ -61,6 +61,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (re-use it to resume)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a few videos, a few steps (for tests)")
     p.add_argument("--workers", type=int, default=2, help="data-pipeline processes")
+    p.add_argument("--split-mode", default="encode", choices=("encode", "reference"),
+                   help="split.mode: encode H.264 clips, or reference rows that training reads from the raw videos")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for configs/demo/train.yaml (repeatable), e.g. stages.1.steps=2000")
     p.add_argument("--prompts", type=Path, default=DEMO_CONFIGS / "sample_prompts.txt", help="one prompt per line")
@@ -81,13 +83,14 @@ def run(cmd: list[str], what: str) -> None:
 # ---------------------------------------------------------------------------------------------- 1. data
 
 
-def make_data(out: Path, workers: int, quick: bool) -> Path:
+def make_data(out: Path, workers: int, quick: bool, split_mode: str = "encode") -> Path:
     """Generates the raw videos and runs the pipeline on them; returns the training manifest.
 
     Args:
         out: demo folder (data goes to OUT/data).
         workers: pipeline processes.
         quick: fewer, shorter videos.
+        split_mode: ``split.mode``: encode (clip files) or reference (rows pointing into the raw videos).
     """
     from data_pipeline.config import PipelineConfig
     from data_pipeline.pipeline import run_pipeline
@@ -101,7 +104,7 @@ def make_data(out: Path, workers: int, quick: bool) -> Path:
         tmp.write_text(to_yaml(spec), encoding="utf-8")
     cfg = load_config(PipelineConfig, DEMO_CONFIGS / "pipeline.yaml",
                       [f"input={spec_path}", f"work_dir={data}", f"output={data / 'manifest.parquet'}",
-                       f"runner.workers={workers}"])
+                       f"runner.workers={workers}", f"split.mode={split_mode}"])
     run_pipeline(cfg)
     return Path(cfg.output)
 
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     t = time.perf_counter()
-    manifest = make_data(out, args.workers, args.quick)
+    manifest = make_data(out, args.workers, args.quick, args.split_mode)
     data_lines = data_summary(manifest, out / "data" / "raw")
     timings["data (generate + pipeline)"] = time.perf_counter() - t
 
