@@ -407,6 +407,11 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
                 Path(clip).unlink(missing_ok=True)
         raise Reject(f"mostly damaged: {damage.frames} of {res.num_frames} frames unusable{damaged}",
                      {"split_damaged_packets": damage.packets})
+    if reference and damage.packets:
+        # A reader seeking into a damaged file need not number its frames as split did (lost frames keep their
+        # number here), so a reference row could silently give other frames: only encoded clips are safe.
+        raise Reject(f"damaged source ({damage.packets} damaged packets): split.mode=reference needs an intact "
+                     "source; split it with mode=encode", {"split_damaged_packets": damage.packets})
     if not res.spans:
         raise Reject(f"no shot of at least {cfg.min_clip_s}s ({len(res.cuts) + 1} shots, {res.num_frames} frames"
                      f"{damaged})", {"split_cuts": res.cuts, "split_damaged_packets": damage.packets})

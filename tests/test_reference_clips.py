@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from data_helpers import make_video
+from data_helpers import damage, make_video
 from data_pipeline.config import CaptionConfig, FilterConfig, SplitConfig
 from data_pipeline.caption import caption_row, read_row_frames
 from data_pipeline.filter import filter_clip
+from data_pipeline.rows import Reject
 from data_pipeline.split import split
 from opensora.data.dataset import DataConfig, VideoDataset, resize_center_crop
 from opensora.data.latent_cache import CachedLatentDataset, encoder_identity, precompute
@@ -147,3 +148,10 @@ def test_filter_and_caption_read_reference_rows(both):
             assert (small - big).abs().mean() < 2 * TOLERANCE
     captioned = caption_row(dict(rows["reference"][0], text="a square"), CaptionConfig())
     assert captioned[0]["text"] == "a square"
+
+
+def test_a_damaged_source_is_not_referenced(tmp_path):
+    make_video(tmp_path / "v.mp4", [60, 60, 36], fps=24, size=(64, 48), gop=24)
+    damage(tmp_path / "v.mp4", tmp_path / "d.mp4", range(62, 64))
+    with pytest.raises(Reject, match="damaged source .*mode=encode"):
+        split({"id": "d", "path": str(tmp_path / "d.mp4")}, SplitConfig(out_dir=str(tmp_path), mode="reference"))
