@@ -155,3 +155,13 @@ def test_a_damaged_source_is_not_referenced(tmp_path):
     damage(tmp_path / "v.mp4", tmp_path / "d.mp4", range(62, 64))
     with pytest.raises(Reject, match="damaged source .*mode=encode"):
         split({"id": "d", "path": str(tmp_path / "d.mp4")}, SplitConfig(out_dir=str(tmp_path), mode="reference"))
+
+
+def test_bench_pipeline_times_split_in_reference_mode(tmp_path):
+    from tools.bench_pipeline import main as bench
+
+    out = bench(["--seconds", "1.2", "--videos", "1", "--modes", "reference", "--sizes", "360"])
+    rows = {row["stage"]: row for row in out["stages"]}
+    assert rows["split reference, 360p rows"]["x_realtime_per_cpu_s"] > 0
+    assert "filter (on the 360p reference rows)" in rows
+    assert not any(name.startswith("split, ") for name in rows)  # no encode run asked for

@@ -7,7 +7,8 @@ video; ``--source-mbit`` 2 by default) with a textured, moving, grainy picture a
 then times, each in this process (``workers=0``, decoders and encoders on one thread): probe, decoding
 alone (the floor under everything that reads every frame), shot detection alone, split (one decode: detection + cutting + H.264 clips) for each
 ``--presets`` x ``--sizes`` (with the clips' bit rate, and the luma PSNR of the first clip against its source
-frames resized the same way, i.e. the encoder's loss) and filter.
+frames resized the same way, i.e. the encoder's loss), split in ``reference`` mode (rows pointing into the
+source, nothing encoded; ``--modes``) for each size, and filter on the 360p clips and on the 360p reference rows.
 
 The headline number is **x real time per CPU-second**: source-video seconds processed per CPU-second of
 this process and its children (``resource.getrusage``), which is what a pool of N workers gets per core
@@ -157,6 +158,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--source-mbit", type=float, default=2.0, help="source bit rate (0 = x264 crf 23)")
     parser.add_argument("--presets", default="veryfast,superfast,ultrafast", help="x264 presets to time split with")
     parser.add_argument("--sizes", default="0,360", help="clip short sides to time split with (0 = keep 720p)")
+    parser.add_argument("--modes", default="encode,reference", help="split.mode values to time (reference: no presets)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per stage; the least CPU time is kept")
     parser.add_argument("--json", default="", help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -183,8 +185,18 @@ def main(argv=None) -> dict:
         stages.append(measure("detect only (ContentDetector)",
                               lambda: [detect_cuts(p, SplitConfig()) for p in inputs["path"]] and None,
                               source_s, args.repeat))
+        modes = args.modes.split(",")
         for short_side in (int(s) for s in args.sizes.split(",")):
-            for preset in args.presets.split(","):
+            if "reference" in modes:
+                out = tmp / f"r{short_side}"
+                cfg = SplitConfig(out_dir=str(out / "clips"), short_side=short_side, mode="reference")
+
+                def run_ref(cfg=cfg, out=out):
+                    manifest = out / f"split{time.perf_counter_ns()}.parquet"
+                    return run_stage(make_stage("split", cfg, manifest), tmp / "p.parquet", manifest, runner).rows_out
+
+                stages.append(measure(f"split reference, {short_side or 720}p rows", run_ref, source_s, args.repeat))
+            for preset in args.presets.split(",") if "encode" in modes else []:
                 out = tmp / f"s{short_side}_{preset}"
                 cfg = SplitConfig(out_dir=str(out / "clips"), short_side=short_side, preset=preset)
                 label = f"split, {short_side or 720}p clips, {preset}"
@@ -202,6 +214,12 @@ def main(argv=None) -> dict:
         if clips360 is not None:
             stages.append(measure("filter (on the 360p clips)",
                                   lambda: run_stage(make_stage("filter", FilterConfig(), tmp / "f.parquet"), clips360,
+                                                    tmp / f"f{time.perf_counter_ns()}.parquet", runner).rows_out,
+                                  source_s, args.repeat))
+        refs360 = next(iter(sorted(tmp.glob("r360/split*.parquet"))), None)
+        if refs360 is not None:  # the same frames sought in the 720p source
+            stages.append(measure("filter (on the 360p reference rows)",
+                                  lambda: run_stage(make_stage("filter", FilterConfig(), tmp / "f.parquet"), refs360,
                                                     tmp / f"f{time.perf_counter_ns()}.parquet", runner).rows_out,
                                   source_s, args.repeat))
 

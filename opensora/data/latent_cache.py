@@ -318,9 +318,19 @@ class _PrecomputeJobs(Dataset):
                  identity: EncoderIdentity, cache_dir: Path):
         self.videos, self.indices, self.hashes = videos, indices, hashes
         self.identity, self.cache_dir = identity, cache_dir
+        self._hashed: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, in this process
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def _file_sha256(self, path: str) -> str:
+        """sha256 of ``path``, once per file version in this process: the reference rows of one source (one per
+        shot) all check the same file."""
+        stat = os.stat(path)
+        version = (path, stat.st_size, stat.st_mtime_ns)
+        if version not in self._hashed:
+            self._hashed[version] = file_sha256(path)
+        return self._hashed[version]
 
     def __getitem__(self, k: int) -> tuple[int, str, torch.Tensor | None, str | None]:
         index, key = self.indices[k], ""
@@ -335,7 +345,7 @@ class _PrecomputeJobs(Dataset):
                 return index, key, None, None
             # The key is about to be bound to what is decoded now: a recorded hash (the manifest's, trusted
             # when reading) must be that of these bytes. One more read of a clip that is being decoded anyway.
-            if not fresh and (actual := file_sha256(path)) != sha:
+            if not fresh and (actual := self._file_sha256(path)) != sha:
                 raise ValueError(
                     f"the manifest's sha256 {sha[:12]}... is not that of the file ({actual[:12]}...): the clip "
                     "changed after the manifest was written; rewrite the manifest row (or clear its sha256)"
