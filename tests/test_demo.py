@@ -47,3 +47,24 @@ def test_quick_demo_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert "all 2 videos exist" in second.stdout
     assert {p.name: p.stat().st_mtime_ns for p in sorted((report / "samples").glob("*.mp4"))} == mtimes
     assert "finished before: 4" in second.stderr or "finished before: 4" in second.stdout, "the pipeline resumed"
+
+
+@pytest.mark.parametrize("split_mode", ["encode", "reference"])
+def test_demo_data_step_in_either_split_mode(tmp_path, split_mode):
+    """The demo's pipeline (quick size) in both split modes: every generated shot is found, and the training
+    dataset reads each row of the manifest (clip files, or reference rows seeking into the raw videos) as the
+    same shape of sample. Reference mode writes no clip file."""
+    from opensora.data.dataset import DataConfig, VideoDataset
+    from tools import demo
+
+    manifest = demo.make_data(tmp_path, workers=1, quick=True, split_mode=split_mode)
+    summary = demo.data_summary(manifest, tmp_path / "data" / "raw")
+    assert "clips cut exactly at a generated shot: 12/12" in summary[1], summary
+    dataset = VideoDataset(DataConfig(manifest=str(manifest), num_frames=4, frame_interval=1, image_size=(16, 16),
+                                      num_workers=0, random_start=False))
+    assert len(dataset) == 12 and not dataset.skipped
+    for index in range(len(dataset)):
+        assert dataset[index]["video"].shape == (3, 4, 16, 16)
+    clips = list((tmp_path / "data").rglob("*.mp4"))
+    raw = list((tmp_path / "data" / "raw").glob("*.mp4"))
+    assert (len(clips) == len(raw)) == (split_mode == "reference")
