@@ -19,6 +19,7 @@ a config needs to name.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -200,7 +201,7 @@ AUTOENCODER_CLASSES: dict[str, AutoencoderClass] = {
 # ------------------------------------------------------------------------------------------- interface
 
 
-class VideoAutoencoder(nn.Module):
+class VideoAutoencoder(nn.Module, abc.ABC):
     """The interface every autoencoder here has; the frame rule and size logic live here.
 
     Args:
@@ -263,15 +264,15 @@ class VideoAutoencoder(nn.Module):
             raise ValueError(f"{self.name}: expected a (B, C, T, H, W) video, got shape {tuple(x.shape)}")
         self.get_latent_size(tuple(x.shape[2:]))  # type: ignore[arg-type]
 
+    @abc.abstractmethod
     def encode(
         self, x: torch.Tensor, generator: torch.Generator | None = None, sample_posterior: bool = True
     ) -> torch.Tensor:
         """(B, 3, T, H, W) video in [-1, 1] -> (B, C, T', H', W') normalised latents."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, T', H', W') latents from :meth:`encode` -> (B, 3, T, H, W) video in [-1, 1]."""
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -362,9 +363,9 @@ class _DiffusersAutoencoder(VideoAutoencoder):
     module: ModelMixin
 
     @classmethod
+    @abc.abstractmethod
     def _module_class(cls, config: Mapping[str, Any], source: str) -> type[ModelMixin]:
         """The diffusers class that ``config`` (a config.json) names, if this wrapper takes it; else ValueError."""
-        raise NotImplementedError
 
     @classmethod
     def from_pretrained(
