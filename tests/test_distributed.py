@@ -164,10 +164,13 @@ def test_engine_step_matches_single_process(tmp_path, engine, wrapped):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, grad_ckpt", [("ddp", False), ("fsdp", True)])
-def test_sequence_parallel_matches_single_process(tmp_path, engine, grad_ckpt):
-    """Ulysses over T on 2 ranks: the same output and the same (data-parallel averaged) gradients."""
-    results = torchrun(tmp_path, "sp", "--engine", engine, *(["--grad-ckpt"] if grad_ckpt else []))
+@pytest.mark.parametrize("engine, grad_ckpt, per_frame_t", [("ddp", False, False), ("fsdp", True, False),
+                                                            ("fsdp", True, True)])
+def test_sequence_parallel_matches_single_process(tmp_path, engine, grad_ckpt, per_frame_t):
+    """Ulysses over T on 2 ranks: the same output and the same (data-parallel averaged) gradients; with
+    per-frame timesteps (frame conditioning) each rank must modulate its own frames."""
+    results = torchrun(tmp_path, "sp", "--engine", engine, *(["--grad-ckpt"] if grad_ckpt else []),
+                       *(["--per-frame-t"] if per_frame_t else []))
     for r in results:
         # the blocks really saw half of the 4 frames (twice with checkpointing: forward and recompute)
         assert r["seen_T"] == ([2, 2] if grad_ckpt else [2])

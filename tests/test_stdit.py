@@ -112,6 +112,46 @@ def test_temporal_position_on_tokens_makes_identical_frames_differ():
         stdit_config("STDiT-debug", no_temporal_pos_emb=True, temporal_pos_on_tokens=True)
 
 
+def test_per_frame_timestep_equal_to_shared_is_bit_identical():
+    """(B, T) timesteps that all equal the sample's t give exactly the (B,) path's output (and its gradients up to
+    the rounding of summing T per-frame terms), so a model trained without frame conditioning keeps its function."""
+    m = randomize(tiny_model()).train()
+    m.y_embedder.uncond_prob = 0.0
+    names = list(m.state_dict())
+    x, t, y, mask = inputs()
+    out = m(x, t, y, mask)
+    out.square().mean().backward()
+    shared = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    per_frame = m(x, t[:, None].expand(-1, x.shape[2]), y, mask)
+    per_frame.square().mean().backward()
+    torch.testing.assert_close(per_frame, out, rtol=0, atol=0)
+    for n, p in m.named_parameters():  # t_embedder / t_block sum T per-frame terms: equal up to rounding
+        assert (p.grad - shared[n]).abs().max() <= 1e-5 * shared[n].abs().max(), n
+    assert list(m.state_dict()) == names  # no parameter added: old checkpoints load
+
+
+def test_per_frame_timestep_modulates_each_frame_with_its_own_t():
+    m = randomize(tiny_model()).eval()
+    x, t, y, mask = inputs()
+    t_frames = t[:, None].repeat(1, 4)
+    t_frames[:, 0] = 0.0  # frame 0 given
+    with torch.no_grad():
+        shared, per_frame = m(x, t, y, mask), m(x, t_frames, y, mask)
+        # frame 0's own modulation changes every frame (temporal attention mixes them) ...
+        assert (per_frame - shared).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4
+        # ... and equals what a model sees with t = 0 on frame 0 written out by hand
+        t_ref, t0_ref = m.embed_timestep(torch.zeros(2), 4)
+        t_pf, t0_pf = m.embed_timestep(t_frames, 4)
+        torch.testing.assert_close(t0_pf[:, 0], t0_ref, rtol=0, atol=0)
+        torch.testing.assert_close(t_pf[:, 1], m.embed_timestep(t, 4)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"timestep must be \(B,\) or \(B, T=4\)"):
+        m(x, t_frames[:, :3], y, mask)
+    m3 = tiny_model(patch_size=(2, 2, 2))
+    with pytest.raises(ValueError, match="temporal patch size of 1"):
+        m3(x, t_frames, y, mask)
+
+
 def _grads(model, ckpt, num_blocks=None):
     model.zero_grad()
     model.enable_gradient_checkpointing(ckpt, num_blocks)

@@ -8,7 +8,9 @@ receive the *same* sample; each keeps one contiguous slice of T, so block activa
 * temporal attention needs every frame: its ``core`` (parameter-free SDPA on (B*S, heads, T, d)) is replaced
   by :class:`UlyssesAttention`, which all-to-alls q/k/v from "all heads, T/P frames" to "heads/P, all T",
   attends, and all-to-alls back;
-* the temporal position embedding (T, D) enters block 0 as an argument and is sliced there with x.
+* the temporal position embedding (T, D) enters block 0 as an argument and is sliced there with x;
+* a per-frame adaLN input ``t0`` (B, T, 6D) (frame conditioning: per-frame timesteps) enters every block
+  and is sliced in each, so each rank modulates its own frames; a per-sample ``t0`` (B, 6D) is left whole.
 
 Hooks (installed by :func:`apply_sequence_parallel`, never by the model): block 0's pre-hook slices x and the
 temporal embedding; the last block's forward hook all-gathers x again, so the final layer, the loss and
@@ -145,6 +147,16 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
         bound.arguments["x"] = _SliceSeq.apply(x, group, 1)  # (B, T/P, S, D)
         if tpe is not None:
             bound.arguments["tpe"] = _own_slice(tpe, group, 0)  # (T/P, D); a constant, no gradient
+        return shard_t0(module, bound.args, bound.kwargs)
+
+    @torch.compiler.disable
+    def shard_t0(module, args, kwargs):
+        # Every block gets the full per-frame t0 from the model; each rank keeps its frames' rows. Sliced with
+        # _SliceSeq like x, so t_block's gradient follows the same "partial per rank, averaged" rule.
+        bound = signature.bind(*args, **kwargs)
+        t0 = bound.arguments["t0"]
+        if t0.dim() == 3:  # (B, T, 6D) -> (B, T/P, 6D)
+            bound.arguments["t0"] = _SliceSeq.apply(t0, group, 1)
         return bound.args, bound.kwargs
 
     @torch.compiler.disable
@@ -152,4 +164,6 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
         return _GatherSeq.apply(output, group, 1)  # (B, T, S, D)
 
     blocks[0].register_forward_pre_hook(shard_inputs, with_kwargs=True)
+    for block in blocks[1:]:
+        block.register_forward_pre_hook(shard_t0, with_kwargs=True)
     blocks[-1].register_forward_hook(gather_output, with_kwargs=True)

@@ -3,7 +3,11 @@
 Each block runs, in order: spatial self-attention over the S = H*W patches of every frame, temporal
 self-attention over the T frames of every patch position, cross-attention to T5 text tokens, and an MLP.
 The timestep enters through adaLN-single (PixArt-α): one global ``t_block`` produces 6 modulation vectors,
-and each block adds its own learned ``scale_shift_table`` to them.
+and each block adds its own learned ``scale_shift_table`` to them. The timestep may be one per sample (B,), as
+Open-Sora 1.0 trains, or one per latent frame (B, T): frame conditioning (image-to-video, video extension,
+``opensora/training/conditioning.py``) gives the known frames t = 0, so each frame is modulated with its own
+vectors, broadcast over its S patches (the idea of Open-Sora 1.1/1.2's ``x_mask`` / ``t0``). No parameter is
+added, so Open-Sora 1.0 checkpoints load unchanged.
 
 Parameter names follow ``opensora/models/stdit/stdit.py`` at tag v1.0.0 of hpcaitech/Open-Sora, so its
 checkpoints load with :func:`convert_opensora_v1_state_dict`. Two deliberate differences, neither of which
@@ -266,17 +270,21 @@ class STDiTBlock(nn.Module):
         Args:
             x: (B, T, S, D) video tokens.
             y: (B, L, D) projected text tokens.
-            t0: (B, 6D) output of the global ``t_block``.
+            t0: (B, 6D) output of the global ``t_block``, or (B, T, 6D) per frame (frame conditioning: given
+                frames are modulated with their own timestep, 0).
             mask: (B, L) text padding mask or None.
             tpe: (T, D) temporal position embedding, added before temporal attention (first block only).
         """
         B, T, S, D = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t0.reshape(B, 6, -1)
-        ).chunk(6, dim=1)  # each (B, 1, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            m[:, None] for m in (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        )  # each (B, 1, 1, D), broadcast over T and S
+        if t0.dim() == 2:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.scale_shift_table[None] + t0.reshape(B, 6, -1)
+            ).chunk(6, dim=1)  # each (B, 1, D)
+            modulation = (m[:, None] for m in (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp))
+        else:
+            modulation = (self.scale_shift_table[None, None] + t0.reshape(B, T, 6, -1)).chunk(6, dim=2)
+        # each (B, 1, 1, D) or (B, T, 1, D): broadcast over S (and T)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
 
         # 1. Spatial self-attention within each frame, on the modulated tokens.
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
@@ -307,9 +315,13 @@ class T2IFinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, S, D), t: (B, D) -> (B, T, S, patch * C_out)."""
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # each (B, 1, D)
-        x = t2i_modulate(self.norm_final(x), shift[:, None], scale[:, None])
+        """x: (B, T, S, D), t: (B, D) or per frame (B, T, D) -> (B, T, S, patch * C_out)."""
+        if t.dim() == 2:
+            shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # each (B, 1, D)
+            shift, scale = shift[:, None], scale[:, None]  # (B, 1, 1, D)
+        else:
+            shift, scale = (self.scale_shift_table[None, None] + t[:, :, None]).chunk(2, dim=2)  # each (B, T, 1, D)
+        x = t2i_modulate(self.norm_final(x), shift, scale)
         return self.linear(x)
 
 
@@ -389,6 +401,28 @@ class STDiT(nn.Module):
             self._pos_cache[key] = (spatial, temporal)
         return self._pos_cache[key]
 
+    def embed_timestep(self, timestep: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """adaLN-single inputs: ``t`` (final layer) and ``t0`` (blocks) of (B,) or per-frame (B, T) timesteps.
+
+        Per-frame timesteps are embedded one frame at a time, each a (B,) batch: the matmuls then have the
+        shapes of the (B,) path, so frames that share t get bit-identical modulation to it (a (B*T)-row matmul
+        rounds differently, ~1e-6). T calls of two small Linears cost nothing next to the blocks.
+
+        Returns:
+            (B, D) and (B, 6D), or (B, T, D) and (B, T, 6D).
+        """
+        if timestep.dim() == 1:
+            t = self.t_embedder(timestep)
+            return t, self.t_block(t)
+        if timestep.dim() != 2 or timestep.shape[1] != T * self.patch_size[0]:
+            raise ValueError(f"timestep must be (B,) or (B, T={T * self.patch_size[0]}) per latent frame, "
+                             f"got shape {tuple(timestep.shape)}")
+        if self.patch_size[0] != 1:
+            raise ValueError(f"per-frame timesteps need a temporal patch size of 1, the model has {self.patch_size}")
+        t = torch.stack([self.t_embedder(timestep[:, i]) for i in range(T)], dim=1)  # (B, T, D)
+        t0 = torch.stack([self.t_block(t[:, i]) for i in range(T)], dim=1)  # (B, T, 6D)
+        return t, t0
+
     def check_input_size(self, size: tuple[int, int, int]) -> None:
         """Raises ValueError naming ``size`` (latent T, H, W) if the patch size does not divide it."""
         if any(s % p for s, p in zip(size, self.patch_size)):
@@ -402,7 +436,9 @@ class STDiT(nn.Module):
         """
         Args:
             x: (B, C, T, H, W) noisy latent.
-            timestep: (B,) diffusion timestep (float or int, in [0, 1000)).
+            timestep: (B,) diffusion timestep (float or int, in [0, 1000)), or (B, T) one per latent frame
+                (frame conditioning: given frames have timestep 0). Per-frame timesteps need a temporal patch
+                size of 1; when all frames of a sample share t the output equals the (B,) path bit for bit.
             y: (B, 1, L, Ct) or (B, L, Ct) text-encoder tokens.
             mask: (B, L) text padding mask (1 = real token) or None. A mask with fewer rows than ``y``
                 is repeated (classifier-free guidance passes [cond; uncond] captions with one mask).
@@ -424,8 +460,7 @@ class STDiT(nn.Module):
         tpe = None if self.config.no_temporal_pos_emb else pos_t
 
         # 2. Timestep (adaLN-single) and caption.
-        t = self.t_embedder(timestep.to(x.device))  # (B, D)
-        t0 = self.t_block(t)  # (B, 6D)
+        t, t0 = self.embed_timestep(timestep.to(x.device), T)  # (B, D), (B, 6D) or per frame (B, T, D), (B, T, 6D)
         if y.dim() == 3:
             y = y[:, None]
         y = self.y_embedder(y.to(x.dtype), self.training, force_drop_ids)[:, 0]  # (B, L, D)

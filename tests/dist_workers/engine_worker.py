@@ -4,7 +4,7 @@ Every rank also computes the single-process reference on its own copy of the mod
 needs no file exchange; rank 0 writes the measured differences as JSON for the test to assert on.
 
     torchrun --standalone --nproc_per_node 2 tests/dist_workers/engine_worker.py step --engine fsdp --out DIR
-    ... sp --engine ddp [--grad-ckpt] --out DIR      # Ulysses SP over 2 ranks vs one process
+    ... sp --engine ddp [--grad-ckpt] [--per-frame-t] --out DIR   # Ulysses SP over 2 ranks vs one process
     ... ckpt --out DIR                               # FSDP2 step, sharded save, full reference dump
     ... trainer-sync --recipe R --out DIR            # Trainer.train_step with accumulation, per engine: when
                                                      # the gradients are reduced
@@ -42,14 +42,18 @@ def make_model(seed: int = 0) -> STDiT:
     return model
 
 
-def make_batch(n: int, T: int = 4, seed: int = 1) -> dict:
+def make_batch(n: int, T: int = 4, seed: int = 1, per_frame_t: bool = False) -> dict:
+    """A random batch; ``per_frame_t``: (n, T) timesteps, frame 0 at t = 0 (a given frame), the rest distinct."""
     g = torch.Generator().manual_seed(seed)
     cfg = stdit_config("STDiT-debug")
     mask = torch.ones(n, cfg.model_max_length)
     mask[:, cfg.model_max_length // 2:] = torch.rand(n, cfg.model_max_length // 2, generator=g) > 0.5
+    t = torch.randint(0, 1000, (n, T) if per_frame_t else (n,), generator=g)
+    if per_frame_t:
+        t[:, 0] = 0
     return dict(
         x=torch.randn(n, 4, T, 8, 8, generator=g),
-        t=torch.randint(0, 1000, (n,), generator=g),
+        t=t,
         y=torch.randn(n, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
         mask=mask,
         target=torch.randn(n, 8, T, 8, 8, generator=g),
@@ -110,8 +114,9 @@ def cmd_step(args, info) -> dict:
 
 
 def cmd_sp(args, info) -> dict:
-    """Ulysses SP over all ranks (dp = 1: every rank gets the same batch) vs one process: outputs and grads."""
-    batch = make_batch(2, T=4)
+    """Ulysses SP over all ranks (dp = 1: every rank gets the same batch) vs one process: outputs and grads;
+    ``--per-frame-t``: per-frame timesteps, whose modulation must be sharded with T."""
+    batch = make_batch(2, T=4, per_frame_t=args.per_frame_t)
     ref = make_model()
     ref_loss, ref_out = loss_fn(ref, batch)
     ref_loss.backward()
@@ -259,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default=None)
     p.add_argument("--engine", default="fsdp")
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--per-frame-t", action="store_true", help="sp: (B, T) timesteps (frame conditioning)")
     p.add_argument("--sp-size", type=int, default=2, help="compile: ranks per sequence-parallel group")
     p.add_argument("--backend", default="aot_eager", help="compile: the torch.compile backend")
     p.add_argument("--batch-sizes", default="2,1,3", help="compile: the batch size of each step")
