@@ -1,4 +1,8 @@
-"""Diffusion objectives and samplers: IDDPM (Open-Sora 1.0) and rectified flow (Open-Sora 1.2), plus CFG."""
+"""Diffusion objectives and samplers: IDDPM (Open-Sora 1.0) and rectified flow (Open-Sora 1.2), plus CFG.
+
+Both take frame conditioning (``conditioning.py``): ``training_losses(..., cond_mask=)`` and
+``sample(..., cond_latent=, cond_mask=)`` keep given latent frames clean at t = 0.
+"""
 
 from opensora.diffusion.guidance import classifier_free_guidance
 from opensora.diffusion.iddpm import IDDPM, linear_betas, space_timesteps

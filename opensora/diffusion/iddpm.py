@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from opensora.diffusion.conditioning import check_cond_mask, frame_timesteps, keep_given, masked_mean_flat
 from opensora.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 ModelFn = Callable[..., torch.Tensor]
@@ -136,7 +137,8 @@ class IDDPM:
 
     def training_losses(self, model_fn: ModelFn, x_start: torch.Tensor, model_kwargs: dict | None = None,
                         t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        cond_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-sample loss: MSE on eps, plus the VLB term for the learned variance.
 
         Args:
@@ -144,8 +146,11 @@ class IDDPM:
             x_start: (B, C, ...) clean latents.
             t: (B,) integer timesteps; uniform over [0, T) (drawn with ``generator``) when None.
             noise: (B, C, ...) eps; standard normal (drawn with ``generator``) when None.
+            cond_mask: (B, T) bool over the latent frames (dim 2), True = given: those frames stay clean, the
+                model gets t = 0 for them (a (B, T) timestep), and the loss averages the generated frames only
+                (a sample with every frame given contributes 0). None: plain text-to-video, as before.
         Returns:
-            dict of (B,) tensors: ``loss`` (= mse + vb), ``mse``, ``vb``, and ``t``.
+            dict of (B,) tensors: ``loss`` (= mse + vb), ``mse``, ``vb``, and ``t`` (the generated frames' t).
         """
         B = x_start.shape[0]
         if t is None:
@@ -153,48 +158,71 @@ class IDDPM:
         if noise is None:
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.q_sample(x_start, t, noise)
-        out = model_fn(x_t, t, **(model_kwargs or {}))
+        t_model = t
+        if cond_mask is not None:
+            check_cond_mask(cond_mask, x_start)
+            x_t = keep_given(x_t, x_start, cond_mask)
+            t_model = frame_timesteps(t, cond_mask)
+        out = model_fn(x_t, t_model, **(model_kwargs or {}))
         C = x_start.shape[1]
         f32 = torch.promote_types(x_start.dtype, torch.float32)  # loss math in ≥ fp32 even under bf16 autocast
-        mse = mean_flat((noise.to(f32) - out[:, :C].to(f32)) ** 2)
+        mse = self._reduce((noise.to(f32) - out[:, :C].to(f32)) ** 2, cond_mask)
         terms = dict(mse=mse, t=t)
         if self.learn_sigma:
             # The VLB trains only the variance: the mean prediction is detached (improved-diffusion's "frozen_out").
             frozen = torch.cat([out[:, :C].detach(), out[:, C:2 * C]], dim=1).to(f32)
-            terms["vb"] = self._vb_terms_bpd(frozen, x_start.to(f32), x_t.to(f32), t)
+            terms["vb"] = self._vb_terms_bpd(frozen, x_start.to(f32), x_t.to(f32), t, cond_mask)
             terms["loss"] = mse + terms["vb"]
         else:
             terms["loss"] = mse
         return terms
 
-    def _vb_terms_bpd(self, model_output, x_start, x_t, t) -> torch.Tensor:
-        """L_t (KL of posterior vs p, t > 0) or L_0 (decoder NLL, t = 0), in bits per dim, (B,)."""
+    @staticmethod
+    def _reduce(x: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, ...) -> (B,): the mean, over the generated frames only when some are given."""
+        return mean_flat(x) if cond_mask is None else masked_mean_flat(x, cond_mask)
+
+    def _vb_terms_bpd(self, model_output, x_start, x_t, t, cond_mask=None) -> torch.Tensor:
+        """L_t (KL of posterior vs p, t > 0) or L_0 (decoder NLL, t = 0), in bits per dim, (B,); averaged over the
+        generated frames (False in ``cond_mask``) when given."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         p = self.p_mean_variance(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / torch.log(
+        kl = self._reduce(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]), cond_mask) / torch.log(
             torch.tensor(2.0))
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"])) / torch.log(
-            torch.tensor(2.0))
+        nll = -self._reduce(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"]),
+                            cond_mask) / torch.log(torch.tensor(2.0))
         return torch.where(t == 0, nll, kl)
 
     # ---------------------------------------------------------------- sampling (respaced schedule)
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, model_kwargs: dict | None = None,
-               progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+               progress: bool = False, generator: torch.Generator | None = None,
+               cond_latent: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Ancestral sampling over the respaced steps, from ``noise`` (B, C, ...) to x0.
 
         Args:
-            model_fn: ``model_fn(x_t, t, **model_kwargs)`` with t the *original* timestep indices (B,).
+            model_fn: ``model_fn(x_t, t, **model_kwargs)`` with t the *original* timestep indices (B,), or (B, T)
+                per frame when frames are given.
             noise: starting x_T.
             progress: show a tqdm bar over the steps.
             generator: draws the per-step noise (same generator → same sample).
+            cond_latent: (B, C, T, ...) latents of the given frames (other frames' values are not read).
+            cond_mask: (B, T) bool, True = given: before every step those frames are reset to ``cond_latent``
+                with t = 0, and the result holds them exactly. None (with ``cond_latent`` None): as before.
         """
+        if (cond_latent is None) != (cond_mask is None):
+            raise ValueError("frame conditioning needs both cond_latent and cond_mask")
+        if cond_mask is not None:
+            check_cond_mask(cond_mask, noise, cond_latent)
         s = self.sampling
         x = noise
         steps = list(range(len(self.timestep_map)))[::-1]
         for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
             idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             t_model = self.timestep_map.to(x.device)[idx]
+            if cond_mask is not None:
+                x = keep_given(x, cond_latent, cond_mask)
+                t_model = frame_timesteps(t_model, cond_mask)
             out = model_fn(x, t_model, **(model_kwargs or {}))
             p = self.p_mean_variance(out.to(x.dtype), x, idx, schedule=s, clip_denoised=self.clip_denoised)
             if i > 0:
@@ -202,7 +230,7 @@ class IDDPM:
                 x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
             else:
                 x = p["mean"]
-        return x
+        return x if cond_mask is None else keep_given(x, cond_latent, cond_mask)
 
 
 class _Schedule:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from opensora.diffusion.conditioning import check_cond_mask, frame_timesteps, keep_given, masked_mean_flat
 from opensora.diffusion.losses import mean_flat
 
 ModelFn = Callable[..., torch.Tensor]
@@ -55,7 +56,8 @@ class RFlow:
 
     def training_losses(self, model_fn: ModelFn, x_start: torch.Tensor, model_kwargs: dict | None = None,
                         t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        cond_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-sample velocity MSE.
 
         Args:
@@ -63,30 +65,52 @@ class RFlow:
             x_start: (B, C, ...) clean latents.
             t: (B,) times in [0, 1]; logit-normal (drawn with ``generator``) when None.
             noise: (B, C, ...) standard normal when None.
+            cond_mask: (B, T) bool over the latent frames (dim 2), True = given: those frames stay clean (x_t = x_0),
+                the model gets t = 0 for them (a (B, T) timestep), and the loss averages the generated frames
+                only (a sample with every frame given contributes 0). None: plain text-to-video, as before.
         Returns:
-            dict of (B,) tensors: ``loss`` and ``t``.
+            dict of (B,) tensors: ``loss`` and ``t`` (the generated frames' t).
         """
         if t is None:
             t = self.sample_timesteps(x_start.shape[0], x_start.device, generator)
         if noise is None:
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.interpolate(x_start, noise, t)
-        out = model_fn(x_t, t * self.num_timesteps, **(model_kwargs or {}))
+        t_model = t * self.num_timesteps
+        if cond_mask is not None:
+            check_cond_mask(cond_mask, x_start)
+            x_t = keep_given(x_t, x_start, cond_mask)
+            t_model = frame_timesteps(t_model, cond_mask)
+        out = model_fn(x_t, t_model, **(model_kwargs or {}))
         C = x_start.shape[1]
         f32 = torch.promote_types(x_start.dtype, torch.float32)  # loss math in ≥ fp32 even under bf16 autocast
-        loss = mean_flat((out[:, :C].to(f32) - (x_start - noise).to(f32)) ** 2)
+        err = (out[:, :C].to(f32) - (x_start - noise).to(f32)) ** 2
+        loss = mean_flat(err) if cond_mask is None else masked_mean_flat(err, cond_mask)
         return dict(loss=loss, t=t)
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, model_kwargs: dict | None = None,
-               progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Euler integration of dx/dt = -v from t = 1 (``noise``) to t = 0. Deterministic; ``generator`` unused."""
+               progress: bool = False, generator: torch.Generator | None = None,
+               cond_latent: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler integration of dx/dt = -v from t = 1 (``noise``) to t = 0. Deterministic; ``generator`` unused.
+
+        ``cond_latent`` (B, C, T, ...) and ``cond_mask`` (B, T) bool (True = given): before every step the given
+        frames are reset to ``cond_latent`` with t = 0 (a (B, T) model timestep), and the result holds them
+        exactly. Both None: as before.
+        """
+        if (cond_latent is None) != (cond_mask is None):
+            raise ValueError("frame conditioning needs both cond_latent and cond_mask")
+        if cond_mask is not None:
+            check_cond_mask(cond_mask, noise, cond_latent)
         times = self._shift(torch.linspace(1.0, 0.0, self.num_sampling_steps + 1, dtype=torch.float64))
         x = noise
         C = noise.shape[1]
         for i in tqdm(range(self.num_sampling_steps), desc="sampling", disable=not progress, leave=False):
             t, t_next = times[i].item(), times[i + 1].item()
             t_model = torch.full((x.shape[0],), t * self.num_timesteps, device=x.device, dtype=torch.float32)
+            if cond_mask is not None:
+                x = keep_given(x, cond_latent, cond_mask)
+                t_model = frame_timesteps(t_model, cond_mask)
             v = model_fn(x, t_model, **(model_kwargs or {}))[:, :C].to(x.dtype)
             x = x + (t - t_next) * v
-        return x
+        return x if cond_mask is None else keep_given(x, cond_latent, cond_mask)
