@@ -179,3 +179,126 @@ def test_latent_frames_given_errors_name_the_count(num_frames, t, causal, start,
 
 def test_cond_mask_for_marks_first_and_last():
     assert cond_mask_for(2, 5, 2, 1).tolist() == [[True, True, False, False, True]] * 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: the recipe's mask types and the training step
+# ----------------------------------------------------------------------------------------------------
+
+from opensora.config import ConfigError, load_config  # noqa: E402
+from opensora.training.conditioning import MASK_TYPES, ConditioningConfig, sample_cond_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(first_frame=1.5), r"conditioning.first_frame: a probability must be in \[0, 1\], got 1.5"),
+    (dict(random=-0.1), "conditioning.random: a probability must be in"),
+    (dict(first_frame=0.6, first_k=0.5), "sum to 1.1 .*first_frame 0.6 \\+ first_k 0.5.*must sum to <= 1"),
+    (dict(first_k_min=0), "conditioning.first_k_min: must be >= 1"),
+    (dict(first_k_min=3, first_k_max=2), "conditioning.first_k_max: must be >= first_k_min"),
+])
+def test_conditioning_config_errors_name_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ConditioningConfig(**kwargs)
+
+
+def test_conditioning_config_from_a_file_names_the_key_and_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("first_frame: 0.5\nlast_frame: 0.7\n")
+    with pytest.raises(ConfigError, match="must sum to <= 1"):
+        load_config(ConditioningConfig, path)
+    path.write_text("first_fram: 0.5\n")
+    with pytest.raises(ConfigError, match="first_fram"):
+        load_config(ConditioningConfig, path)
+    cfg = load_config(ConditioningConfig, None, ["first_frame=0.25", "first_k=0.25"])
+    assert cfg.enabled and cfg.none == 0.5 and not ConditioningConfig().enabled
+
+
+def _draw(T, seed=0, B=64, **probs):
+    return sample_cond_mask(B, T, ConditioningConfig(**probs), torch.Generator().manual_seed(seed))
+
+
+def test_each_mask_type_gives_its_frames():
+    T = 6
+    assert (_draw(T, first_frame=1.0) == (torch.arange(T) == 0)).all()
+    assert (_draw(T, last_frame=1.0) == (torch.arange(T) == T - 1)).all()
+    assert (_draw(T, first_last=1.0) == ((torch.arange(T) == 0) | (torch.arange(T) == T - 1))).all()
+    assert not _draw(T).any() and not _draw(T, first_frame=0.0).any()
+    k = _draw(T, first_k=1.0, first_k_min=2, first_k_max=4)
+    counts = k.sum(1)
+    assert (k == (torch.arange(T)[None] < counts[:, None])).all()  # a prefix
+    assert set(counts.tolist()) == {2, 3, 4}
+    unlimited = _draw(T, B=400, first_k=1.0).sum(1)
+    assert set(unlimited.tolist()) == set(range(1, T))  # first_k_max None: up to T - 1
+    r = _draw(T, B=400, random=1.0)
+    assert set(r.sum(1).tolist()) == set(range(1, T))
+    assert len({tuple(row) for row in r.tolist()}) > 30  # positions vary, not only counts
+
+
+def test_mask_probabilities_and_every_row_leaves_a_frame():
+    probs = dict(first_frame=0.3, first_k=0.2, last_frame=0.1, first_last=0.1, random=0.1)
+    m = _draw(8, B=20000, **probs)
+    only_last = m[:, -1] & ~m[:, :-1].any(1)
+    assert abs((~m.any(1)).float().mean().item() - 0.2) < 0.02  # none
+    assert abs(only_last.float().mean().item() - 0.1) < 0.02  # last_frame (random adds a few of these too)
+    assert not m.all(1).any()
+    for T in (1, 2):  # an image cannot be conditioned on itself; first_last at T = 2 would give both frames
+        assert not _draw(T, first_last=1.0).any() and not _draw(T, random=1.0).all(1).any()
+
+
+def test_masks_are_a_function_of_the_generator_seed():
+    probs = dict(first_frame=0.2, first_k=0.2, random=0.3)
+    assert torch.equal(_draw(5, seed=3, **probs), _draw(5, seed=3, **probs))
+    assert not torch.equal(_draw(5, seed=3, **probs), _draw(5, seed=4, **probs))
+
+
+def _train_step(diffusion, conditioning, steps=3):
+    """Three steps of the trainer's TrainStep (DDP, world of one) on a cached-latent batch; returns the losses and
+    the masks the objective got."""
+    from opensora.diffusion import build_scheduler
+    from opensora.distributed import ParallelConfig, build_engine, destroy_distributed, init_distributed
+    from opensora.training.step import TrainStep
+
+    torch.manual_seed(0)
+    model = STDiT(stdit_config("STDiT-debug", in_channels=3))
+    g = torch.Generator().manual_seed(0)
+    batch = dict(latent=torch.rand(2, 3, 4, 8, 8, generator=g) * 2 - 1, y=torch.randn(2, 1, 16, 32, generator=g),
+                 mask=torch.ones(2, 16, dtype=torch.long))
+    info = init_distributed()
+    try:
+        engine = build_engine(ParallelConfig(engine="ddp", param_dtype="fp32"), info)
+        engine.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        sched = build_scheduler(diffusion)
+        masks, losses = [], []
+        inner = sched.training_losses
+
+        def recording(*a, cond_mask=None, **k):
+            masks.append(cond_mask)
+            return inner(*a, cond_mask=cond_mask, **k)
+
+        sched.training_losses = recording
+        step = TrainStep(engine, sched, seed=1, grad_clip=1.0, conditioning=conditioning)
+        for i in range(steps):
+            losses.append(step.forward_backward(batch, i, 0))
+            step.optimizer_step()
+        return torch.stack(losses), masks
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("diffusion", ["iddpm", "rflow"])
+@pytest.mark.parametrize("mask_type", MASK_TYPES)
+def test_every_mask_type_trains_through_the_train_step(diffusion, mask_type):
+    losses, masks = _train_step(diffusion, ConditioningConfig(**{mask_type: 1.0}))
+    assert torch.isfinite(losses).all() and (losses > 0).all()
+    assert all(m is not None and m.shape == (2, 4) and m.any(1).all() and not m.all(1).any() for m in masks)
+
+
+def test_train_step_without_conditioning_is_unchanged_and_masks_follow_the_step_seed():
+    base, none_masks = _train_step("rflow", None, steps=2)
+    zero, zero_masks = _train_step("rflow", ConditioningConfig(), steps=2)
+    assert none_masks == zero_masks == [None, None]  # all 0: not even drawn, so the random stream is as before
+    torch.testing.assert_close(zero, base, rtol=0, atol=0)
+    cfg = ConditioningConfig(first_k=0.5, random=0.5)
+    _, a = _train_step("rflow", cfg, steps=2)
+    _, b = _train_step("rflow", cfg, steps=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed and step -> same masks (resume is exact)

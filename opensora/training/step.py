@@ -3,7 +3,8 @@
 from the code path that trains.
 
 One micro-step: encode the batch with the frozen VAE and text encoder (or take cached latents), seed the
-generators from (recipe seed, step, micro-step, data-parallel rank), turn the engine's gradient sync on for
+generators from (recipe seed, step, micro-step, data-parallel rank), draw the frame-conditioning masks (if the
+recipe asks for them, ``opensora/training/conditioning.py``), turn the engine's gradient sync on for
 the last micro-step only, compute the diffusion loss under the engine's autocast, back-propagate it scaled
 by 1/accum. Then one ``engine.optimizer_step`` (clip, update, clear). Which engine runs is the engine's
 business alone.
@@ -16,6 +17,7 @@ import math
 import torch
 
 from opensora.distributed import Engine
+from opensora.training.conditioning import ConditioningConfig, sample_cond_mask
 
 
 def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
@@ -37,13 +39,16 @@ class TrainStep:
         seed: the recipe seed; with the step, micro-step and ``dp_rank`` it fixes every random draw.
         dp_rank: this rank's data-parallel rank (the ranks of one sequence-parallel group share it).
         grad_clip: global gradient-norm threshold; None or 0 = no clipping (the norm is still returned).
+        conditioning: frame-conditioning mask probabilities (image-to-video, extension, ...); None or all 0:
+            plain text-to-video, with the same random draws as before.
     """
 
     def __init__(self, engine: Engine, diffusion, *, vae=None, text_encoder=None, accum: int = 1, seed: int = 0,
-                 dp_rank: int = 0, grad_clip: float | None = None):
+                 dp_rank: int = 0, grad_clip: float | None = None, conditioning: ConditioningConfig | None = None):
         if accum < 1:
             raise ValueError(f"accum must be >= 1, got {accum}")
         self.engine, self.diffusion = engine, diffusion
+        self.conditioning = conditioning if conditioning is not None and conditioning.enabled else None
         self.vae, self.text_encoder = vae, text_encoder
         self.accum, self.seed, self.dp_rank = accum, seed, dp_rank
         self.max_norm = grad_clip or math.inf
@@ -78,9 +83,13 @@ class TrainStep:
         torch.manual_seed(seed)  # caption dropout inside the model draws from the global generator
         generator = torch.Generator(self.device).manual_seed(seed)
         x, y, mask = self.encode(batch, generator)
+        frames = {}
+        if self.conditioning is not None:  # (B, T_latent) given frames, drawn from the step's generator
+            frames["cond_mask"] = sample_cond_mask(x.shape[0], x.shape[2], self.conditioning, generator)
         self.engine.set_grad_sync(micro == self.accum - 1)  # before the forward: DDP decides there
         with self.engine.autocast():
-            terms = self.diffusion.training_losses(self.engine.model, x, dict(y=y, mask=mask), generator=generator)
+            terms = self.diffusion.training_losses(self.engine.model, x, dict(y=y, mask=mask), generator=generator,
+                                                   **frames)
         loss = terms["loss"].mean()
         self.engine.backward(loss / self.accum)
         return loss.detach()
