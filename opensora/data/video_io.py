@@ -37,6 +37,10 @@ class VideoReadError(RuntimeError):
     """A video file cannot be opened or decoded. The message names the file."""
 
 
+# FFmpeg's AVColorRange: MPEG (limited, 16-235: what an untagged H.264 clip is read as) and JPEG (full, 0-255).
+_LIMITED_RANGE, _FULL_RANGE = 1, 2
+
+
 class VideoWriter:
     """Encodes frames one at a time into ``path`` (H.264, yuv420p) through a temp file; ``close()`` publishes it.
 
@@ -91,6 +95,12 @@ class VideoWriter:
                 out = frame  # the encoder converts it to yuv420p (swscale's default filter)
             else:
                 out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        elif frame.color_range == _FULL_RANGE:
+            # Full-range YUV (MJPEG's yuvj420p, many phones' video): squeezed to the limited range the clip is
+            # read as; copied as it is, every clip came out too contrasty (a (220, 40, 40) red read as (232, 29, 27)).
+            out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA",
+                                 src_color_range=_FULL_RANGE, dst_color_range=_LIMITED_RANGE)
+            out.color_range = _LIMITED_RANGE
         elif frame.format.name == "yuv420p" and (frame.width, frame.height) != (self.width, self.height):
             out = resize_yuv420p(frame, self.width, self.height)
         else:
