@@ -38,6 +38,26 @@ _NOT_VIDEO_MAGIC: tuple[tuple[int, bytes, str], ...] = (
 )
 # Demuxers that read one still image (FFmpeg's image2 family): a file they open is a picture, whatever its name.
 _IMAGE_DEMUXERS = ("image2", "image2pipe")
+# A demuxer with this flag (FFmpeg's AVFMT_NOTIMESTAMPS: raw H.264/HEVC/MPEG video without a container) has no
+# time stamps: the frame rate is a guess (25 when the stream does not say) and no reader can seek by time.
+_AVFMT_NOTIMESTAMPS = 0x80
+
+
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The video stream a file is read by: FFmpeg's best one (``av_find_best_stream``, the one decord reads, so
+    reference rows and the readers of clips agree on it), never a cover image (an audio file's attached picture).
+
+    Raises ProbeError naming what the file holds instead when there is none.
+    """
+    best = container.streams.best("video")
+    if best is None or best.disposition & av.stream.Disposition.attached_pic:
+        moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if moving:
+            return moving[0]
+        if container.streams.video:
+            raise ProbeError("no video stream (only a cover image: an audio file)")
+        raise ProbeError("no video stream")
+    return best
 
 
 def sniff(path: str) -> str | None:
@@ -83,6 +103,16 @@ def _first_frame(container: av.container.InputContainer, stream: av.video.stream
     return None, damaged
 
 
+def _decode_first(path: str) -> tuple[av.VideoFrame | None, int]:
+    """``_first_frame`` of a fresh open: seeking back is not possible in every input (FFmpeg says
+    'Operation not permitted' for a pipe-like one), reading from the start again is."""
+    try:
+        with av.open(path) as container:
+            return _first_frame(container, video_stream(container))
+    except av.error.FFmpegError as err:
+        raise ProbeError(f"first frame does not decode: {_av_reason(err)}") from err
+
+
 def probe_video(path: str, cfg: ProbeConfig) -> dict:
     """Reads a video's properties.
 
@@ -90,7 +120,9 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
         path: the video file.
         cfg: whether to count frames by demuxing and to decode the first frame.
     Returns:
-        ``num_frames, fps, height, width, aspect_ratio, resolution, duration, codec, pix_fmt``.
+        ``num_frames, fps, height, width, aspect_ratio, resolution, duration, codec, pix_fmt, rotation``
+        (degrees counter-clockwise that the file's display matrix turns the picture; the size is the size as
+        shown, so a phone video held upright is taller than wide).
     """
     if not os.path.isfile(path):
         raise ProbeError(f"no such file: {path}")
@@ -110,9 +142,10 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
         if demuxer in _IMAGE_DEMUXERS or demuxer.endswith("_pipe"):
             codec = demuxer[: -len("_pipe")] if demuxer.endswith("_pipe") else container.streams.video[0].codec_context.name
             raise ProbeError(f"not a video container ({codec.upper()} image data)")
-        if not container.streams.video:
-            raise ProbeError("no video stream")
-        stream = container.streams.video[0]
+        if container.format.flags & _AVFMT_NOTIMESTAMPS and container.streams.video:
+            raise ProbeError(f"raw {container.streams.video[0].codec_context.name} stream without a container (no time "
+                             "stamps, the frame rate unknown): remux it, e.g. ffmpeg -i IN -c copy OUT.mp4")
+        stream = video_stream(container)
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate
         if not rate or rate <= 0:
@@ -133,20 +166,16 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
         if num_frames < max(cfg.min_frames, 1):
             raise ProbeError(f"{num_frames} frames (need >= {max(cfg.min_frames, 1)})")
         width, height = ctx.width, ctx.height
+        rotation = 0
         if cfg.decode_check:
-            try:
-                container.seek(0)
-            except av.error.FFmpegError as err:
-                raise ProbeError(f"cannot seek back to the start ({container.format.name}): {_av_reason(err)}") from err
-            try:
-                frame, damaged = _first_frame(container, stream)
-            except av.error.FFmpegError as err:
-                raise ProbeError(f"first frame does not decode: {_av_reason(err)}") from err
+            frame, damaged = _decode_first(path)
             if frame is None:
                 raise ProbeError(f"no decodable frame ({damaged} damaged packets)" if damaged else "no decodable frame")
-            width, height = frame.width, frame.height
+            width, height, rotation = frame.width, frame.height, frame.rotation
         if not width or not height:
             raise ProbeError("unknown frame size")
+        if rotation % 180:  # shown on its side (a phone held upright): the size as shown, as split's clips have it
+            width, height = height, width
         return {
             "num_frames": num_frames,
             "fps": float(fps),
@@ -157,6 +186,7 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
             "duration": float(num_frames / fps),
             "codec": ctx.name,
             "pix_fmt": ctx.pix_fmt,
+            "rotation": rotation,
         }
 
 
