@@ -97,8 +97,12 @@ class SplitConfig:
     preset: str = _f("veryfast", "x264 preset: veryfast keeps clips small; ultrafast costs ~1.7x less CPU at 720p "
                      "for 2-27x larger files at the same crf (docs/benchmarks.md)")
     max_clips: int = _f(0, "at most this many clips per video (0 = all)")
+    max_damaged_share: float = _f(0.5, "reject a source when more than this share of its frames is unusable "
+                                  "(damaged packets and the frames predicted from them): what is left is scraps")
 
     def __post_init__(self):
+        if not 0.0 <= self.max_damaged_share <= 1.0:
+            raise ValueError(f"split.max_damaged_share must be in [0, 1], got {self.max_damaged_share}")
         if self.mode not in ("encode", "reference"):
             raise ValueError(f"split.mode must be 'encode' or 'reference', got {self.mode!r}")
         if self.detector not in ("content", "adaptive"):

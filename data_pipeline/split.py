@@ -81,10 +81,6 @@ def _open(path: str) -> tuple[av.container.InputContainer, av.video.stream.Video
     return container, stream
 
 
-# A source with more unusable frames than this share is rejected: what is left is scraps between damage.
-MAX_DAMAGED_SHARE = 0.5
-
-
 @dataclass
 class Damage:
     """What ``_decode`` skipped: packets the decoder rejected and frame slots unusable because of them."""
@@ -401,7 +397,7 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
         raise RuntimeError("no decodable frames")
     damage = res.damage
     damaged = f", {damage.packets} damaged packets" if damage.packets else ""
-    if damage.frames > MAX_DAMAGED_SHARE * res.num_frames:
+    if damage.frames > cfg.max_damaged_share * res.num_frames:
         for clip in res.paths:  # scraps between damage: not worth keeping, so not left behind either
             if clip is not None:
                 Path(clip).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from data_helpers import damage, make_video
 from data_pipeline.config import SplitConfig
 from data_pipeline.rows import Reject
 from data_pipeline.split import split
+from opensora.config import ConfigError, load_config
 
 
 def _frames(path) -> np.ndarray:
@@ -49,3 +50,17 @@ def test_damage_at_the_start_and_mostly_damaged(tmp_path):
         split({"id": "most", "path": str(tmp_path / "most.mp4")}, cfg)
     assert err.value.updates["split_damaged_packets"] > 0
     assert not list((tmp_path / "clips").glob("most_*"))
+
+
+def test_max_damaged_share_is_a_setting(tmp_path):
+    make_video(tmp_path / "v.mp4", [48, 60, 48], fps=24, size=(96, 64), gop=12)
+    damage(tmp_path / "v.mp4", tmp_path / "most.mp4", range(10, 140))
+    # 130 of 156 frames unusable: rejected at the default 0.5, kept (the clean scraps) when the user allows 0.9
+    cfg = SplitConfig(out_dir=str(tmp_path / "clips"), min_clip_s=0.5, max_clip_s=0, max_damaged_share=0.9)
+    clips = split({"id": "most", "path": str(tmp_path / "most.mp4")}, cfg)
+    assert clips and all(c["damaged_packets"] == 0 and c["split_damaged_packets"] > 0 for c in clips)
+    assert load_config(SplitConfig, overrides=["max_damaged_share=0.25"]).max_damaged_share == 0.25
+    with pytest.raises(ValueError, match="max_damaged_share must be in"):
+        SplitConfig(max_damaged_share=1.5)
+    with pytest.raises(ConfigError, match="max_damaged_shares"):  # a misspelt key is still refused
+        load_config(SplitConfig, overrides=["max_damaged_shares=0.25"])
