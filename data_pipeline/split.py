@@ -12,8 +12,10 @@ One decode of the source, no seeking, frames counted from 0 in presentation orde
 ``detect_cuts`` + ``plan_clips`` are the same decisions as a separate detection pass (the definition
 ``split_video`` is tested against, and the bench's detection-only number).
 
-Clip files are named ``<row id>_<k>.mp4`` and written through a temp file, so a redone video
-overwrites its own clips. Each clip's row records the sha256 of its bytes (``sha256``, read back right
+Clip files are named ``<row id>_<k>.mp4`` (an id that is not a safe, short file name is shortened and given
+12 hex digits of its hash, ``media.unique_stem``) and written through a temp file, so a redone video
+overwrites its own clips. A source whose display matrix turns its picture (a phone held upright) gives
+upright clips; a change of picture size within a stream is a cut. Each clip's row records the sha256 of its bytes (``sha256``, read back right
 after the write, while the file is still in the page cache): the latent cache keys on it, so training
 from the cache never has to open a clip to learn what it is.
 
@@ -21,13 +23,16 @@ from the cache never has to open a clip to learn what it is.
 whose ``path`` is the source video, with its span (``start_frame``/``end_frame``, ``source_fps`` -> ``fps``,
 ``split_mode=reference``; ``opensora.data.manifest.source_span``) and the size it would have been resized to;
 its ``sha256`` is the source's. Training, the latent cache, filter and caption seek into the source for
-exactly the frames the encoded clip would hold.
+exactly the frames the encoded clip would hold. Before writing such rows split checks that decord, their reader,
+counts the frames as split did and gives the first frame of the first and the last clip as split decoded them
+(``check_readback``), and refuses the source with the reason otherwise (damaged, rotated, MPEG-PS, GIF, ...).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -41,7 +46,8 @@ from scenedetect import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
 from data_pipeline.config import SplitConfig
-from data_pipeline.media import even_size, safe_name
+from data_pipeline.media import even_size, unique_stem
+from data_pipeline.probe import video_stream
 from data_pipeline.rows import Reject, Row, is_missing
 from opensora.data.manifest import CONTENT_HASH_COLUMN, SOURCE_FPS_COLUMN, SPLIT_MODE_COLUMN
 from opensora.data.video_io import VideoWriter, plane_view
@@ -72,10 +78,11 @@ def _detector(cfg: SplitConfig):
 
 def _open(path: str) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     container = av.open(path)
-    if not container.streams.video:
+    try:
+        stream = video_stream(container)  # the stream decord reads too, never a cover image
+    except BaseException:
         container.close()
-        raise RuntimeError(f"{path}: no video stream")
-    stream = container.streams.video[0]
+        raise
     stream.thread_type = "NONE"  # one core per video; parallelism is across videos
     stream.codec_context.thread_count = 1
     return container, stream
@@ -167,7 +174,7 @@ def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
         step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
         step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly
         cuts: list[int] = []
-        total, last = 0, -1  # frames seen; the last frame the detector took
+        total, last, shape = 0, -1, None  # frames seen; the last frame the detector took, and its size
         for n, frame in _decode(container, stream, Damage()):
             total = n + 1
             if frame is None:
@@ -175,8 +182,11 @@ def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
                     cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))]
                     detector = _detector(cfg)
                 continue
+            if last == n - 1 >= 0 and (frame.width, frame.height) != shape:  # a new picture size: a cut (split_video)
+                cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))] + [n]
+                detector = _detector(cfg)
             cuts += [c.frame_num for c in detector.process_frame(FrameTimecode(n, fps=fps), _small_bgr(frame, step))]
-            last = n
+            last, shape = n, (frame.width, frame.height)
         if last == total - 1 >= 0:
             cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))]
     return sorted({c for c in cuts if 0 < c < total}), total, fps
@@ -217,9 +227,13 @@ class SplitResult:
     num_frames: int  # frames decoded (all of them, unless max_clips stopped the decode early)
     fps: Fraction  # source
     out_fps: Fraction
-    width: int  # clip size
+    width: int  # clip size (as shown: a source turned by its display matrix gives upright clips)
     height: int
     damage: Damage = field(default_factory=Damage)  # damaged packets decoded past (none of them is in a clip)
+    rotation: int = 0  # degrees counter-clockwise the source's display matrix turns its pictures
+    # reference mode: (clip number, its first frame as RGB) of the first and the last clip, for the read-back check
+    check_frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    complete: bool = True  # False when max_clips stopped the decode before the end
 
 
 class _ClipCutter:
@@ -240,6 +254,8 @@ class _ClipCutter:
         self.writer: VideoWriter | None = None
         self.count = 0
         self.result = SplitResult([], [], [], self.cuts, 0, fps, out_fps, *size)
+        self.rotation: int | None = None  # known from the first clean frame
+        self.first: np.ndarray | None = None  # reference mode: the first frame of the span being counted
 
     @property
     def full(self) -> bool:
@@ -268,6 +284,8 @@ class _ClipCutter:
         if frame is None:  # damaged (see _decode): no span crosses it; cuts at both ends of the damage restart
             self.close_span()
             return
+        if self.rotation is None:
+            self._orient(frame.rotation)
         start = self.shot_start + self.cfg.drop_edge_frames
         if index < start or (self.ahead and index >= self.ahead[0] - self.cfg.drop_edge_frames):
             self.close_span()  # an edge frame of a shot
@@ -276,6 +294,8 @@ class _ClipCutter:
         if self.span is None or self.span[0] != piece_start:
             self.close_span()
             self.span = [piece_start, piece_start]
+            if self.cfg.mode == "reference":  # kept to check that the reader of reference rows sees the same
+                self.first = frame.to_ndarray(format="rgb24")
         self.span[1] = index + 1
         if _keep(index - piece_start, self.fps, self.out_fps):
             if self.cfg.mode == "reference":  # the row points into the source: count, write nothing
@@ -285,8 +305,20 @@ class _ClipCutter:
                 # One encoder thread: parallelism comes from running many videos at once.
                 self.writer = VideoWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.size,
                                           self.cfg.codec, self.cfg.crf, self.cfg.preset, threads=1)
-            self.writer.write(frame)
+            # Turned upright as the source is shown: the clip has no display matrix, and decord ignores it.
+            self.writer.write(np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), self.rotation // 90))
+                              if self.rotation else frame)
             self.count += 1
+
+    def _orient(self, rotation: int) -> None:
+        """Takes the display rotation of the first clean frame: a quarter turn swaps the clips' sides."""
+        rotation = int(rotation) % 360
+        if rotation % 90:
+            raise Reject(f"display matrix turns the picture by {rotation} degrees, not a multiple of 90")
+        self.rotation = self.result.rotation = rotation
+        if rotation % 180:
+            self.size = self.size[::-1]
+            self.result.width, self.result.height = self.size
 
     def close_span(self) -> None:
         """Publishes the span being written if it is long enough, else drops it."""
@@ -301,6 +333,12 @@ class _ClipCutter:
         self.result.spans.append((start, end))
         self.result.counts.append(count)
         self.result.paths.append(writer.close() if writer is not None else None)
+        if self.cfg.mode == "reference":  # the first clip's and the latest one's (two frames, however long the video)
+            checks, entry = self.result.check_frames, (len(self.result.spans) - 1, self.first)
+            if len(checks) < 2:
+                checks.append(entry)
+            else:
+                checks[1] = entry
 
     def abort(self) -> None:
         """Drops the span being written (on an error)."""
@@ -346,7 +384,7 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
         cutter = _ClipCutter(cfg, fps, out_fps, size, out_path)
         queue: deque[tuple[int, av.VideoFrame | None]] = deque()  # not yet committed; at most `delay` frames
         damage = cutter.result.damage
-        n, last = 0, -1  # frames seen; the last frame the detector took
+        n, last, shape = 0, -1, None  # frames seen; the last frame the detector took, and its size
         try:
             for index, frame in _decode(container, stream, damage):
                 if frame is None:
@@ -360,15 +398,24 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
                 else:
                     if last < index - 1:  # the first clean frame after damage starts a new shot
                         cutter.add_cut(index, is_end=True)
+                    elif last >= 0 and (frame.width, frame.height) != shape:
+                        # The picture size changes (files joined, a broadcast switching formats): a cut, and a
+                        # fresh detector, which cannot compare pictures of two sizes (PySceneDetect asserts).
+                        for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))):
+                            if 0 < cut < index:
+                                cutter.add_cut(cut)
+                        cutter.add_cut(index)
+                        detector = _detector(cfg)
                     for cut in detector.process_frame(FrameTimecode(index, fps=fps), _small_bgr(frame, step)):
                         cutter.add_cut(cut.frame_num)
-                    last = index
+                    last, shape = index, (frame.width, frame.height)
                 queue.append((index, frame))
                 n = index + 1
                 while len(queue) > delay:
                     cutter.commit(*queue.popleft())
                 if cutter.full:
                     cutter.abort()
+                    cutter.result.complete = False
                     break
             else:
                 if last == n - 1 >= 0:
@@ -386,11 +433,50 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     return cutter.result
 
 
+# Mean |difference| (0-255 RGB) allowed between a frame as split decoded it (PyAV) and as decord reads it: the
+# same bitstream gives the same picture (measured 0.0 on 8-bit sources, 0.9-1.4 on 10-bit ones, which the two
+# libraries bring down to 8 bits differently); a frame checked is the first of a clip, the frame after a cut
+# or a damaged stretch, so a reader that is one frame off sees another shot and differs by tens.
+READBACK_TOLERANCE = 4.0
+
+
+def check_readback(path: str, res: SplitResult) -> None:
+    """Rejects a source whose reference rows would not read back as split numbered its frames: decord (the
+    dataset's, filter's and caption's reader) must open it, count the same frames, and give the first frame of
+    the first and of the last clip as split decoded them (a seek that lands elsewhere, another stream, a
+    format it cannot index, such as GIF, or a codec its FFmpeg lacks, such as AV1)."""
+    import decord
+
+    def refuse(why: str) -> Reject:
+        return Reject(f"reference rows would not read back: {why}; split it with mode=encode")
+
+    try:
+        reader = decord.VideoReader(path, num_threads=1)
+        count = len(reader)
+        if count != res.num_frames and (res.complete or count < res.num_frames):
+            raise refuse(f"decord counts {count} frames, split decoded {res.num_frames}")
+        for k, expected in res.check_frames:
+            start = res.spans[k][0]
+            got = reader.get_batch([start]).asnumpy()[0]
+            if got.shape != expected.shape:
+                raise refuse(f"decord reads frame {start} as {got.shape[1]}x{got.shape[0]}, "
+                             f"split decoded {expected.shape[1]}x{expected.shape[0]}")
+            diff = float(np.abs(got.astype(np.float32) - expected).mean())
+            if diff > READBACK_TOLERANCE:
+                raise refuse(f"decord's frame {start} differs from split's by {diff:.1f} (mean, 0-255): "
+                             "its seek lands elsewhere")
+    except decord.DECORDError as err:
+        # "[17:45:11] /github/workspace/src/video/video_reader.cc:270: [PATH] Failed to ...": the last part says it
+        message = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(err).strip().splitlines()[-1])
+        message = re.sub(r"^Check failed: .*?\) ", "", message)  # its assertion, with values of no meaning
+        raise refuse(f"decord cannot read it: {message.replace(f'[{path}]', '').strip()[:200]}") from err
+
+
 def split(row: Row, cfg: SplitConfig) -> list[Row]:
     """Stage function: one video row -> one row per clip (lineage: source video, start/end time and frame)."""
     if is_missing(row.get("path")):
         raise RuntimeError("row has no path")
-    stem = safe_name(str(row["id"]))
+    stem = unique_stem(str(row["id"]))
     reference = cfg.mode == "reference"
     res = split_video(row["path"], cfg, lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4")
     if res.num_frames == 0:
@@ -408,16 +494,23 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
         # number here), so a reference row could silently give other frames: only encoded clips are safe.
         raise Reject(f"damaged source ({damage.packets} damaged packets): split.mode=reference needs an intact "
                      "source; split it with mode=encode", {"split_damaged_packets": damage.packets})
+    if reference and res.rotation:
+        # decord, the reader of reference rows, ignores the display matrix (and fails on some such files):
+        # its frames would lie on their side. Encoded clips are turned upright.
+        raise Reject(f"rotated source (display matrix turns it {res.rotation} degrees): reference rows would be read "
+                     "on their side; split it with mode=encode")
     if not res.spans:
         raise Reject(f"no shot of at least {cfg.min_clip_s}s ({len(res.cuts) + 1} shots, {res.num_frames} frames"
                      f"{damaged})", {"split_cuts": res.cuts, "split_damaged_packets": damage.packets})
+    if reference:
+        check_readback(row["path"], res)
     fps, out_fps, width, height = res.fps, res.out_fps, res.width, res.height
     source = row.get("source") if not is_missing(row.get("source")) else (row.get("url") or row["path"])
     # Reference rows share their source's hash; the latent cache adds each row's span to it (source_span).
     source_sha = file_sha256(row["path"]) if reference else None
     clips = []
     for k, ((start, end), count, path) in enumerate(zip(res.spans, res.counts, res.paths)):
-        parent = {key: value for key, value in row.items() if key not in ("codec", "pix_fmt")}
+        parent = {key: value for key, value in row.items() if key not in ("codec", "pix_fmt", "rotation")}
         clips.append({
             **parent,
             "id": f"{row['id']}_{k:04d}",
