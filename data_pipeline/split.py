@@ -227,13 +227,14 @@ class SplitResult:
     num_frames: int  # frames decoded (all of them, unless max_clips stopped the decode early)
     fps: Fraction  # source
     out_fps: Fraction
-    width: int  # clip size (as shown: a source turned by its display matrix gives upright clips)
+    width: int  # clip size at the start (as shown: a source turned by its display matrix gives upright clips)
     height: int
     damage: Damage = field(default_factory=Damage)  # damaged packets decoded past (none of them is in a clip)
     rotation: int = 0  # degrees counter-clockwise the source's display matrix turns its pictures
     # reference mode: (clip number, its first frame as RGB) of the first and the last clip, for the read-back check
     check_frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
     complete: bool = True  # False when max_clips stopped the decode before the end
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each clip: its pictures' own
 
 
 class _ClipCutter:
@@ -244,6 +245,7 @@ class _ClipCutter:
     def __init__(self, cfg: SplitConfig, fps: Fraction, out_fps: Fraction, size: tuple[int, int],
                  out_path: Callable[[int], Path]):
         self.cfg, self.fps, self.out_fps, self.size, self.out_path = cfg, fps, out_fps, size, out_path
+        self.span_size = size  # of the span being written: its first frame's, shrunk (a stream may change size)
         self.min_len = max(1, math.ceil(cfg.min_clip_s * fps - 1e-6))
         self.max_len = math.floor(cfg.max_clip_s * fps + 1e-6) if cfg.max_clip_s else 0
         self.ahead: list[int] = []  # known cuts after the last committed frame, ascending
@@ -294,6 +296,8 @@ class _ClipCutter:
         if self.span is None or self.span[0] != piece_start:
             self.close_span()
             self.span = [piece_start, piece_start]
+            shown = (frame.height, frame.width) if self.rotation % 180 else (frame.width, frame.height)
+            self.span_size = even_size(*shown, self.cfg.short_side)
             if self.cfg.mode == "reference":  # kept to check that the reader of reference rows sees the same
                 self.first = frame.to_ndarray(format="rgb24")
         self.span[1] = index + 1
@@ -303,7 +307,7 @@ class _ClipCutter:
                 return
             if self.writer is None:
                 # One encoder thread: parallelism comes from running many videos at once.
-                self.writer = VideoWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.size,
+                self.writer = VideoWriter(self.out_path(len(self.result.spans)), self.out_fps, *self.span_size,
                                           self.cfg.codec, self.cfg.crf, self.cfg.preset, threads=1)
             # Turned upright as the source is shown: the clip has no display matrix, and decord ignores it.
             self.writer.write(np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), self.rotation // 90))
@@ -332,6 +336,7 @@ class _ClipCutter:
             return
         self.result.spans.append((start, end))
         self.result.counts.append(count)
+        self.result.sizes.append(self.span_size)
         self.result.paths.append(writer.close() if writer is not None else None)
         if self.cfg.mode == "reference":  # the first clip's and the latest one's (two frames, however long the video)
             checks, entry = self.result.check_frames, (len(self.result.spans) - 1, self.first)
@@ -504,12 +509,13 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
                      f"{damaged})", {"split_cuts": res.cuts, "split_damaged_packets": damage.packets})
     if reference:
         check_readback(row["path"], res)
-    fps, out_fps, width, height = res.fps, res.out_fps, res.width, res.height
+    fps, out_fps = res.fps, res.out_fps
     source = row.get("source") if not is_missing(row.get("source")) else (row.get("url") or row["path"])
     # Reference rows share their source's hash; the latent cache adds each row's span to it (source_span).
     source_sha = file_sha256(row["path"]) if reference else None
     clips = []
-    for k, ((start, end), count, path) in enumerate(zip(res.spans, res.counts, res.paths)):
+    for k, ((start, end), count, path, (width, height)) in enumerate(zip(res.spans, res.counts, res.paths,
+                                                                        res.sizes)):
         parent = {key: value for key, value in row.items() if key not in ("codec", "pix_fmt", "rotation")}
         clips.append({
             **parent,

@@ -246,7 +246,11 @@ def test_odd_inputs_through_probe_split_filter(tmp_path):
     # The phone video's clips are upright (48 wide, 64 high), like the probe's size as shown.
     rotated = df[df["path"].eq(str(src / "rotated.mp4")) | df["source_video"].eq(str(src / "rotated.mp4"))]
     assert set(zip(rotated["width"], rotated["height"])) == {(48, 64)}
-    assert set(zip(clips["width"], clips["height"])) >= {(64, 48), (96, 64)}  # size change: each part its size
+    # The size change is a cut, and each clip keeps its own pictures' size (no 3:2 picture squeezed into 4:3).
+    changed = clips[clips["source_video"].eq(str(src / "size change.ts"))]
+    assert list(zip(changed["start_frame"], changed["width"], changed["height"])) == [(0, 64, 48), (24, 96, 64)]
+    for clip in changed.itertuples():
+        assert read_video(clip.path).shape == (24, clip.height, clip.width, 3)
 
     # The same probe output split in reference mode: rows that read back as the encoded clips, or a reason.
     out = tmp_path / "reference.parquet"
