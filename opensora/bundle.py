@@ -77,6 +77,25 @@ def load_bundle_config(directory: str | Path) -> BundleConfig:
 
 
 @dataclass
+class FrameCondition:
+    """Given pixel frames for :meth:`Bundle.generate`: image-to-video, video extension, an end image, or both.
+
+    ``start`` are the first Ks frames of every video, ``end`` the last Ke; each (B, 3, K, H, W) in [-1, 1] at the
+    requested size, or None. How many fit is the autoencoder's frame rule
+    (:func:`opensora.diffusion.conditioning.latent_frames_given`): any count for a per-frame VAE; for a causal 3D
+    VAE of factor t, ``start`` t*k + 1 frames (frame 0 alone is latent frame 0) and ``end`` a multiple of t.
+    """
+
+    start: torch.Tensor | None = None
+    end: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(Ks, Ke): given frames at the start and at the end."""
+        return tuple(0 if v is None else int(v.shape[2]) for v in (self.start, self.end))  # type: ignore[return-value]
+
+
+@dataclass
 class Bundle:
     """A loaded bundle: the denoiser, the autoencoder, the text encoder and their config."""
 
@@ -110,6 +129,7 @@ class Bundle:
         seed: int = 0,
         sampler: str | None = None,
         progress: bool = True,
+        cond: FrameCondition | None = None,
     ) -> torch.Tensor:
         """Samples one video per prompt.
 
@@ -120,6 +140,9 @@ class Bundle:
             cfg_scale: classifier-free guidance scale; 1.0 disables guidance (one model call per step).
             seed: the initial noise and every sampling step draw from one generator seeded with this.
             sampler: "iddpm" or "rflow"; defaults to the objective the bundle was trained with.
+            cond: given frames (first Ks and / or last Ke of every video): they are encoded with the bundle's
+                autoencoder and kept, with t = 0, at every sampling step, in both guidance branches. With an
+                identity autoencoder they come out bit for bit; with a VAE within its round-trip error.
         Returns:
             (B, 3, T, H, W) float video in [-1, 1] on the CPU.
         """
@@ -142,12 +165,46 @@ class Bundle:
         else:
             model_fn = classifier_free_guidance(self.model, cfg_scale, guided_channels=self.model.in_channels)
             kwargs = dict(y=torch.cat([y, self.model.null_caption(B).to(y.dtype)]), mask=torch.cat([mask, mask]))
-        z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator)
+        frames = {} if cond is None else self.encode_condition(cond, B, num_frames, height, width, noise)
+        z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator, **frames)
         video = self.vae.decode(z.to(next(self.vae.parameters(), z).dtype)).float().clamp(-1, 1).cpu()
         if tuple(video.shape[2:]) != (num_frames, height, width):  # a decoder off its frame rule would say so here
             raise RuntimeError(f"{self.vae.name} decoded a {tuple(video.shape[2:])} video for the requested "
                                f"{(num_frames, height, width)}")
         return video
+
+    @torch.no_grad()
+    def encode_condition(self, cond: FrameCondition, batch: int, num_frames: int, height: int, width: int,
+                         like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``cond_latent`` (like ``like``) and ``cond_mask`` (B, T') for the sampler, from given pixel frames.
+
+        The given frames are put in place in an otherwise grey (0) video of the full length, which is encoded
+        whole (the posterior's mode): a causal VAE then encodes frame 0 alone as latent frame 0, exactly as it
+        would in a real video, and each given latent frame covers given pixel frames only (the frame rule,
+        checked first). Raises ValueError naming a wrong shape or count.
+        """
+        from opensora.diffusion.conditioning import cond_mask_for, latent_frames_given
+
+        n_start, n_end = cond.counts
+        if n_start == n_end == 0:
+            raise ValueError("frame condition has neither start nor end frames")
+        for name, frames in (("start", cond.start), ("end", cond.end)):
+            if frames is not None and (frames.dim() != 5 or tuple(frames.shape[:2]) != (batch, 3)
+                                       or tuple(frames.shape[3:]) != (height, width)):
+                raise ValueError(f"given {name} frames must be (B={batch}, 3, K, H={height}, W={width}), "
+                                 f"got {tuple(frames.shape)}")
+        first, last, total = latent_frames_given(num_frames, self.vae.compression[0], self.vae.causal, n_start, n_end)
+        vae_dtype = next(self.vae.parameters(), like).dtype
+        video = torch.zeros(batch, 3, num_frames, height, width, device=like.device, dtype=vae_dtype)
+        if cond.start is not None:
+            video[:, :, :n_start] = cond.start.to(video)
+        if cond.end is not None:
+            video[:, :, num_frames - n_end:] = cond.end.to(video)
+        latent = self.vae.encode(video, sample_posterior=False).to(like.dtype)
+        if latent.shape != like.shape:
+            raise RuntimeError(f"{self.vae.name} encoded the given frames to {tuple(latent.shape)}, the noise is "
+                               f"{tuple(like.shape)}")
+        return dict(cond_latent=latent, cond_mask=cond_mask_for(batch, total, first, last, device=like.device))
 
 
 def bundle_autoencoder_shape(directory: str | Path, config: BundleConfig | None = None) -> AutoencoderShape:

@@ -1,7 +1,23 @@
-"""Text -> video: samples one H.264 mp4 per prompt from a pipeline bundle.
+"""Text -> video, image -> video and video extension: samples one H.264 mp4 per prompt from a pipeline bundle.
 
     python tools/sample.py --ckpt runs/demo/stage2/export --prompt "a red circle moving left on a blue background" \\
         --num-frames 8 --height 32 --width 32 --steps 50 --cfg-scale 4 --seed 0 --out samples/
+
+Frame conditioning (a model trained with a recipe's ``conditioning`` section, docs/training.md) keeps given
+frames and generates the rest. Each flag is given once (shared by every prompt) or once per prompt, in order;
+images and videos are resized to cover --height x --width and centre-cropped:
+
+    --cond-image first.png                   image-to-video: the first frame is given
+    --cond-end-image last.png                the last frame is given (with --cond-image: interpolation)
+    --cond-video clip.mp4 [--cond-frames K] [--cond-from end|start]
+                                             the video's last (default) or first K frames are the new
+                                             video's first K frames: it continues from them
+    --extend N                               N more chunks, each continuing the last K frames of the one
+                                             before; one mp4 of num_frames + N * (num_frames - K) frames
+
+K (--cond-frames) must fit the autoencoder: any count for a per-frame VAE; t*k + 1 for a causal 3D VAE of
+factor t (1, 5, 9 at 4x: frame 0 is encoded alone); a multiple of t at the end. Default: the largest such count
+up to half of --num-frames.
 
 A bundle on a causal 3D VAE takes t*k + 1 frames (Wan 2.1, 4x: ``--num-frames 17``, which decodes from 5 latent
 frames); another count is refused before anything loads, naming the nearest valid ones.
@@ -23,7 +39,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from opensora.bundle import DIFFUSIONS, bundle_autoencoder_shape, load_bundle, load_bundle_config
+from opensora.bundle import DIFFUSIONS, FrameCondition, bundle_autoencoder_shape, load_bundle, load_bundle_config
 from opensora.utils import atomic_write_path, slugify
 
 DEFAULT_NUM_FRAMES = 16  # Open-Sora 1.0's; an autoencoder that does not take it gets the next count it takes
@@ -53,6 +69,21 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c = p.add_argument_group("frame conditioning (each flag once for all prompts, or once per prompt)")
+    c.add_argument("--cond-image", action="append", default=[], type=Path, metavar="IMAGE",
+                   help="image-to-video: this image is the first frame")
+    c.add_argument("--cond-end-image", action="append", default=[], type=Path, metavar="IMAGE",
+                   help="this image is the last frame")
+    c.add_argument("--cond-video", action="append", default=[], type=Path, metavar="VIDEO",
+                   help="continue this video: its K frames (--cond-frames, --cond-from) are the first K frames")
+    c.add_argument("--cond-frames", type=int, default=None, metavar="K",
+                   help="frames taken from --cond-video, and carried over between --extend chunks; default: the "
+                        "largest count the autoencoder takes up to half of --num-frames")
+    c.add_argument("--cond-from", choices=["end", "start"], default="end",
+                   help="take the --cond-video's last K frames (continue it; default) or its first K")
+    c.add_argument("--extend", type=int, default=0, metavar="N",
+                   help="generate N more chunks, each conditioned on the last K frames of the one before, and "
+                        "write each prompt's chunks as one continuous mp4 (the K repeated frames appear once)")
     return p.parse_args(argv)
 
 
@@ -71,6 +102,95 @@ def collect_prompts(args) -> list[str]:
     if not prompts:
         raise SystemExit("error: no prompt given (use --prompt TEXT or --prompt-file FILE)")
     return prompts
+
+
+def _per_prompt(values: list, flag: str, n: int) -> list:
+    """One value per prompt from a flag given 0, 1 (shared) or ``n`` times."""
+    if len(values) in (0, 1):
+        return values * n
+    if len(values) != n:
+        raise SystemExit(f"error: {flag} is given {len(values)} times for {n} prompts: give it once (shared by "
+                         "every prompt) or once per prompt")
+    return list(values)
+
+
+def _read_image(path: Path, flag: str, height: int, width: int) -> torch.Tensor:
+    """(3, 1, H, W) in [-1, 1]: the image resized to cover the size and centre-cropped."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from opensora.data.dataset import resize_center_crop
+
+    if not path.is_file():
+        raise SystemExit(f"error: {flag} {path}: file not found")
+    try:
+        with Image.open(path) as img:
+            frames = np.array(img.convert("RGB"))[None]
+    except (UnidentifiedImageError, OSError) as err:
+        raise SystemExit(f"error: {flag} {path}: cannot read the image ({err})") from err
+    return resize_center_crop(frames, (height, width))
+
+
+def _read_video_frames(path: Path, k: int, take: str, height: int, width: int) -> torch.Tensor:
+    """(3, K, H, W) in [-1, 1]: the first or last ``k`` frames of a video, resized and centre-cropped."""
+    import numpy as np
+
+    from opensora.data.dataset import resize_center_crop
+    from opensora.data.video_io import VideoReadError, read_video, video_info
+
+    try:
+        n = video_info(path)["num_frames"]
+        if k > n:
+            raise SystemExit(f"error: --cond-video {path}: has {n} frames, fewer than the {k} given frames asked for "
+                             "(--cond-frames)")
+        indices = np.arange(k) if take == "start" else np.arange(n - k, n)
+        frames = read_video(path, indices)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: --cond-video {path}: file not found") from err
+    except (VideoReadError, IndexError) as err:
+        raise SystemExit(f"error: --cond-video {path}: cannot read it ({err})") from err
+    return resize_center_crop(frames, (height, width))
+
+
+def read_conditions(args, n_prompts: int, vae_shape) -> tuple[list, list, int]:
+    """The given start / end frames of every prompt ((3, K, H, W) or None each) and the --extend overlap K, read
+    and checked against the autoencoder's frame rule before anything heavy loads (errors name the input)."""
+    from opensora.diffusion.conditioning import default_start_frames, latent_frames_given
+
+    t, causal = vae_shape.compression[0], vae_shape.causal
+    if args.cond_image and args.cond_video:
+        raise SystemExit("error: --cond-image and --cond-video both give the first frames: use one of them")
+    if args.extend < 0:
+        raise SystemExit(f"error: --extend must be >= 0, got {args.extend}")
+    if args.extend and args.cond_end_image:
+        raise SystemExit("error: --cond-end-image cannot be combined with --extend (every chunk would end on it)")
+    if args.cond_frames is not None and args.cond_frames < 1:
+        raise SystemExit(f"error: --cond-frames must be >= 1, got {args.cond_frames}")
+    k = args.cond_frames if args.cond_frames is not None else default_start_frames(args.num_frames, t, causal)
+    n_start = 1 if args.cond_image else k if args.cond_video else 0
+    n_end = 1 if args.cond_end_image else 0
+    try:
+        if n_start or n_end:
+            latent_frames_given(args.num_frames, t, causal, n_start, n_end)
+        if args.extend:
+            latent_frames_given(args.num_frames, t, causal, k, 0)
+    except ValueError as err:
+        flags = [f for f, on in (("--cond-image", args.cond_image), ("--cond-video/--cond-frames", args.cond_video),
+                                 ("--cond-end-image", args.cond_end_image), ("--extend/--cond-frames", args.extend))
+                 if on]
+        raise SystemExit(f"error: {', '.join(flags)}: {err}") from err
+    H, W = args.height, args.width
+    starts = [_read_image(p, "--cond-image", H, W) for p in _per_prompt(args.cond_image, "--cond-image", n_prompts)]
+    if args.cond_video:
+        starts = [_read_video_frames(p, k, args.cond_from, H, W)
+                  for p in _per_prompt(args.cond_video, "--cond-video", n_prompts)]
+    ends = [_read_image(p, "--cond-end-image", H, W)
+            for p in _per_prompt(args.cond_end_image, "--cond-end-image", n_prompts)]
+    return starts or [None] * n_prompts, ends or [None] * n_prompts, k
+
+
+def _stack(frames: list) -> torch.Tensor | None:
+    return None if frames[0] is None else torch.stack(frames)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_shape.latent_size((args.num_frames, args.height, args.width))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
+    starts, ends, overlap = read_conditions(args, len(prompts), vae_shape)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -105,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     written, t_start = [], time.perf_counter()
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        videos = bundle.generate(
-            batch, args.num_frames, args.height, args.width, steps=args.steps, cfg_scale=args.cfg_scale,
-            seed=args.seed, sampler=args.sampler, progress=not args.no_progress,
-        )  # (B, 3, T, H, W)
+        given = slice(start, start + len(batch))
+        cond = FrameCondition(start=_stack(starts[given]), end=_stack(ends[given]))
+        options = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, progress=not args.no_progress)
+        videos = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed,
+                                 cond=cond if cond.counts != (0, 0) else None, **options)  # (B, 3, T, H, W)
+        for chunk in range(1, args.extend + 1):  # each chunk continues the last `overlap` frames of the video so far
+            more = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed + chunk,
+                                   cond=FrameCondition(start=videos[:, :, -overlap:]), **options)
+            videos = torch.cat([videos, more[:, :, overlap:]], dim=2)  # the given frames are already there
         for j, (prompt, video) in enumerate(zip(batch, videos)):
             path = args.out / f"{start + j:03d}_{slugify(prompt)}.mp4"
             write_video(path, tensor_to_frames(video), fps=args.fps, crf=args.crf)
@@ -116,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     with atomic_write_path(args.out / "prompts.tsv") as tmp:
         tmp.write_text("file\tprompt\n" + "".join(f"{p.name}\t{t}\n" for p, t in written), encoding="utf-8")
+    frames = args.num_frames + args.extend * (args.num_frames - overlap)
     print(f"wrote {len(written)} video(s) to {args.out} in {elapsed:.1f} s "
-          f"({elapsed / len(written):.2f} s/video; {args.num_frames}x{args.height}x{args.width}, "
+          f"({elapsed / len(written):.2f} s/video; {frames}x{args.height}x{args.width}, "
           f"{args.steps} steps, {args.sampler or bundle.config.diffusion}, cfg {args.cfg_scale}, seed {args.seed})")
     return 0
 

@@ -114,3 +114,13 @@ def cond_mask_for(batch: int, total: int, start: int, end: int, device=None) -> 
     """(batch, total) bool mask: the first ``start`` and last ``end`` latent frames given."""
     frames = torch.arange(total, device=device)
     return ((frames < start) | (frames >= total - end)).expand(batch, total).clone()
+
+
+def default_start_frames(num_frames: int, temporal_factor: int, causal: bool) -> int:
+    """The given first-frame count video extension uses when none is asked for: the largest count that fits the
+    frame rule (:func:`latent_frames_given`) and is at most half of ``num_frames`` (at least the smallest that fits:
+    1, or t for a non-causal autoencoder). E.g. 4 of 8 frames per-frame, 5 of 17 at 4x causal."""
+    t = int(temporal_factor)
+    if causal:
+        return max(1, (num_frames // 2 - 1) // t * t + 1)
+    return max(t, num_frames // 2 // t * t)
