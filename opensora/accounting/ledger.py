@@ -8,9 +8,12 @@ most the line being written:
      "price_per_gpu_hour": 2.5, "peak_tflops": 989.0, "host": ..., "time": <epoch s>, "step": <start step>}
     {"event": "heartbeat",  "segment": ..., "elapsed_s": ..., "step": ..., "samples": ..., "tokens": ..., "flops": ...}
     {"event": "checkpoint", ... same fields ...}      # after a checkpoint at ``step`` is durable
+    {"event": "validation", ... same fields ...}      # after a validation pass (opensora.training.validation)
     {"event": "end", ... same fields ..., "reason": "finished" | "budget" | "sigterm" | "max_steps" | ...}
 
 ``samples``/``tokens``/``flops`` in a record are cumulative *within the segment* and global (all ranks);
+``val_s`` is the part of ``elapsed_s`` spent validating (held-out loss, sample videos): paid GPU time that is
+not training, so the report shows it as its own kind of time (and it is in the wall time and GPU-hours too).
 ``elapsed_s`` is monotonic-clock seconds since the segment started, so a wall-clock jump cannot create or
 destroy paid time. A segment's wall time is the ``elapsed_s`` of its last record: a crashed segment (no
 end record) still counts its time up to its last heartbeat; time after that heartbeat is not known and is
@@ -51,12 +54,13 @@ LEDGER_NAME = "ledger.jsonl"
 class Mark:
     """One progress record of a segment (start, heartbeat, checkpoint or end)."""
 
-    kind: str  # "start" | "heartbeat" | "checkpoint" | "end"; "live": the running counters, in memory only
+    kind: str  # "start" | "heartbeat" | "checkpoint" | "validation" | "end"; "live": the running counters, in memory
     elapsed_s: float  # seconds since the segment started
     step: int  # optimizer steps completed
     samples: int = 0  # cumulative within the segment, all ranks
     tokens: int = 0
     flops: float = 0.0
+    val_s: float = 0.0  # of elapsed_s, seconds spent validating (cumulative within the segment)
 
 
 @dataclass
@@ -104,6 +108,10 @@ class Segment:
     def flops(self) -> float:
         return self.marks[-1].flops
 
+    @property
+    def val_s(self) -> float:
+        return self.marks[-1].val_s
+
 
 @dataclass
 class Spend:
@@ -120,6 +128,9 @@ class Spend:
     lost_s: float = 0.0  # wall time whose work was redone
     lost_gpu_hours: float = 0.0
     peak_flop_s: float | None = None  # sum over segments of wall_s * num_gpus * peak FLOP/s; None if any peak unknown
+    val_s: float = 0.0  # of wall_s, time spent validating (executed, like flops: a redone validation counts twice)
+    val_gpu_hours: float = 0.0  # of gpu_hours, validation's
+    val_dollars: float = 0.0  # of dollars, validation's
 
     @property
     def samples_per_s(self) -> float:
@@ -209,7 +220,7 @@ def parse_records(lines: Iterable[str]) -> tuple[list[Segment], int]:
             seg = segments[sid]
             seg.marks.append(
                 Mark(event, float(rec["elapsed_s"]), int(rec["step"]), int(rec["samples"]),
-                     int(rec["tokens"]), float(rec["flops"]))
+                     int(rec["tokens"]), float(rec["flops"]), float(rec.get("val_s", 0.0)))
             )
             if event == "end":
                 seg.end_reason = rec["reason"]
@@ -250,6 +261,9 @@ def spend_of(segments: Iterable[Segment]) -> Spend:
         out.crashed_segments += int(seg.crashed)
         out.lost_s += seg.lost_s
         out.lost_gpu_hours += seg.lost_s * seg.num_gpus / 3600.0
+        out.val_s += seg.val_s
+        out.val_gpu_hours += seg.val_s * seg.num_gpus / 3600.0
+        out.val_dollars += seg.val_s * seg.num_gpus / 3600.0 * seg.price_per_gpu_hour
         if seg.peak_tflops is None:
             peak_known = False
         else:
@@ -341,14 +355,15 @@ class Ledger:
         seg = self._current
         assert seg is not None
         last = seg.marks[-1]
-        mark = Mark(kind, self.clock() - self._t0, int(step), last.samples, last.tokens, last.flops)
+        mark = Mark(kind, self.clock() - self._t0, int(step), last.samples, last.tokens, last.flops, last.val_s)
         if last.kind == "live":  # the running counters become a real mark
             seg.marks[-1] = mark
         else:
             seg.marks.append(mark)
-        seg.marks.append(Mark("live", mark.elapsed_s, mark.step, mark.samples, mark.tokens, mark.flops))
+        seg.marks.append(Mark("live", mark.elapsed_s, mark.step, mark.samples, mark.tokens, mark.flops, mark.val_s))
         return {"event": kind, "segment": seg.segment_id, "time": time.time(), "elapsed_s": round(mark.elapsed_s, 3),
-                "step": mark.step, "samples": mark.samples, "tokens": mark.tokens, "flops": mark.flops}
+                "step": mark.step, "samples": mark.samples, "tokens": mark.tokens, "flops": mark.flops,
+                "val_s": round(mark.val_s, 3)}
 
     def start_segment(self, step: int) -> None:
         """Opens a segment at ``step`` (0 for a fresh run, the checkpoint's step on resume).
@@ -421,6 +436,20 @@ class Ledger:
         if self._current is None:
             raise RuntimeError("checkpoint_saved called before start_segment")
         self._write(self._progress("checkpoint", step))
+
+    def validation_done(self, step: int, seconds: float) -> None:
+        """Records a finished validation pass of ``seconds`` at ``step`` (written at once: it is paid time that is
+        not training, and a crash right after it must not hide it).
+
+        Args:
+            step: the step whose weights were validated.
+            seconds: wall time of the pass (every rank took part; the job's GPUs are billed for it).
+        """
+        seg = self._current
+        if seg is None:
+            raise RuntimeError("validation_done called before start_segment")
+        seg.marks[-1].val_s += float(seconds)
+        self._write(self._progress("validation", step))
 
     def end_segment(self, reason: str, step: int) -> None:
         """Closes the segment (no-op if none is open).

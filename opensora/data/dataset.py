@@ -29,6 +29,7 @@ The loader over it (or over the latent cache) is ``opensora.data.loader.build_da
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,34 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 """File suffixes read as still images (1-frame videos)."""
 
 SHORT_CLIP_POLICIES = ("skip", "pad")
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Clips kept out of training for validation, by clip id: the listed ``ids``, and every clip whose id hashes
+    below ``fraction`` (sha256 of the id: the same clips on every machine, world size, resume and manifest order,
+    and a clip added later does not move others across the line).
+
+    ``clip_id in holdout`` says whether a clip is held out.
+    """
+
+    fraction: float = 0.0
+    ids: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"holdout fraction must be in [0, 1), got {self.fraction}")
+
+    def __contains__(self, clip_id: object) -> bool:
+        clip_id = str(clip_id)
+        if clip_id in self.ids:
+            return True
+        if self.fraction <= 0.0:
+            return False
+        return int.from_bytes(hashlib.sha256(clip_id.encode("utf-8")).digest()[:8], "big") < self.fraction * 2**64
+
+    def __bool__(self) -> bool:
+        return self.fraction > 0.0 or bool(self.ids)
 
 
 @dataclass
@@ -161,6 +190,8 @@ class VideoDataset(Dataset):
             multi-rank run records them once).
         autoencoder: the shape of the autoencoder the samples are for: a ``num_frames`` or size it cannot
             take is an error here (:func:`check_sample_shape`), before any clip is read. None: not checked.
+        holdout: clips kept out of training for validation (:class:`Holdout`); None keeps every row.
+        held_out: False (training): leave the held-out rows out; True (validation): keep only them.
 
     Attributes:
         bucket_keys: (T, H, W) of each index.
@@ -173,9 +204,11 @@ class VideoDataset(Dataset):
 
     def __init__(
         self, cfg: DataConfig, failures_path: str | Path | None = None, seed: int = 0, log_skipped: bool = True,
-        autoencoder: AutoencoderShape | None = None,
+        autoencoder: AutoencoderShape | None = None, holdout: Holdout | None = None, held_out: bool = False,
     ):
         check_sample_shape(cfg, autoencoder)
+        if held_out and not holdout:
+            raise ValueError("held_out=True needs a holdout (fraction or ids) to select the held-out clips")
         self.cfg = cfg
         self.autoencoder = autoencoder
         self.failures_path = failures_path
@@ -195,7 +228,11 @@ class VideoDataset(Dataset):
         self.frame_counts: list[int] = []
         self.bucket_keys: list[BucketKey] = []
         self.skipped: list[dict[str, str]] = []
+        self.num_held_out = 0  # rows left out by ``holdout`` (training) or outside it (validation)
         for row in df.itertuples(index=False):
+            if holdout and (str(row.id) in holdout) != held_out:
+                self.num_held_out += 1
+                continue
             path = str(row.path) if not pd.isna(row.path) else ""
             if path and not os.path.isabs(path):
                 path = str(manifest.parent / path)

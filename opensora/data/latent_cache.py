@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from opensora.data.buckets import BucketKey
-from opensora.data.dataset import DataConfig, VideoDataset, record_failure
+from opensora.data.dataset import DataConfig, Holdout, VideoDataset, record_failure
 from opensora.models.text_encoder import T5TextEncoder
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.models.vae import IdentityAutoencoder, VideoAutoencoder, VideoAutoencoderKL
@@ -471,6 +471,8 @@ class CachedLatentDataset(Dataset):
         log_skipped: record rows left out at build time (True on one rank only).
         max_leading_misses: see above (default :data:`MAX_LEADING_MISSES`; 0 never raises).
         autoencoder: the autoencoder's shape; frames or sizes it cannot take are an error (as in VideoDataset).
+        holdout, held_out: which rows (as in VideoDataset): training leaves the held-out clips out, validation
+            keeps only them.
 
     Items: ``dict(latent=(C, T, h, w), y=(1, L, D), mask=(L,), text=str, index=int, bucket=(T, H, W))``.
     """
@@ -484,6 +486,8 @@ class CachedLatentDataset(Dataset):
         log_skipped: bool = True,
         max_leading_misses: int | None = None,
         autoencoder: AutoencoderShape | None = None,
+        holdout: Holdout | None = None,
+        held_out: bool = False,
     ):
         if cfg.cache_dir is None:
             raise ValueError("CachedLatentDataset needs data.cache_dir")
@@ -491,7 +495,7 @@ class CachedLatentDataset(Dataset):
         self.identity = identity
         self.failures_path = failures_path
         self.videos = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=log_skipped,
-                                   autoencoder=autoencoder)
+                                   autoencoder=autoencoder, holdout=holdout, held_out=held_out)
         self.bucket_keys = self.videos.bucket_keys
         self.sha256s = known_content_hashes(self.videos, self.cache_dir)
         self.max_leading_misses = MAX_LEADING_MISSES if max_leading_misses is None else int(max_leading_misses)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from opensora.data.dataset import DataConfig, VideoDataset, collate
+from opensora.data.dataset import DataConfig, Holdout, VideoDataset, collate
 from opensora.data.latent_cache import CachedLatentDataset, EncoderIdentity
 from opensora.data.sampler import DistributedBucketSampler, ResumableDataLoader
 from opensora.models.autoencoders import AutoencoderShape
@@ -43,6 +43,7 @@ def build_dataloader(
     pin_memory: bool = False,
     agree_group=None,
     autoencoder: AutoencoderShape | None = None,
+    holdout: Holdout | None = None,
 ) -> tuple[ResumableDataLoader, DistributedBucketSampler]:
     """The training loader of one data-parallel rank and its sampler (whose state is the data position).
 
@@ -63,6 +64,7 @@ def build_dataloader(
             (see :class:`ResumableDataLoader`). None without SP.
         autoencoder: the shape of the autoencoder the samples are for (the trainer passes the recipe's): a
             ``num_frames`` or size it cannot take fails here, naming the nearest valid frame counts.
+        holdout: clips kept out of training for validation (``opensora.training.validation``); None: none.
     Returns:
         ``(loader, sampler)``: each ``for batch in loader`` runs the rest of the current epoch; save
         ``sampler.state_dict()`` with checkpoints and ``sampler.load_state_dict`` it on resume.
@@ -75,11 +77,11 @@ def build_dataloader(
             )
         dataset: Dataset = CachedLatentDataset(
             cfg, encoder_identity, failures_path=failures_path, seed=seed, log_skipped=rank == 0,
-            autoencoder=autoencoder,
+            autoencoder=autoencoder, holdout=holdout,
         )
     else:
         dataset = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=rank == 0,
-                               autoencoder=autoencoder)
+                               autoencoder=autoencoder, holdout=holdout)
     sampler = DistributedBucketSampler(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
                                        drop_last=drop_last)  # type: ignore[arg-type]
     workers = cfg.num_workers

@@ -77,6 +77,21 @@ class Engine:
             return torch.autocast("cuda", dtype=DTYPES[self.pcfg.param_dtype])
         return contextlib.nullcontext()
 
+    def reshard(self) -> None:
+        """Drops the gathered (unsharded) copies of the parameters that a forward outside training left behind.
+
+        FSDP2 does not reshard the root module after a forward (its backward would gather the same weights
+        again), so after a forward under ``no_grad`` (validation, sampling) the root's parameters stay gathered,
+        and the next training forward reuses them as they were then, not as the sharded parameters are now.
+        Call it after such forwards and before the sharded parameters change outside the optimizer (the EMA
+        swap of ``opensora.training.validation``). DDP and ColossalAI keep whole parameters: nothing to do.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.unwrap().modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     # -- one step -----------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -28,6 +28,8 @@ from opensora.diffusion import SCHEDULERS
 from opensora.distributed import ParallelConfig
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.models.stdit import STDiT_models, STDiTConfig
+from opensora.training.conditioning import ConditioningConfig
+from opensora.training.validation import ValidationConfig, union_holdout
 
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMATS = ("opensora_v1", "pixart")
@@ -92,6 +94,9 @@ class StageConfig:
     data: dict[str, Any] = field(default_factory=dict)  # this stage's overrides of the recipe's `data` (e.g. manifest)
     init: InitConfig = field(default_factory=InitConfig)  # default: the previous stage's export
     budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps for this stage alone
+    # This stage's frame-conditioning probabilities; replaces the recipe's `conditioning` whole. None: the recipe's.
+    conditioning: ConditioningConfig | None = None
+    validation: dict[str, Any] = field(default_factory=dict)  # this stage's overrides of the recipe's `validation`
 
     def __post_init__(self):
         if self.model not in STDiT_models:
@@ -214,6 +219,8 @@ class RecipeConfig:
     vae_latent_channels: int | None = None  # latent channels (Wan 2.1: 16); None: undeclared (forecast: in_channels)
     diffusion: str = "iddpm"  # training objective: "iddpm" (Open-Sora 1.0) or "rflow"; recorded in the exports
     rflow: RFlowConfig = field(default_factory=RFlowConfig)  # timestep distribution when diffusion is rflow
+    # Frame conditioning (image-to-video, video extension): how often each mask type is drawn; all 0 = text-to-video.
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     seed: int = 0  # seed of the data order, noise, timesteps and caption dropout
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, sequence parallelism, checkpointing
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -221,6 +228,8 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps for all stages together
+    # Held-out loss, sample videos and metrics while training (opensora.training.validation); off by default.
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
         if not self.stages:
@@ -251,6 +260,14 @@ class RecipeConfig:
                 check_sample_shape(stage_data_config(self, stage), vae)
             except ValueError as err:
                 raise ValueError(f"stages[{i}] ('{stage.name}'): {err}") from None
+            try:
+                val = stage_validation_config(self, stage)
+                if val.enabled and (val.num_frames or val.image_size):  # the samples' size must fit it too
+                    vae.latent_size((val.num_frames or stage.num_frames, *(val.image_size or stage.image_size)))
+            except ConfigError as err:
+                raise ValueError(f"stages[{i}].{err}") from None
+            except ValueError as err:
+                raise ValueError(f"stages[{i}] ('{stage.name}'): validation: {err}") from None
 
 
 def recipe_autoencoder(recipe: RecipeConfig) -> AutoencoderShape:
@@ -325,6 +342,23 @@ def stage_data_config(recipe: RecipeConfig, stage: StageConfig) -> DataConfig:
         raise ConfigError(f"data.{key}: {getattr(err, 'msg', err)}" if key else f"data: {err}") from err
     except (ValueError, TypeError) as err:
         raise ConfigError(f"data: {err}") from err
+
+
+def stage_validation_config(recipe: RecipeConfig, stage: StageConfig) -> ValidationConfig:
+    """The validation config of ``stage``: the recipe's ``validation`` with the stage's overrides."""
+    base = OmegaConf.structured(recipe.validation)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(dict(stage.validation))))  # type: ignore
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"validation.{key}: {getattr(err, 'msg', err)}" if key else f"validation: {err}") from err
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def recipe_holdout(recipe: RecipeConfig):
+    """The clips no stage trains on: the union of every stage's held-out clips (``Holdout`` or None)."""
+    return union_holdout([stage_validation_config(recipe, stage) for stage in recipe.stages])
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:

@@ -134,6 +134,22 @@ class MetricsLogger:
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         self.print(line)
 
+    def log_validation(self, result) -> None:
+        """Writes a validation pass (``opensora.training.validation.ValidationResult``) on rank 0: its ``val_*`` row to
+        ``metrics.jsonl`` (a line of its own, told apart from the training rows by its keys), the scalars, the
+        grid and the videos to TensorBoard / W&B, and a console line."""
+        if not self.is_main:
+            return
+        row = {**result.row, "time": time.time()}
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+        for writer in self._writers:
+            writer.log_validation(row, result.grid, result.sample_paths)
+        shown = [f"{k[4:]} {v:.4f}" for k, v in row.items()
+                 if k in ("val_loss", "val_colour", "val_direction", "val_clip_score")]
+        self.print(f"[{self.stage_name}] validation at step {result.step}: {', '.join(shown) or 'samples written'} "
+                   f"({row['val_time_s']:.1f} s, {row['val_weights']} weights)")
+
     def print(self, message: str) -> None:
         """A console line on rank 0 (through the bar while it is open, so the two do not garble each other)."""
         if not self.is_main:
@@ -186,6 +202,12 @@ class _Window:
         self.data_wait += out["data_wait"]
 
 
+def _val_scalars(row: dict) -> dict:
+    """The numeric ``val_*`` entries of a validation row, without the prefix."""
+    return {k[4:]: v for k, v in row.items()
+            if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class _TensorBoard:
     def __init__(self, writer):
         self.writer = writer
@@ -195,6 +217,17 @@ class _TensorBoard:
             if key not in ("step", "time") and value is not None:
                 self.writer.add_scalar(f"train/{key}", value, row["step"])
         self.writer.flush()
+
+    def log_validation(self, row: dict, grid: Path | None, videos: list[Path]) -> None:
+        for key, value in _val_scalars(row).items():
+            self.writer.add_scalar(f"val/{key}", value, row["step"])
+        if grid is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(grid) as img:
+                self.writer.add_image("val/samples", np.asarray(img.convert("RGB")), row["step"], dataformats="HWC")
+        self.writer.flush()  # the mp4s stay on disk: TensorBoard's add_video needs moviepy and re-encodes to GIF
 
     def close(self) -> None:
         self.writer.close()
@@ -206,6 +239,16 @@ class _WandB:
 
     def log(self, row: dict) -> None:
         self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def log_validation(self, row: dict, grid: Path | None, videos: list[Path]) -> None:
+        import wandb
+
+        data = {f"val/{k}": v for k, v in _val_scalars(row).items()}
+        if grid is not None:
+            data["val/samples"] = wandb.Image(str(grid))
+        for path in videos:
+            data[f"val/video/{path.stem}"] = wandb.Video(str(path), format="mp4")
+        self.run.log(data, step=row["step"])
 
     def close(self) -> None:
         self.run.finish()

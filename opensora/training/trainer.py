@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from opensora.accounting import Ledger, check_budget, train_flops_per_sample
-from opensora.bundle import BundleConfig, check_compatible, load_bundle_config, load_encoders, resolve_path
+from opensora.bundle import Bundle, BundleConfig, check_compatible, load_bundle_config, load_encoders, resolve_path
 from opensora.checkpoint import CheckpointManager, FnState, RNGState, engine_state, export_bundle
 from opensora.config import ConfigError, to_dict
 from opensora.data.loader import build_dataloader
@@ -42,14 +42,17 @@ from opensora.training.config import (
     StageConfig,
     check_recipe_autoencoder,
     recipe_autoencoder,
+    recipe_holdout,
     stage_data_config,
     stage_model_config,
+    stage_validation_config,
 )
 from opensora.training.ema import EMA
 from opensora.training.init import load_init_checkpoint
 from opensora.training.metrics import MetricsLogger
 from opensora.training.optim import build_lr_scheduler, build_optimizer
 from opensora.training.step import TrainStep
+from opensora.training.validation import Validator, colour_motion_scorer, validation_data_config
 
 # Ledger end reasons that stop the recipe early (the stage can be resumed later).
 EARLY_STOPS = ("sigterm", "budget", "max_steps")
@@ -101,6 +104,8 @@ class Trainer:
             load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
         self.diffusion = build_scheduler(recipe.diffusion, **(asdict(recipe.rflow) if recipe.diffusion == "rflow" else {}))
         self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
+        self.validation = stage_validation_config(recipe, stage)
+        self._identity = None
         if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
             self.vae, self.text_encoder = self._build_encoders(bundle, model)
 
@@ -110,14 +115,14 @@ class Trainer:
             if data_cfg.cache_dir is not None:
                 from opensora.data.latent_cache import encoder_identity
 
-                identity = encoder_identity(self.vae, self.text_encoder)
+                identity = self._identity = encoder_identity(self.vae, self.text_encoder)
                 self.vae = self.text_encoder = None  # training reads cached latents: free the encoders' memory
             self.loader, self.sampler = build_dataloader(
                 data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
                 failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
                 pin_memory=self.device.type == "cuda",
                 agree_group=new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None,
-                autoencoder=self.autoencoder,
+                autoencoder=self.autoencoder, holdout=recipe_holdout(recipe),  # no stage trains on validation clips
             )
 
         # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
@@ -129,8 +134,9 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.engine.schedule_optimizer, stage)
         self.steps = TrainStep(self.engine, self.diffusion, vae=self.vae, text_encoder=self.text_encoder,
                                accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
-                               grad_clip=recipe.optim.grad_clip)
+                               grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning)
         self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
+        self.validator = self._build_validator() if self.validation.enabled and stage.steps > 0 else None
 
         # 4. Checkpoints, cost ledger, logs.
         self.ckpt = CheckpointManager(self.stage_dir / "checkpoints", keep=recipe.logging.keep_checkpoints)
@@ -162,6 +168,65 @@ class Trainer:
         check_compatible(model, vae, text_encoder, source=self.init_dir)
         check_recipe_autoencoder(self.recipe, vae.shape, self.init_dir)  # factors, frame rule (and channels)
         return vae, text_encoder
+
+    def _build_validator(self) -> Validator:
+        """The stage's validator: held-out clips, the sampler of ``tools/sample.py`` on the training model, scorers."""
+        cfg, stage = self.validation, self.stage
+        dataset = None
+        if "loss" in cfg.metrics:
+            data_cfg = validation_data_config(cfg, stage_data_config(self.recipe, stage))
+            holdout = None if cfg.manifest else cfg.holdout
+            common = dict(failures_path=self.stage_dir / "validation" / "failures.jsonl", seed=self.recipe.seed,
+                          log_skipped=self.is_main, autoencoder=self.autoencoder, holdout=holdout,
+                          held_out=holdout is not None)
+            if data_cfg.cache_dir is not None:
+                from opensora.data.latent_cache import CachedLatentDataset
+
+                dataset = CachedLatentDataset(data_cfg, self._identity, **common)
+            else:
+                from opensora.data.dataset import VideoDataset
+
+                dataset = VideoDataset(data_cfg, **common)
+        sampler, prompts = None, cfg.all_prompts()
+        if prompts:
+            vae, text_encoder = self.vae, self.text_encoder
+            if vae is None:  # training reads the latent cache: the samples still need the decoder and the captions
+                dtype = torch.bfloat16 if uses_mixed_precision(self.recipe.parallel, self.dist) else None
+                vae, text_encoder = load_encoders(self.init_dir, device=self.device, dtype=dtype)
+            bundle = Bundle(self.model, vae, text_encoder, self.bundle_config, self.stage_dir)
+            T = cfg.num_frames or stage.num_frames
+            H, W = cfg.image_size or stage.image_size
+            bundle.latent_size(T, H, W)  # a size the model or autoencoder cannot take fails now, not at step N
+
+            def sampler(batch: list[str]) -> torch.Tensor:
+                return bundle.generate(batch, T, H, W, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed,
+                                       progress=False)
+        scorers = {}
+        if "colour_motion" in cfg.metrics:
+            from opensora.eval import parse_caption
+
+            bad = [p for p in prompts if parse_caption(p) is None]
+            if bad:
+                raise ConfigError(f"validation.metrics colour_motion scores shapes captions ('a red circle moving "
+                                  f"left on a gray background'); these prompts are not: {bad}")
+            scorers["colour_motion"] = colour_motion_scorer
+        if "clip_score" in cfg.metrics and self.is_main:
+            from opensora.eval.clip_score import ClipScorer
+
+            scorers["clip_score"] = ClipScorer(cfg.clip_model, device=self.device)
+        return Validator(cfg, self.stage_dir / "validation", self.recipe.diffusion, self.diffusion, self.engine,
+                         self.model, self.ema, dataset, self.steps.encode, sampler, dp_rank=self.dims.dp_rank,
+                         dp_size=self.dims.dp_size, sp_rank=self.dims.sp_rank, is_main=self.is_main, scorers=scorers)
+
+    def validate(self) -> None:
+        """Runs the validation pass of the current step if it is due and has not run before (collective)."""
+        if self.validator is None or not self.validation.due(self.step, self.stage.steps):
+            return
+        with self.metrics.paused():  # samples/s and MFU measure training only
+            result = self.validator.run(self.step)
+        if result is not None:
+            self.ledger.validation_done(self.step, result.row["val_time_s"])
+            self.metrics.log_validation(result)
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -272,6 +337,7 @@ class Trainer:
         log_every = self.recipe.logging.log_every
         reason = None
         try:
+            self.validate()  # step 0 (at_start), or a point a killed run did not finish before its checkpoint
             while reason is None:
                 reason = self._should_stop(target, check_all=self.step % log_every == 0)
                 if reason is not None:
@@ -281,6 +347,7 @@ class Trainer:
                 self.metrics.add(out)
                 if self.step % log_every == 0 or self.step == target:
                     self.metrics.log(self.step)  # the loop's one sync point
+                self.validate()  # before the checkpoint: a checkpoint at a validation point implies it ran
                 if self.step % self.recipe.logging.ckpt_every == 0 and self.step < target:
                     with self.metrics.paused():  # samples/s and MFU measure training only
                         self.save()
@@ -353,5 +420,6 @@ class Trainer:
         self.metrics.close()
         self.loader = self.sampler = None
         self.model = self.model_fn = self.optimizer = self.ema = self.vae = self.text_encoder = self.steps = None
+        self.validator = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,0 +1,256 @@
+"""Validation while training (opensora/training/validation.py): held-out clips never trained on, the loss at fixed
+timesteps (deterministic; the same on 1 and 2 ranks), samples and grids at the right steps, metrics, the ledger's
+validation time, bit-identical training weights with validation on or off, and the schedule kept across kill -9.
+
+Tiny: STDiT-debug in pixel space with the tiny T5, the 16x16 clips of tests/test_training.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from opensora.accounting import read_ledger
+from opensora.bundle import load_bundle
+from opensora.config import ConfigError
+from opensora.data.dataset import DataConfig, Holdout, VideoDataset
+from opensora.data.manifest import read_manifest
+from opensora.distributed import init_distributed
+from opensora.eval.clip_score import ClipScorer, make_tiny_clip
+from opensora.training import load_recipe, run_recipe
+from opensora.training.validation import ema_weights, plan_batches
+from tests.test_training import ROOT, env, manifest, train_cmd  # noqa: F401  (manifest is a fixture)
+
+PROMPTS = ["a red square moving left on a white background", "a blue square moving right on a white background"]
+
+RECIPE = """
+vae_downsample: 1
+diffusion: {diffusion}
+seed: 0
+data: {{manifest: {manifest}, frame_interval: 1, num_workers: 0}}
+parallel: {{engine: fsdp, param_dtype: fp32}}
+ema: {{decay: 0.9, warmup: true}}
+logging: {{log_every: 1, ckpt_every: {ckpt_every}, keep_checkpoints: 3, tensorboard: false, progress: false}}
+accounting: {{price_per_gpu_hour: 1.0, heartbeat_s: 0}}
+validation:
+  every: {every}
+  holdout_ids: {holdout}
+  num_clips: 4
+  batch_size: 1
+  timesteps: [0.2, 0.8]
+  prompts: {prompts}
+  sample_steps: 2
+  metrics: {metrics}
+  clip_model: {clip}
+stages:
+  - name: short
+    model: STDiT-debug
+    num_frames: 4
+    image_size: [16, 16]
+    batch_size: 2
+    steps: {steps}
+    lr: 1.0e-3
+    init: {{vae: identity, text_encoder: tiny}}
+"""
+
+
+def ids_of(manifest: Path) -> list[str]:
+    return list(read_manifest(manifest)["id"])
+
+
+def write_recipe(tmp_path: Path, manifest: Path, every: int = 2, steps: int = 4, ckpt_every: int = 100,
+                 metrics=("loss", "colour_motion"), clip: str | None = None, diffusion: str = "rflow",
+                 prompts=PROMPTS, name: str = "recipe.yaml") -> Path:
+    held = ids_of(manifest)[:2]  # red left, red right
+    path = tmp_path / name
+    path.write_text(RECIPE.format(manifest=manifest, every=every, steps=steps, ckpt_every=ckpt_every,
+                                  holdout=json.dumps(held), prompts=json.dumps(list(prompts)),
+                                  metrics=json.dumps(list(metrics)), clip=json.dumps(clip), diffusion=diffusion))
+    return path
+
+
+def val_rows(run: Path, stage: str = "short") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if "val_loss" in r or "val_colour" in r}
+
+
+def weights(path: Path) -> dict:
+    return load_bundle(path, device="cpu").model.state_dict()
+
+
+# -- pieces -----------------------------------------------------------------------------------------------------
+def test_holdout_is_stable_and_the_training_set_never_sees_it(manifest):
+    ids = ids_of(manifest)
+    h = Holdout(0.5, frozenset({ids[0]}))
+    assert ids[0] in h
+    picked = [i for i in ids if i in h]
+    assert picked == [i for i in ids if i in Holdout(0.5, frozenset({ids[0]}))], "the same clips every time"
+    many = [f"clip-{k}" for k in range(4000)]
+    share = sum(c in Holdout(0.1) for c in many) / len(many)
+    assert 0.08 < share < 0.12
+    assert set(c for c in many if c in Holdout(0.05)) <= set(c for c in many if c in Holdout(0.1)), "shares nest"
+    cfg = DataConfig(manifest=str(manifest), num_frames=4, frame_interval=1, image_size=(16, 16), num_workers=0)
+    train = VideoDataset(cfg, holdout=h)
+    held = VideoDataset(cfg, holdout=h, held_out=True)
+    assert sorted(train.ids + held.ids) == sorted(ids) and not set(train.ids) & set(held.ids)
+    assert train.num_held_out == len(held.ids) >= 1
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        Holdout(1.0)
+
+
+def test_validation_config_errors_name_the_key(tmp_path, manifest):
+    good = write_recipe(tmp_path, manifest)
+    load_recipe(good)
+    cases = {
+        "validation.metrics=[fid]": "unknown \\['fid'\\]",
+        "validation.holdout_ids=[]": "no held-out clips are given",
+        "validation.manifest=x.parquet": "either manifest .* or holdout_fraction",
+        "validation.timesteps=[1.5]": "fractions of the schedule",
+        "validation.metrics=[loss,clip_score]": "clip_model",
+        "validation.evry=3": "evry",
+        "stages.0.validation.every=-1": "validation.every must be >= 0",
+        "validation.num_frames=0": "num_frames must be >= 1",
+    }
+    for override, pattern in cases.items():
+        with pytest.raises(ConfigError, match=pattern):
+            load_recipe(good, [override])
+            print("no error:", override)
+    recipe = write_recipe(tmp_path, manifest, prompts=["a cat"], name="bad.yaml")
+    with pytest.raises(ConfigError, match="not: \\['a cat'\\]"):
+        run_recipe(load_recipe(recipe), tmp_path / "run", init_distributed())
+
+
+def test_plan_batches_and_ema_swap_restore_exactly():
+    keys = [(4, 16, 16), (4, 16, 16), (4, 8, 8), (4, 16, 16)]
+    assert plan_batches(keys, [0, 1, 2, 3], 2) == [[0, 1], [3], [2]]
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    before = [p.detach().clone() for p in params]
+    shadow = [torch.zeros(5), torch.ones(3)]
+    with ema_weights(params, shadow):
+        assert torch.equal(params[0], shadow[0]) and torch.equal(params[1], shadow[1])
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_clip_score_is_cosine_similarity_times_100_clamped_at_zero(tmp_path):
+    from transformers import CLIPModel
+
+    path = make_tiny_clip(tmp_path / "clip", seed=2)  # seed 2: positive similarities, so the clamp is not all
+    scorer = ClipScorer(path)
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    prompts = ["a red circle", "a blue square moving up", "green"]
+    got = scorer.scores(videos, prompts)
+    assert min(got) > 0 and len(set(got)) == 3
+    model = CLIPModel.from_pretrained(str(path)).eval()  # the reference: the model's own logits / logit scale
+    for video, prompt, score in zip(videos, prompts, got):
+        inputs = scorer.processor(text=[prompt], images=list(video), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model(**inputs)
+        cos = out.logits_per_image[:, 0] / model.logit_scale.exp().detach()
+        assert score == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-3)
+    assert scorer(videos, prompts)["val_clip_score"] == pytest.approx(np.mean(got))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ClipScorer(tmp_path / "nowhere")
+
+
+# -- in the trainer ---------------------------------------------------------------------------------------------
+def test_validation_runs_at_its_steps_writes_samples_and_is_paid_time(tmp_path, manifest, capsys):
+    clip = make_tiny_clip(tmp_path / "clip")
+    recipe = load_recipe(write_recipe(tmp_path, manifest, every=2, steps=5,
+                                      metrics=("loss", "colour_motion", "clip_score"), clip=str(clip)))
+    run = tmp_path / "run"
+    assert run_recipe(recipe, run, init_distributed()) == "finished"
+    rows = val_rows(run)
+    assert sorted(rows) == [0, 2, 4, 5], "at the start, every 2 steps, and the stage's last step"
+    for step, row in rows.items():
+        assert math.isfinite(row["val_loss"]) and row["val_clips"] == 2, row
+        assert row["val_loss"] == pytest.approx((row["val_loss_t0.2"] + row["val_loss_t0.8"]) / 2)
+        assert 0 <= row["val_colour"] <= 1 and 0 <= row["val_direction"] <= 1 and row["val_clip_score"] >= 0
+        assert row["val_weights"] == "ema" and row["val_time_s"] > 0
+        out = run / "short" / "validation" / f"step-{step:08d}"
+        assert sorted(p.name for p in out.glob("*.mp4")) == [
+            "000_a-red-square-moving-left-on-a-white-background.mp4",
+            "001_a-blue-square-moving-right-on-a-white-background.mp4"]
+        assert (out / "grid.png").is_file() and (out / "result.json").is_file()
+    assert rows[0]["val_loss"] != rows[5]["val_loss"], "the model changed between the first and the last pass"
+    train_rows = [json.loads(x) for x in (run / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in train_rows if "loss" in r) == [1, 2, 3, 4, 5]
+    # Validation time is its own kind of paid time in the ledger and the cost report.
+    segment = read_ledger(run)[0]
+    assert [m.step for m in segment.marks if m.kind == "validation"] == [0, 2, 4, 5]
+    total_val = sum(r["val_time_s"] for r in rows.values())
+    assert segment.val_s == pytest.approx(total_val, rel=0.05, abs=0.05) and segment.val_s < segment.wall_s
+    report = subprocess.run([sys.executable, str(ROOT / "tools" / "cost.py"), "report", str(run), "--json"],
+                            capture_output=True, text=True, env=env(), check=True)
+    stage = json.loads(report.stdout)["stages"][0]
+    assert stage["validation_s"] == pytest.approx(segment.val_s) and stage["validation_dollars"] > 0
+    assert "validation at step 4" in capsys.readouterr().out
+
+
+def test_the_loss_is_deterministic_and_validation_does_not_touch_training(tmp_path, manifest):
+    """Same weights -> the same numbers (IDDPM too); with validation on or off the trained weights are identical."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    for diffusion in ("rflow", "iddpm"):
+        recipe_on = load_recipe(write_recipe(tmp_path, manifest, every=1, steps=3, diffusion=diffusion))
+        recipe_off = load_recipe(write_recipe(tmp_path, manifest, every=0, steps=3, diffusion=diffusion))
+        assert run_recipe(recipe_on, on / diffusion, init_distributed()) == "finished"
+        assert run_recipe(recipe_off, off / diffusion, init_distributed()) == "finished"
+        wa, wb = weights(on / diffusion / "short" / "export"), weights(off / diffusion / "short" / "export")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), "validation changed the training weights"
+        assert not (off / diffusion / "short" / "validation").exists()
+        # Re-measure step 3 in a fresh run of the same recipe: the same weights give the same numbers.
+        again = tmp_path / "again" / diffusion
+        assert run_recipe(recipe_on, again, init_distributed()) == "finished"
+        a, b = val_rows(on / diffusion)[3], val_rows(again)[3]
+        assert {k: v for k, v in a.items() if k.startswith("val_loss")} == \
+            {k: v for k, v in b.items() if k.startswith("val_loss")}
+
+
+@pytest.mark.slow
+def test_two_ranks_measure_what_one_rank_measures(tmp_path, manifest):
+    """FSDP2 on 2 gloo ranks: the batches are dealt to the ranks and the sums all-reduced; at step 0 the weights are
+    the same as in a 1-rank run, so the held-out loss must be the same (up to the order of the float sums)."""
+    recipe = write_recipe(tmp_path, manifest, every=2, steps=2, metrics=("loss",), prompts=())
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_recipe(load_recipe(recipe), one, init_distributed()) == "finished"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(two),
+           "--set", "stages.0.micro_batch_size=1", "--set", "validation.num_clips=3"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = val_rows(one)[0], val_rows(two)[0]
+    assert b["val_clips"] == 2, "3 asked, 2 held out: each counted once though the 2 ranks ran 2 rounds"
+    for key in ("val_loss", "val_loss_t0.2", "val_loss_t0.8"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_reruns_no_finished_validation_and_misses_none(tmp_path, manifest):
+    recipe = write_recipe(tmp_path, manifest, every=2, steps=6, ckpt_every=3, metrics=("loss",), prompts=())
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(recipe, run), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    done4 = run / "short" / "validation" / "step-00000004" / "result.json"
+    while time.time() < deadline and proc.poll() is None and not done4.is_file():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "short" / "checkpoints" / "step-00000003").is_dir() and not (run / "short" / "export").exists()
+    first = done4.read_text()
+    subprocess.run(train_cmd(recipe, run), env=env(), check=True, capture_output=True, timeout=300)
+    assert done4.read_text() == first, "the finished pass of step 4 was not run again"
+    events = [json.loads(x) for x in (run / "ledger.jsonl").read_text().splitlines() if x.strip()]
+    steps = [e["step"] for e in events if e.get("event") == "validation"]
+    assert steps == [0, 2, 4, 6], "each validation point exactly once across the crash"
+    assert sorted(p.name for p in (run / "short" / "validation").iterdir()) == [
+        f"step-{s:08d}" for s in (0, 2, 4, 6)]
