@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -55,13 +56,25 @@ def last_sentence_end(text: str) -> str:
     return text[: cut + 1] if cut > 0 else text
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, except that a name longer than the file system takes is no file rather than an error:
+    the ``.json`` sidecar of a video whose name already has 252-255 bytes cannot exist, and asking for it raised
+    ``OSError: [Errno 36] File name too long``, failing the caption of a good video."""
+    try:
+        return path.is_file()
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+
+
 def _read_sidecar(video: str, clip: Row) -> str | None:
     stem = Path(video).with_suffix("")
     txt, js = Path(f"{stem}.txt"), Path(f"{stem}.json")
-    if txt.is_file():
+    if _is_file(txt):
         text = txt.read_text(encoding="utf-8").strip()
         return text or None
-    if not js.is_file():
+    if not _is_file(js):
         return None
     data = json.loads(js.read_text(encoding="utf-8"))
     for key in ("text", "caption"):

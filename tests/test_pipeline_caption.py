@@ -52,6 +52,18 @@ def test_existing_captions_column_and_sidecars(tmp_path):
     assert isinstance(out[3], RuntimeError) and "no caption model" in str(out[3])
 
 
+def test_a_video_name_at_the_length_limit_has_no_sidecar_and_no_error(tmp_path):
+    # 251 + ".mp4" = 255 bytes, the most a name may have: "<name>.json" (256) cannot exist, and asking for it
+    # must not fail the row with ENAMETOOLONG; a .txt sidecar (255 bytes) is still found.
+    video = tmp_path / ("x" * 251 + ".mp4")
+    make_video(video, [24])
+    cfg = CaptionConfig()
+    assert cap.existing_caption({"path": str(video)}, cfg) is None
+    assert cap.existing_caption({"path": "clip.mp4", "source_video": str(video)}, cfg) is None
+    (tmp_path / ("x" * 251 + ".txt")).write_text("a long name\n")
+    assert cap.existing_caption({"path": str(video)}, cfg) == ("a long name", "sidecar")
+
+
 def test_empty_and_truncated_captions_are_retried_then_marked(tmp_path, monkeypatch):
     make_video(tmp_path / "a.mp4", [20])
     calls = []
