@@ -139,7 +139,7 @@ def _corpus(d) -> None:
     (d / "a.ts").unlink(), (d / "b.ts").unlink()
     make_video(d / "ünïcødé ✓.mp4", [48], size=(64, 48))
     make_video(d / "-leading dash.mp4", [48], size=(64, 48))
-    make_video(d / ("long " + "é" * 121 + ".mp4"), [48], size=(64, 48))  # 251 bytes of the 255 a name may have
+    make_video(d / ("long " + "é" * 123 + ".mp4"), [48], size=(64, 48))  # 255 bytes, the most a name may have
     os.symlink(d / "gone.mp4", d / "dangling link.mp4")
     (d / "folder.mp4").mkdir()
     make_video(d / "folder.mp4" / "inside.mp4", [48], size=(64, 48))
@@ -206,7 +206,7 @@ def test_odd_inputs_through_probe_split_filter(tmp_path):
         "h264.ts": ("done", 2, 0),
         "hevc 10-bit.mkv": ("done", 2, 0),
         "huge duration.mp4": ("done", 2, 0),  # frames are counted, the header's duration is not believed
-        "long " + "é" * 121 + ".mp4": ("done", 1, 0),
+        "long " + "é" * 123 + ".mp4": ("done", 1, 0),
         "long id a": ("done", 2, 0),
         "long id b": ("done", 2, 0),
         "mjpeg.avi": ("done", 2, 0),
