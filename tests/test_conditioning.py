@@ -302,3 +302,13 @@ def test_train_step_without_conditioning_is_unchanged_and_masks_follow_the_step_
     _, a = _train_step("rflow", cfg, steps=2)
     _, b = _train_step("rflow", cfg, steps=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed and step -> same masks (resume is exact)
+
+
+def test_default_start_frames_fit_the_rule_and_are_at_most_half():
+    from opensora.diffusion.conditioning import default_start_frames
+
+    for num_frames, t, causal, expected in [(8, 1, False, 4), (17, 4, True, 5), (16, 4, False, 8), (4, 1, False, 2),
+                                            (9, 4, True, 1), (33, 4, True, 13)]:
+        k = default_start_frames(num_frames, t, causal)
+        assert k == expected, (num_frames, t, causal, k)
+        latent_frames_given(num_frames, t, causal, k, 0)  # fits the rule
