@@ -83,6 +83,37 @@ def sniff(path: str) -> str | None:
     return None
 
 
+def _mp4_index_problem(path: str) -> str | None:
+    """Why an MP4/MOV file that FFmpeg cannot open has no usable index, from its top-level boxes (size + type
+    headers, ISO/IEC 14496-12), or None. Most files written without ``faststart`` keep the index (``moov``)
+    after the media data, so a download or recording cut off early loses it, and FFmpeg says only 'Invalid
+    data found when processing input'."""
+    size = os.path.getsize(path)
+    boxes, offset = [], 0
+    with open(path, "rb") as f:
+        while offset + 8 <= size:
+            f.seek(offset)
+            header = f.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if length == 1 and len(header) == 16:
+                length = int.from_bytes(header[8:16], "big")
+            elif length == 0:
+                length = size - offset
+            if length < 8 or not kind.isascii():
+                break  # not a box: leave it to FFmpeg's message
+            boxes.append((kind.decode("ascii", "replace"), offset + length > size))
+            offset += length
+    if not boxes or boxes[0][0] != "ftyp":
+        return None
+    last, cut = boxes[-1]
+    if not any(kind == "moov" for kind, _ in boxes):
+        ends = f", the file ends inside its '{last}' box" if cut else ""
+        return f"truncated MP4: no index (moov box, written after the media data){ends}"
+    if last == "moov" and cut:
+        return "truncated MP4: the file ends inside its index (moov box)"
+    return None
+
+
 def _av_reason(err: Exception) -> str:
     """PyAV raises FFmpeg's error codes as OSError subclasses (seeking an unseekable stream gives
     ``PermissionError: [Errno 1] Operation not permitted``); the class name is noise, the message is not."""
@@ -136,6 +167,9 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
     except av.error.FFmpegError as err:
         if what is not None:
             raise ProbeError(f"not a video container ({what})") from err
+        missing = _mp4_index_problem(path)
+        if missing is not None:
+            raise ProbeError(missing) from err
         raise ProbeError(f"not a readable container: {_av_reason(err)}") from err
     with container:
         demuxer = container.format.name

@@ -65,6 +65,7 @@ def _corpus(d) -> None:
     damage(d / "good.mp4", d / "damaged head.mp4", range(0, 1))
     damage(d / "good.mp4", d / "mostly damaged.mp4", range(6, 90))
     truncate(d / "good.mp4", d / "truncated.mp4", 0.5)
+    truncate(d / "good.mp4", d / "truncated index.mp4", 0.95)  # the end of the index (moov, after the media) lost
     _encode(d / "whole.mkv", "libx264", (64, 48), 96, options={"preset": "ultrafast", "g": "12"})
     truncate(d / "whole.mkv", d / "truncated.mkv", 0.6)  # no index at the end to lose: the first half is usable
     (d / "whole.mkv").unlink()
@@ -229,7 +230,9 @@ def test_odd_inputs_through_probe_split_filter(tmp_path):
         "text.mp4": ("probe", "failed", "ProbeError: not a video container (text)"),
         "truncated.mkv": ("done", 1, 0),  # the shot that was complete before the cut-off
         "truncated.mp4": ("probe", "failed",  # the index (moov) was at the end, in the lost half
-                          "ProbeError: not a readable container: Invalid data found when processing input"),
+                          "ProbeError: truncated MP4: no index (moov box, written after the media data), the file "
+                          "ends inside its 'mdat' box"),
+        "truncated index.mp4": ("probe", "failed", "ProbeError: truncated MP4: the file ends inside its index (moov box)"),
         "two frames.mp4": ("split", "rejected", "no shot of at least 0.5s (1 shots, 2 frames)"),
         "two video streams.mkv": ("done", 2, 0),
         "vfr.mkv": ("done", 2, 0),
