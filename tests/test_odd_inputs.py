@@ -99,6 +99,8 @@ def _corpus(d) -> None:
     _encode(d / "odd 63x47.mp4", "libx264", (63, 47), 48, pix_fmt="yuv444p", options=x264)
     _encode(d / "odd 65x49 ffv1.mkv", "ffv1", (65, 49), 48)  # odd size in 4:2:0 (x264 refuses it)
     _encode(d / "yuv444.mp4", "libx264", (64, 48), 48, pix_fmt="yuv444p", options=x264)
+    _encode(d / "b-frames.mp4", "libx264", (64, 48), 48,  # reordered frames and an edit list, as most H.264 has
+            options={"preset": "veryfast", "g": "12", "x264-params": "bframes=3:b-pyramid=normal"})
     _encode(d / "10-bit.mp4", "libx264", (64, 48), 48, pix_fmt="yuv420p10le", options=x264)  # High 10
     _encode(d / "hevc 10-bit.mkv", "libx265", (64, 48), 48, pix_fmt="yuv420p10le",
             options={"preset": "ultrafast", "x265-params": "log-level=error:keyint=12"})
@@ -192,7 +194,8 @@ def test_odd_inputs_through_probe_split_filter(tmp_path):
         "10-bit.mp4": ("done", 2, 0),
         "2x2.mp4": ("done", 2, 0),
         "404 page.mp4": ("probe", "failed", "ProbeError: not a video container (HTML document)"),
-        "animated gif.mp4": ("done", 1, 0),  # a GIF is a (palette) video; its clip is H.264 like any other
+        "animated gif.mp4": ("done", 1, 0),
+        "b-frames.mp4": ("done", 2, 0),  # a GIF is a (palette) video; its clip is H.264 like any other
         "audio.mp4": ("probe", "failed", "ProbeError: no video stream"),
         "av1.mp4": ("done", 2, 0),
         "clock jump.mkv": ("done", 2, 0),  # frames are numbered in order, the gap in time stamps does not count
