@@ -268,6 +268,8 @@ def test_cli_extend_writes_one_continuous_video(pixel_bundle, tmp_path):
     (lambda d: ["--cond-image", str(d / "a.png")] * 3, "--cond-image is given 3 times for 2 prompts"),
     (lambda d: ["--extend", "1", "--cond-end-image", str(d / "a.png")], "cannot be combined with --extend"),
     (lambda d: ["--extend", "1", "--cond-frames", "4"], "--extend/--cond-frames: .*none would be left"),
+    (lambda d: ["--cond-frames", "2"], "--cond-frames applies to --cond-video and --extend"),
+    (lambda d: ["--extend", "-1"], "--extend must be >= 0"),
 ])
 def test_cli_conditioning_errors_name_the_input(pixel_bundle, tmp_path, extra, message):
     import re

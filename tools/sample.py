@@ -82,8 +82,9 @@ def parse_args(argv):
     c.add_argument("--cond-from", choices=["end", "start"], default="end",
                    help="take the --cond-video's last K frames (continue it; default) or its first K")
     c.add_argument("--extend", type=int, default=0, metavar="N",
-                   help="generate N more chunks, each conditioned on the last K frames of the one before, and "
-                        "write each prompt's chunks as one continuous mp4 (the K repeated frames appear once)")
+                   help="generate N more chunks, each conditioned on the last K frames of the one before (chunk i "
+                        "samples with seed + i), and write each prompt's chunks as one continuous mp4 (the K "
+                        "carried-over frames appear once)")
     return p.parse_args(argv)
 
 
@@ -166,6 +167,8 @@ def read_conditions(args, n_prompts: int, vae_shape) -> tuple[list, list, int]:
         raise SystemExit("error: --cond-end-image cannot be combined with --extend (every chunk would end on it)")
     if args.cond_frames is not None and args.cond_frames < 1:
         raise SystemExit(f"error: --cond-frames must be >= 1, got {args.cond_frames}")
+    if args.cond_frames is not None and not (args.cond_video or args.extend):
+        raise SystemExit("error: --cond-frames applies to --cond-video and --extend, and neither is given")
     k = args.cond_frames if args.cond_frames is not None else default_start_frames(args.num_frames, t, causal)
     n_start = 1 if args.cond_image else k if args.cond_video else 0
     n_end = 1 if args.cond_end_image else 0
