@@ -56,6 +56,8 @@ def video_stream(container: av.container.InputContainer) -> av.video.stream.Vide
             return moving[0]
         if container.streams.video:
             raise ProbeError("no video stream (only a cover image: an audio file)")
+        if not len(container.streams):  # FFmpeg lists no track without samples
+            raise ProbeError("no video stream (no streams at all: an empty recording)")
         raise ProbeError("no video stream")
     return best
 

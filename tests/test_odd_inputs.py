@@ -218,7 +218,7 @@ def test_odd_inputs_through_probe_split_filter(tmp_path):
         "mostly damaged.mp4": ("split", "rejected", "mostly damaged: 90 of 96 frames unusable, 84 damaged packets"),
         "mpeg2.mpg": ("done", 2, 0),
         "mpeg4.avi": ("done", 2, 0),
-        "no frames.mp4": ("probe", "failed", "ProbeError: no video stream"),  # FFmpeg drops a track without samples
+        "no frames.mp4": ("probe", "failed", "ProbeError: no video stream (no streams at all: an empty recording)"),
         "odd 63x47.mp4": ("done", 2, 0),
         "odd 65x49 ffv1.mkv": ("done", 2, 0),
         "one frame.mp4": ("split", "rejected", "no shot of at least 0.5s (1 shots, 1 frames)"),
