@@ -41,6 +41,13 @@ def test_quick_demo_end_to_end_and_rerun_reuses_everything(tmp_path):
     for stage in stages:
         assert (report / f"loss_{stage}.png").stat().st_size > 0
     assert (report / "cost.txt").read_text().strip()
+    # Validation while training: a pass at the start and the end of each stage (steps 4 < every), on the held-out
+    # clips (one per held-out combination) and prompts, plotted and summarised; its time is in the cost report.
+    assert (report / "validation.png").stat().st_size > 0
+    assert summary.count("held-out loss") == 4 and "validation time:" in summary
+    assert sorted(p.name for p in (out / "train" / "frames8" / "validation").iterdir()) == [
+        "step-00000000", "step-00000004"]
+    assert "val GPU-h" in (report / "cost.txt").read_text()
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in samples}
     second = run_demo(out)
@@ -65,6 +72,8 @@ def test_demo_data_step_in_either_split_mode(tmp_path, split_mode):
     assert len(dataset) == 12 and not dataset.skipped
     for index in range(len(dataset)):
         assert dataset[index]["video"].shape == (3, 4, 16, 16)
-    clips = list((tmp_path / "data").rglob("*.mp4"))
+    held_out = tmp_path / "data" / "held_out"  # validation clips the demo renders itself (one per held-out combination)
+    clips = [p for p in (tmp_path / "data").rglob("*.mp4") if held_out not in p.parents]
     raw = list((tmp_path / "data" / "raw").glob("*.mp4"))
+    assert len(list(held_out.glob("*.mp4"))) == 8
     assert (len(clips) == len(raw)) == (split_mode == "reference")

@@ -51,7 +51,7 @@ DEMO_CONFIGS = ROOT / "configs" / "demo"
 COLOUR_TARGET, DIRECTION_TARGET = 0.8, 0.6
 # --quick: the same steps, tiny (tests/test_demo.py).
 QUICK_SHAPES = ["shapes.num_videos=4", "shapes.shots_per_video=3"]
-QUICK_TRAIN = ["stages.0.steps=4", "stages.1.steps=4"]
+QUICK_TRAIN = ["stages.0.steps=4", "stages.1.steps=4", "validation.sample_steps=2"]
 QUICK_PROMPTS = 2
 QUICK_SAMPLE_STEPS = 4
 
@@ -106,7 +106,36 @@ def make_data(out: Path, workers: int, quick: bool, split_mode: str = "encode") 
                       [f"input={spec_path}", f"work_dir={data}", f"output={data / 'manifest.parquet'}",
                        f"runner.workers={workers}", f"split.mode={split_mode}"])
     run_pipeline(cfg)
+    make_held_out(spec.shapes, data / "held_out")
     return Path(cfg.output)
+
+
+def make_held_out(cfg, out: Path) -> Path:
+    """One clip per held-out combination (never in the training data), rendered as the generator renders its shots
+    (same length, path band and size; backgrounds in turn), with its caption: the validation manifest of the
+    training recipe (held-out loss at fixed timesteps). Returns ``out/manifest.parquet``; reuses finished files.
+    """
+    import pandas as pd
+
+    from data_pipeline.sources.shapes import render_shot
+    from opensora.data.manifest import write_manifest
+    from opensora.data.video_io import write_video
+    from opensora.eval import ShapeCaption
+
+    manifest = out / "manifest.parquet"
+    if manifest.is_file():
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    cross = float(sum(map(float, cfg.cross_range)) / 2)
+    for i, combo in enumerate(cfg.held_out):
+        colour, shape, direction = combo.split()
+        facts = ShapeCaption(colour, shape, direction, cfg.backgrounds[i % len(cfg.backgrounds)])
+        frames = render_shot(facts, cfg.min_shot_frames, cross, cfg)
+        path = write_video(out / f"{slugify(combo)}.mp4", frames, fps=cfg.fps, crf=0)
+        rows.append(dict(id=f"held-out-{slugify(combo)}", path=path.name, text=facts.text, num_frames=len(frames),
+                         height=cfg.size, width=cfg.size, fps=cfg.fps))
+    return write_manifest(pd.DataFrame(rows), manifest)
 
 
 def data_summary(manifest: Path, raw_dir: Path) -> list[str]:
@@ -140,8 +169,10 @@ def stage_names(train_dir: Path) -> list[str]:
 def train(out: Path, manifest: Path, overrides: list[str]) -> Path:
     """Runs the real training entry point (which skips finished stages and resumes the unfinished one)."""
     train_dir = out / "train"
+    held_out = manifest.parent / "held_out" / "manifest.parquet"
     cmd = [sys.executable, str(ROOT / "train" / "train.py"), "--config", str(DEMO_CONFIGS / "train.yaml"),
-           "--output-dir", str(train_dir), "--set", f"data.manifest={manifest}"]
+           "--output-dir", str(train_dir), "--set", f"data.manifest={manifest}",
+           "--set", f"validation.manifest={held_out}", "--set", f"validation.prompt_file={DEMO_CONFIGS / 'sample_prompts.txt'}"]
     for item in overrides:
         cmd += ["--set", item]
     run(cmd, "training")
@@ -238,26 +269,65 @@ def plot_loss(rows: list[dict], stage: str, path: Path) -> str:
     return f"stage {stage}: {int(steps[-1])} steps, loss {head:.4f} (first 10% of logs) -> {tail:.4f} (last 10%)"
 
 
-def frame_grid(videos: list[np.ndarray], labels: list[str], path: Path, scale: int = 4) -> None:
-    """A PNG with one row per video: its label above its frames, each enlarged ``scale`` times."""
-    from PIL import Image, ImageDraw
+def validation_rows(train_dir: Path) -> list[tuple[int, str, dict]]:
+    """(step over the whole recipe, stage, row) of every validation pass, stages one after the other."""
+    rows, offset = [], 0
+    for stage in load_recipe(train_dir / "recipe.yaml").stages:
+        metrics = train_dir / stage.name / "metrics.jsonl"
+        passes = {r["step"]: r for r in read_metrics(metrics) if "val_loss" in r} if metrics.is_file() else {}
+        rows += [(offset + step, stage.name, passes[step]) for step in sorted(passes)]
+        offset += stage.steps
+    return rows
 
-    label_h, pad = 14, 4
-    rows = []
-    for video in videos:
-        T, H, W, _ = video.shape
-        strip = np.concatenate([np.pad(f, ((0, 0), (0, pad), (0, 0)), constant_values=255) for f in video], axis=1)
-        rows.append(np.kron(strip, np.ones((scale, scale, 1), np.uint8)))  # nearest-neighbour enlargement
-    width = max(r.shape[1] for r in rows)
-    height = sum(r.shape[0] + label_h + pad for r in rows)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for row, label in zip(rows, labels):
-        draw.text((2, y + 1), label, fill=(0, 0, 0))
-        canvas.paste(Image.fromarray(row), (0, y + label_h))
-        y += row.shape[0] + label_h + pad
-    canvas.save(path)
+
+def plot_validation(train_dir: Path, path: Path) -> list[str]:
+    """``validation.png`` (held-out loss; colour and direction shares of the held-out prompts' samples, over the
+    recipe's steps) and summary lines: the table of passes and the first step at which direction reached its
+    target and stayed there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = validation_rows(train_dir)
+    if not rows:
+        return ["no validation pass recorded"]
+    steps = [s for s, _, _ in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), dpi=100, sharex=True)
+    stages = list(dict.fromkeys(name for _, name, _ in rows))
+    series = (("val_colour", "colour matches prompt", "tab:orange"), ("val_direction", "direction matches prompt", "tab:green"))
+    for j, stage in enumerate(stages):  # one line per stage: a stage's frame count changes what the loss measures
+        part = [(s, r) for s, name, r in rows if name == stage]
+        xs = [s for s, _ in part]
+        top.plot(xs, [r["val_loss"] for _, r in part], marker="o", color="tab:blue",
+                 label="held-out loss (mean of timesteps)" if j == 0 else None)
+        for key, label, colour in series:
+            bottom.plot(xs, [r.get(key, float("nan")) for _, r in part], marker="o", color=colour,
+                        label=label if j == 0 else None)
+    top.set(ylabel="loss", title="validation while training")
+    bottom.axhline(DIRECTION_TARGET, color="gray", lw=0.8, ls="--")
+    bottom.set(xlabel="step (stages one after the other)", ylabel="share of held-out prompts", ylim=(-0.05, 1.05))
+    boundaries = [s for (s, name, _), (_, prev, _) in zip(rows[1:], rows[:-1]) if name != prev]
+    for ax in (top, bottom):
+        for b in boundaries:
+            ax.axvline(b, color="black", lw=0.6, alpha=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    lines = [f"{name} step {r['step']} (recipe step {s}): held-out loss {r['val_loss']:.4f}, colour "
+             f"{r.get('val_colour', float('nan')):.0%}, direction {r.get('val_direction', float('nan')):.0%} "
+             f"({r['val_time_s']:.1f} s)" for s, name, r in rows]
+    reached = None
+    for i, (s, _, r) in enumerate(rows):
+        if all(x.get("val_direction", 0) >= DIRECTION_TARGET for _, _, x in rows[i:]):
+            reached = s
+            break
+    lines.append(f"direction reaches {DIRECTION_TARGET:.0%} and stays there from recipe step {reached}"
+                 if reached is not None else f"direction never stays at or above {DIRECTION_TARGET:.0%}")
+    lines.append(f"validation time: {sum(r['val_time_s'] for _, _, r in rows):.1f} s in {len(rows)} passes")
+    return lines
 
 
 def write_report(out: Path, train_dir: Path, samples: Path, prompts: list[str], data_lines: list[str],
@@ -265,6 +335,7 @@ def write_report(out: Path, train_dir: Path, samples: Path, prompts: list[str], 
     """Grid, loss curves, cost report and summary.txt in OUT/report; returns (colour share, direction share)."""
     from opensora.data.video_io import read_video
     from opensora.eval import check_videos
+    from opensora.sampling import frame_grid
 
     report = out / "report"
     videos = [read_video(samples / sample_name(i, p)) for i, p in enumerate(prompts)]
@@ -278,6 +349,7 @@ def write_report(out: Path, train_dir: Path, samples: Path, prompts: list[str], 
         metrics = train_dir / stage / "metrics.jsonl"
         if metrics.is_file():
             loss_lines.append(plot_loss(read_metrics(metrics), stage, report / f"loss_{stage}.png"))
+    val_lines = plot_validation(train_dir, report / "validation.png")
     cost = subprocess.run([sys.executable, str(ROOT / "tools" / "cost.py"), "report", str(train_dir)],
                           cwd=ROOT, capture_output=True, text=True)
     (report / "cost.txt").write_text(cost.stdout + cost.stderr, encoding="utf-8")
@@ -289,6 +361,9 @@ def write_report(out: Path, train_dir: Path, samples: Path, prompts: list[str], 
         "== data ==", *data_lines,
         "",
         "== training ==", *loss_lines, "(curves: loss_<stage>.png; cost: cost.txt)",
+        "",
+        "== validation while training (held-out clips and prompts; EMA weights) ==", *val_lines,
+        "(curves: validation.png)",
         "",
         "== held-out prompts: measured colour and direction of the moving object ==",
         *check.lines([sample_name(i, p) for i, p in enumerate(prompts)]),
