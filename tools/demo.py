@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 # The check's pass marks (docs/demo.md): colour is easy to learn, direction needs the temporal layers.
 COLOUR_TARGET, DIRECTION_TARGET = 0.8, 0.6
+# Video extension (issue 16): the first half of each held-out clip is given; the generated half must keep the
+# object's colour and continue its motion.
+EXTENSION_COLOUR_TARGET, EXTENSION_DIRECTION_TARGET = 0.9, 0.9
 # --quick: the same steps, tiny (tests/test_demo.py).
 QUICK_SHAPES = ["shapes.num_videos=4", "shapes.shots_per_video=3"]
 QUICK_TRAIN = ["stages.0.steps=4", "stages.1.steps=4", "validation.sample_steps=2"]
@@ -192,39 +195,62 @@ def sample_name(index: int, prompt: str) -> str:
     return f"{index:02d}_{slugify(prompt)}.mp4"
 
 
-def sample(out: Path, train_dir: Path, prompts: list[str], steps: int, cfg_scale: float, seed: int) -> Path:
+def sample(out: Path, train_dir: Path, prompts: list[str], steps: int, cfg_scale: float, seed: int,
+           folder: str = "samples", per_prompt: list[list[str]] | None = None) -> Path:
     """Samples every prompt without an mp4 yet with the last stage's export; returns the samples folder.
 
     All missing prompts go to one ``tools/sample.py`` call (the model loads once) writing to a staging
     folder; each finished video is then moved to its final name, so an interrupted call loses nothing
     that was written (sample.py writes atomically, one video per prompt, each depending only on its
-    prompt and the seed).
+    prompt, its given frames and the seed).
+
+    Args:
+        folder: ``OUT/report/<folder>``.
+        per_prompt: extra ``tools/sample.py`` arguments of each prompt (its given frames: ``--cond-video ...``,
+            flags sample.py pairs with the prompts in order), or None.
     """
+    from opensora.sampling import sample_filename
+
     last = load_recipe(train_dir / "recipe.yaml").stages[-1]
     export = train_dir / last.name / "export"
-    samples = out / "report" / "samples"
+    samples = out / "report" / folder
     samples.mkdir(parents=True, exist_ok=True)
     missing = [(i, p) for i, p in enumerate(prompts) if not (samples / sample_name(i, p)).is_file()]
     if not missing:
         print(f"sample: all {len(prompts)} videos exist in {samples}")
         return samples
-    staging = out / "sample_staging"
+    staging = out / f"{folder}_staging"
     shutil.rmtree(staging, ignore_errors=True)
     height, width = last.image_size
     cmd = [sys.executable, str(ROOT / "tools" / "sample.py"), "--ckpt", str(export), "--out", str(staging),
            "--num-frames", str(last.num_frames), "--height", str(height), "--width", str(width),
            "--steps", str(steps), "--cfg-scale", str(cfg_scale), "--seed", str(seed), "--fps", "8"]
-    for _, prompt in missing:
+    for i, prompt in missing:
         cmd += ["--prompt", prompt]
+    for i, _ in missing:
+        cmd += per_prompt[i] if per_prompt else []
     try:
         run(cmd, "sampling")
     finally:
         for j, (i, prompt) in enumerate(missing):
-            written = staging / f"{j:03d}_{slugify(prompt)}.mp4"
+            written = staging / sample_filename(j, prompt)  # the name tools/sample.py gave it
             if written.is_file():
                 written.replace(samples / sample_name(i, prompt))
     shutil.rmtree(staging, ignore_errors=True)
     return samples
+
+
+def extension_inputs(held_out: Path, num_frames: int) -> tuple[list[str], list[list[str]], int]:
+    """(captions, per-prompt ``--cond-video`` arguments, K) of the extension check: each held-out clip's first
+    half (K = num_frames // 2 frames) is given, and the model generates the rest under the clip's caption."""
+    from opensora.data.manifest import read_manifest
+
+    rows = read_manifest(held_out)
+    k = num_frames // 2
+    captions = [str(t) for t in rows["text"]]
+    args = [["--cond-video", str(held_out.parent / str(p)), "--cond-frames", str(k), "--cond-from", "start"]
+            for p in rows["path"]]
+    return captions, args, k
 
 
 # -------------------------------------------------------------------------------------------- 4. report
@@ -330,8 +356,31 @@ def plot_validation(train_dir: Path, path: Path) -> list[str]:
     return lines
 
 
+def extension_report(folder: Path, captions: list[str], given: int, grid: Path) -> list[str]:
+    """The extension check: colour and direction of the object in the *generated* frames only (after the ``given``
+    ones), against the held-out clip's caption (its true colour and direction); a grid of the whole videos."""
+    from opensora.data.video_io import read_video
+    from opensora.eval import check_videos
+    from opensora.sampling import frame_grid
+
+    videos = [read_video(folder / sample_name(i, c)) for i, c in enumerate(captions)]
+    check = check_videos([v[given:] for v in videos], captions)
+    labels = [f"{c}  | first {given} given -> generated: {a.colour or 'no colour'}, {a.direction or 'no motion'}"
+              for c, a in zip(captions, check.analyses)]
+    frame_grid(videos, labels, grid)
+    verdict = lambda share, target: "PASS" if share >= target else "below target"  # noqa: E731
+    return [
+        f"each held-out clip's first {given} frames given (tools/sample.py --cond-video CLIP --cond-frames {given} "
+        "--cond-from start); measured on the generated frames only:",
+        *check.lines([sample_name(i, c) for i, c in enumerate(captions)]),
+        f"extension colour target >= {EXTENSION_COLOUR_TARGET:.0%}: "
+        f"{verdict(check.colour_share, EXTENSION_COLOUR_TARGET)}; extension direction target >= "
+        f"{EXTENSION_DIRECTION_TARGET:.0%}: {verdict(check.direction_share, EXTENSION_DIRECTION_TARGET)}",
+    ]
+
+
 def write_report(out: Path, train_dir: Path, samples: Path, prompts: list[str], data_lines: list[str],
-                 timings: dict[str, float]) -> tuple[float, float]:
+                 timings: dict[str, float], extension: tuple[Path, list[str], int] | None = None) -> tuple[float, float]:
     """Grid, loss curves, cost report and summary.txt in OUT/report; returns (colour share, direction share)."""
     from opensora.data.video_io import read_video
     from opensora.eval import check_videos
@@ -370,6 +419,11 @@ def write_report(out: Path, train_dir: Path, samples: Path, prompts: list[str], 
         f"colour target >= {COLOUR_TARGET:.0%}: {verdict(check.colour_share, COLOUR_TARGET)}; "
         f"direction target >= {DIRECTION_TARGET:.0%}: {verdict(check.direction_share, DIRECTION_TARGET)}",
         "(chance is about 25% for each: 4 colours, 4 directions)",
+        "",
+        "== video extension (frame conditioning): held-out clips continued ==",
+        *(extension_report(extension[0], extension[1], extension[2], report / "extension_grid.png")
+          if extension else ["not run"]),
+        "(grid: extension_grid.png)",
         "",
         "== wall time of this run (steps reused from an earlier run take ~0 s) ==",
         *[f"{name}: {seconds:.1f} s" for name, seconds in timings.items()],
@@ -410,8 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     samples = sample(out, train_dir, prompts, sample_steps, args.cfg_scale, args.seed)
     timings["sample"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    last = load_recipe(train_dir / "recipe.yaml").stages[-1]
+    captions, cond_args, given = extension_inputs(out / "data" / "held_out" / "manifest.parquet", last.num_frames)
+    captions, cond_args = (captions[:QUICK_PROMPTS], cond_args[:QUICK_PROMPTS]) if args.quick else (captions, cond_args)
+    extended = sample(out, train_dir, captions, sample_steps, args.cfg_scale, args.seed, folder="extension",
+                      per_prompt=cond_args)
+    timings["sample (video extension)"] = time.perf_counter() - t
+
     timings["total before the report"] = time.perf_counter() - start
-    write_report(out, train_dir, samples, prompts, data_lines, timings)
+    write_report(out, train_dir, samples, prompts, data_lines, timings, (extended, captions, given))
     total = time.perf_counter() - start
     print(f"\ndemo: report in {out / 'report'}; total wall time {total:.1f} s ({total / 60:.1f} min)")
     return 0

@@ -40,7 +40,6 @@ if __package__ in (None, ""):
 import torch
 
 from opensora.bundle import DIFFUSIONS, FrameCondition, bundle_autoencoder_shape, load_bundle, load_bundle_config
-from opensora.utils import atomic_write_path, slugify
 
 DEFAULT_NUM_FRAMES = 16  # Open-Sora 1.0's; an autoencoder that does not take it gets the next count it takes
 
@@ -197,7 +196,7 @@ def _stack(frames: list) -> torch.Tensor | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from opensora.data.video_io import tensor_to_frames, write_video
+    from opensora.sampling import write_prompts_file, write_samples
 
     args = parse_args(argv)
     prompts = collect_prompts(args)
@@ -238,13 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             more = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed + chunk,
                                    cond=FrameCondition(start=videos[:, :, -overlap:]), **options)
             videos = torch.cat([videos, more[:, :, overlap:]], dim=2)  # the given frames are already there
-        for j, (prompt, video) in enumerate(zip(batch, videos)):
-            path = args.out / f"{start + j:03d}_{slugify(prompt)}.mp4"
-            write_video(path, tensor_to_frames(video), fps=args.fps, crf=args.crf)
-            written.append((path, prompt))
+        paths = write_samples(args.out, videos, batch, fps=args.fps, crf=args.crf, start=start)
+        written += list(zip(paths, batch))
     elapsed = time.perf_counter() - t_start
-    with atomic_write_path(args.out / "prompts.tsv") as tmp:
-        tmp.write_text("file\tprompt\n" + "".join(f"{p.name}\t{t}\n" for p, t in written), encoding="utf-8")
+    write_prompts_file(args.out, written)
     frames = args.num_frames + args.extend * (args.num_frames - overlap)
     print(f"wrote {len(written)} video(s) to {args.out} in {elapsed:.1f} s "
           f"({elapsed / len(written):.2f} s/video; {frames}x{args.height}x{args.width}, "
