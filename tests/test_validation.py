@@ -234,6 +234,35 @@ def test_two_ranks_measure_what_one_rank_measures(tmp_path, manifest):
 
 
 @pytest.mark.slow
+def test_a_broken_held_out_clip_is_left_out_and_the_ranks_stay_in_step(tmp_path, manifest):
+    """One of the two held-out clips is garbage. On 2 FSDP2 ranks it is the only clip of rank 1, whose batch then
+    fails entirely: rank 1 must still run the forwards rank 0 runs (a stand-in batch at weight 0), or the ranks'
+    collectives fall out of step and the job hangs. Both world sizes measure the one good clip, and record the bad."""
+    import pandas as pd
+
+    from opensora.data.manifest import write_manifest
+
+    df = read_manifest(manifest)
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    df.loc[df["id"] == ids_of(manifest)[1], "path"] = str(bad)
+    broken = write_manifest(pd.DataFrame(df), tmp_path / "broken.parquet")
+    recipe = write_recipe(tmp_path, broken, every=2, steps=2, metrics=("loss",), prompts=())
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_recipe(load_recipe(recipe), one, init_distributed()) == "finished"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(two),
+           "--set", "stages.0.micro_batch_size=1"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = val_rows(one)[0], val_rows(two)[0]
+    assert a["val_clips"] == b["val_clips"] == 1
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+    failures = (two / "short" / "validation" / "failures.jsonl").read_text()
+    assert "broken.mp4" in failures
+
+
+@pytest.mark.slow
 def test_resume_after_kill_9_reruns_no_finished_validation_and_misses_none(tmp_path, manifest):
     recipe = write_recipe(tmp_path, manifest, every=2, steps=6, ckpt_every=3, metrics=("loss",), prompts=())
     run = tmp_path / "run"

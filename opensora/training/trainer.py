@@ -106,6 +106,8 @@ class Trainer:
         self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
         self.validation = stage_validation_config(recipe, stage)
         self._identity = None
+        # Under SP, the gloo group in which the loaders of one SP group agree on the clips they loaded.
+        self._agree_group = new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None
         if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
             self.vae, self.text_encoder = self._build_encoders(bundle, model)
 
@@ -121,7 +123,7 @@ class Trainer:
                 data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
                 failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
                 pin_memory=self.device.type == "cuda",
-                agree_group=new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None,
+                agree_group=self._agree_group,
                 autoencoder=self.autoencoder, holdout=recipe_holdout(recipe),  # no stage trains on validation clips
             )
 
@@ -216,7 +218,8 @@ class Trainer:
             scorers["clip_score"] = ClipScorer(cfg.clip_model, device=self.device)
         return Validator(cfg, self.stage_dir / "validation", self.recipe.diffusion, self.diffusion, self.engine,
                          self.model, self.ema, dataset, self.steps.encode, sampler, dp_rank=self.dims.dp_rank,
-                         dp_size=self.dims.dp_size, sp_rank=self.dims.sp_rank, is_main=self.is_main, scorers=scorers)
+                         dp_size=self.dims.dp_size, sp_rank=self.dims.sp_rank, is_main=self.is_main, scorers=scorers,
+                         agree_group=self._agree_group)
 
     def validate(self) -> None:
         """Runs the validation pass of the current step if it is due and has not run before (collective)."""

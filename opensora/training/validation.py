@@ -225,16 +225,21 @@ class Validator:
         dp_rank, dp_size, sp_rank: this rank's place (the ranks of a sequence-parallel group compute the same).
         is_main: rank 0 writes.
         scorers: metric name -> ``(uint8 videos, prompts) -> dict of val_* numbers``, for the sample metrics.
+        agree_group: under sequence parallelism, the gloo group of this rank's SP group: its ranks keep only the
+            clips every one of them loaded (``opensora.data.sampler.agree_on_batch``), as training does.
     """
 
     def __init__(self, cfg: ValidationConfig, out_dir: Path, diffusion_name: str, diffusion, engine, model, ema,
                  dataset, encode: Callable, sampler: Callable | None, *, dp_rank: int = 0, dp_size: int = 1,
-                 sp_rank: int = 0, is_main: bool = True, scorers: dict[str, Callable] | None = None):
+                 sp_rank: int = 0, is_main: bool = True, scorers: dict[str, Callable] | None = None,
+                 agree_group=None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.diffusion, self.engine, self.model, self.ema = diffusion, engine, model, ema
         self.dataset, self.encode, self.sampler = dataset, encode, sampler
         self.dp_rank, self.dp_size, self.sp_rank, self.is_main = dp_rank, dp_size, sp_rank, is_main
         self.scorers = scorers or {}
+        self.agree_group = agree_group
+        self._spare: dict | None = None  # the last batch that loaded: a failed batch's stand-in at weight 0
         self.prompts = cfg.all_prompts()
         self.timesteps = schedule_timesteps(diffusion_name, list(cfg.timesteps), diffusion.num_timesteps)
         self.batches: list[list[int]] = []
@@ -305,9 +310,10 @@ class Validator:
             own = j < len(self.batches)
             indices = self.batches[j if own else 0]  # a rank without a batch repeats one at weight 0
             weight = float(own and self.sp_rank == 0)  # an SP group's ranks compute the same numbers: count once
-            batch = collate([self.dataset[i] for i in indices])
-            if batch is None:
-                continue
+            batch = self._load(indices)
+            if batch is None:  # every clip of it failed (recorded): run a stand-in, so the forwards stay in step
+                batch, weight = self._stand_in(), 0.0
+            self._spare = batch
             clips = batch["index"].tolist()
             b = buckets.index(tuple(self.dataset.bucket_keys[clips[0]]))
             gen = torch.Generator(device).manual_seed(noise_seed(cfg.seed, clips[0], K))
@@ -324,7 +330,7 @@ class Validator:
                     terms = self.diffusion.training_losses(self.engine.model, x, dict(y=y, mask=mask), t=t_batch,
                                                            noise=noise)
                 sums[k, b] += weight * terms["loss"].double().sum().cpu()
-            counts[b] += weight * len(clips)
+            counts[b] += weight * len(clips)  # broken clips (left out by collate) are not counted
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             packed = torch.cat([sums.flatten(), counts]).to(device)
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
@@ -338,6 +344,28 @@ class Validator:
             for b, key in enumerate(buckets):
                 row[f"val_loss_{'x'.join(str(v) for v in key)}"] = float(sums[:, b].mean() / counts[b].clamp(min=1))
         return row
+
+    def _load(self, indices: list[int]) -> dict | None:
+        """The batch of ``indices`` without the clips that failed to load (on any rank of the SP group)."""
+        batch = collate([self.dataset[i] for i in indices])
+        if self.agree_group is not None:
+            from opensora.data.sampler import agree_on_batch
+
+            batch = agree_on_batch(batch, self.agree_group, capacity=self.cfg.batch_size)
+        return batch
+
+    def _stand_in(self) -> dict:
+        """A batch to run at weight 0 in place of one that failed: every rank must run the same number of forwards
+        (FSDP2 gathers parameters in each, sequence parallelism exchanges activations). The last batch that loaded,
+        else the first planned batch that loads; raises if none of the held-out clips loads."""
+        if self._spare is not None:
+            return self._spare
+        for indices in self.batches:
+            batch = self._load(indices)
+            if batch is not None:
+                return batch
+        raise RuntimeError("validation: none of the held-out clips could be loaded (see the stage's "
+                           "validation/failures.jsonl)")
 
     def _write_samples(self, step: int, videos: torch.Tensor, row: dict) -> tuple[list[Path], Path]:
         """Rank 0: the mp4s, the grid (labelled with what was measured) and the sample metrics into ``row``."""
