@@ -297,3 +297,41 @@ def test_resume_after_kill_9_reruns_no_finished_validation_and_misses_none(tmp_p
     assert steps == [0, 2, 4, 6], "each validation point exactly once across the crash"
     assert sorted(p.name for p in (run / "short" / "validation").iterdir()) == [
         f"step-{s:08d}" for s in (0, 2, 4, 6)]
+
+
+def test_validation_rows_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """The writers' validation paths (neither tensorboard nor wandb is installed here: recording fakes)."""
+    import types
+
+    from opensora.sampling import frame_grid
+    from opensora.training.metrics import _TensorBoard, _WandB
+
+    grid = frame_grid([np.zeros((2, 4, 4, 3), np.uint8)], ["x"], tmp_path / "grid.png")
+    video = tmp_path / "000_x.mp4"
+    row = {"step": 7, "val_loss": 0.5, "val_loss_t0.2": 0.4, "val_clips": 2, "val_weights": "ema", "val_time_s": 1.0}
+    calls = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, value, step))
+
+        def add_image(self, tag, image, step, dataformats):
+            calls.append(("image", tag, image.shape, step, dataformats))
+
+        def flush(self):
+            pass
+
+    _TensorBoard(Writer()).log_validation(row, grid, [video])
+    assert ("scalar", "val/loss", 0.5, 7) in calls and ("scalar", "val/loss_t0.2", 0.4, 7) in calls
+    assert not any(c[1] == "val/weights" for c in calls), "strings are not scalars"
+    image = [c for c in calls if c[0] == "image"][0]
+    assert image[1] == "val/samples" and image[3] == 7 and image[4] == "HWC" and image[2][2] == 3
+
+    logged = []
+    fake = types.SimpleNamespace(Image=lambda path: ("image", path), Video=lambda path, format: ("video", path, format))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = types.SimpleNamespace(log=lambda data, step: logged.append((data, step)))
+    _WandB(run).log_validation(row, grid, [video])
+    data, step = logged[0]
+    assert step == 7 and data["val/loss"] == 0.5 and data["val/samples"] == ("image", str(grid))
+    assert data["val/video/000_x"] == ("video", str(video), "mp4")
