@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import decord
@@ -281,6 +282,21 @@ def test_precompute_with_a_tiny_wan_vae_then_train_from_the_cache(tmp_path, mani
     flops, _ = _flops_per_sample(run, "video17")  # cached latents are counted as they are: 5x2x2
     assert flops == pytest.approx(train_flops_per_sample(model, (5, 2, 2), model.model_max_length), rel=1e-12)
     assert not (run / "video17" / "failures.jsonl").exists(), "every sample came from the cache"
+
+    # Frame conditioning (issue 16) on cached latents of a causal 3D VAE: the masks are over the cached latent
+    # frames (latent frame 0 = the first image alone), drawn after the cache gives the batch.
+    conditioned = load_recipe(recipe, [f"data.cache_dir={cache}", "conditioning.first_frame=0.5",
+                                       "conditioning.first_k=0.5"])
+    run2 = tmp_path / "run-conditioned"
+    assert run_recipe(conditioned, run2, init_distributed()) == "finished"
+    plain, cond = (_losses(r, "video17") for r in (run, run2))
+    assert all(math.isfinite(v) for v in cond) and cond != plain, "the masks changed what the loss measured"
+    assert not (run2 / "video17" / "failures.jsonl").exists()
+
+
+def _losses(run: Path, stage: str) -> list[float]:
+    rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in rows if "loss" in r]
 
 
 # -- the shipped Wan 2.1 recipe -----------------------------------------------------------------------------------
