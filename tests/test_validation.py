@@ -335,3 +335,44 @@ def test_validation_rows_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     data, step = logged[0]
     assert step == 7 and data["val/loss"] == 0.5 and data["val/samples"] == ("image", str(grid))
     assert data["val/video/000_x"] == ("video", str(video), "mp4")
+
+
+def test_the_loss_is_reported_per_bucket_and_its_mean_weighs_clips_equally():
+    """Validator._loss on a dataset of two buckets (3 clips at 2x8x8, 1 at 2x16x16), one process."""
+    import contextlib
+    import types
+
+    from opensora.diffusion import build_scheduler
+    from opensora.models.stdit import STDiT, stdit_config
+    from opensora.training.validation import ValidationConfig, Validator
+
+    torch.manual_seed(0)
+    model = STDiT(stdit_config("STDiT-debug", in_channels=3)).eval()
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # else the output ignores the model
+
+    class Clips:
+        bucket_keys = [(2, 8, 8), (2, 16, 16), (2, 8, 8), (2, 8, 8)]
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return dict(video=torch.rand((3, *self.bucket_keys[i]), generator=g) * 2 - 1, text=f"clip {i}",
+                        index=i, bucket=self.bucket_keys[i])
+
+    def encode(batch, generator):
+        B = batch["video"].shape[0]
+        return batch["video"], torch.ones(B, 1, 16, 32), torch.ones(B, 16, dtype=torch.long)
+
+    engine = types.SimpleNamespace(dist=types.SimpleNamespace(device=torch.device("cpu")), model=model,
+                                   autocast=contextlib.nullcontext, reshard=lambda: None)
+    cfg = ValidationConfig(every=1, manifest="held_out.parquet", num_clips=4, batch_size=2, timesteps=[0.5])
+    validator = Validator(cfg, Path("unused"), "rflow", build_scheduler("rflow"), engine, model, None, Clips(),
+                          encode, None)
+    assert validator.batches == [[0, 2], [3], [1]]
+    row = validator._loss()
+    small, large = row["val_loss_2x8x8"], row["val_loss_2x16x16"]
+    assert row["val_clips"] == 4 and small != large
+    assert row["val_loss"] == pytest.approx((3 * small + large) / 4)
+    assert row["val_loss"] == validator._loss()["val_loss"], "the same weights give the same number"

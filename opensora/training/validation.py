@@ -297,6 +297,7 @@ class Validator:
                 tmp.write_text(json.dumps(row, indent=1))
         return result
 
+    @torch.no_grad()
     def _loss(self) -> dict[str, float]:
         """Held-out loss per timestep, per bucket and mean (all ranks' sums, one all-reduce)."""
         cfg, K = self.cfg, len(self.timesteps)
