@@ -376,3 +376,22 @@ def test_the_loss_is_reported_per_bucket_and_its_mean_weighs_clips_equally():
     assert row["val_clips"] == 4 and small != large
     assert row["val_loss"] == pytest.approx((3 * small + large) / 4)
     assert row["val_loss"] == validator._loss()["val_loss"], "the same weights give the same number"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["fsdp", "ddp", "colossalai"])
+def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, engine):
+    """On one GPU in bf16 (FSDP2's mixed precision, DDP's autocast, ZeRO-2's bf16 working copy): validation on or
+    off gives bit-identical trained weights, and its loss and samples are finite (scripts/gpu_smoke.sh runs it)."""
+    sets = [f"parallel.engine={engine}", "parallel.param_dtype=bf16"]
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert run_recipe(load_recipe(write_recipe(tmp_path, manifest, every=1, steps=3), sets), on,
+                      init_distributed()) == "finished"
+    assert run_recipe(load_recipe(write_recipe(tmp_path, manifest, every=0, steps=3, name="off.yaml"), sets), off,
+                      init_distributed()) == "finished"
+    wa, wb = weights(on / "short" / "export"), weights(off / "short" / "export")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), f"validation changed the training weights ({engine})"
+    rows = val_rows(on)
+    assert sorted(rows) == [0, 1, 2, 3] and all(math.isfinite(r["val_loss"]) for r in rows.values())
+    assert len(list((on / "short" / "validation" / "step-00000003").glob("*.mp4"))) == 2
