@@ -291,3 +291,19 @@ def test_cli_frame_rule_error_for_a_causal_vae_comes_before_loading(tmp_path, mo
     with pytest.raises(SystemExit, match=r"--cond-video/--cond-frames: 4 given first frames do not fit the causal 4x"):
         sample.main(["--ckpt", str(out), "--prompt", "x", "--num-frames", "9", "--height", "16", "--width", "16",
                      "--cond-video", str(clip), "--cond-frames", "4", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_generate_keeps_given_frames(pixel_bundle):
+    """On a GPU in bf16 (sample.py's default there): the given frames are reset in the latent's dtype at every
+    step, so an identity autoencoder returns them as given (to bf16 rounding of the input), the rest finite."""
+    import torch
+
+    from opensora.bundle import FrameCondition
+
+    b = load_bundle(pixel_bundle, device="cuda", dtype=torch.bfloat16)
+    cond = FrameCondition(start=_frames(3, 1).cuda())
+    video = b.generate(PROMPTS[:1], 6, 32, 32, steps=3, cfg_scale=4.0, seed=1, progress=False, cond=cond)
+    assert torch.allclose(video[:, :, :3], cond.start.cpu(), atol=1e-2)
+    assert torch.isfinite(video).all()
