@@ -71,10 +71,16 @@ class Override:
 
 
 def _check_indices(cfg: DictConfig, key: str) -> None:
-    """Raises ConfigError when ``key`` indexes past the end of a list (OmegaConf's own error blames the type)."""
+    """Raises ConfigError when ``key`` indexes past the end of a list (OmegaConf's own error blames the type), or
+    reaches inside an optional block that is null (OmegaConf's says only that it is None)."""
     node: Any = cfg
     walked = []
-    for part in key.split("."):
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if walked and node is None:  # inside an unset optional block (e.g. a stage's own `conditioning`)
+            block, rest = ".".join(walked), ".".join(parts[i:])
+            raise ConfigError(f"key '{block}' is not set (null), so '{rest}' cannot be set inside it: give the whole "
+                              f"block, e.g. --set '{block}={{{rest}: VALUE}}'")
         if isinstance(node, ListConfig):
             try:
                 index = int(part)
@@ -85,7 +91,7 @@ def _check_indices(cfg: DictConfig, key: str) -> None:
                                   f"(the list has {len(node)} entries)")
             node = node[index]
         elif isinstance(node, DictConfig) and part in node and not OmegaConf.is_missing(node, part):
-            node = node[part]
+            node = node[part]  # None for an unset optional block
         else:
             return
         walked.append(part)

@@ -23,6 +23,7 @@ class Doc:
     items: list[Item] = field(default_factory=lambda: [Item("a"), Item("b")])
     tags: list[str] = field(default_factory=lambda: ["x", "y"])
     lr: float = 1e-4
+    extra: Item | None = None  # an optional block, unset (as a stage's own `conditioning`)
 
 
 def test_indexed_overrides_reach_list_entries(tmp_path):
@@ -43,10 +44,17 @@ def test_indexed_overrides_reach_list_entries(tmp_path):
     ("items.0.size=big", r"--set items\.0\.size=big: key 'items\[0\]\.size'.*could not be converted"),
     ("lr", r"--set 'lr': expected KEY=VALUE"),
     ("=1", r"--set '=1': expected KEY=VALUE"),
+    ("extra.size=2", r"--set extra\.size=2: key 'extra' is not set \(null\), so 'size' cannot be set inside it: "
+                     r"give the whole block, e.g\. --set 'extra=\{size: VALUE\}'"),
 ])
 def test_override_errors_name_the_key_and_the_argument(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Doc, overrides=[override])
+
+
+def test_an_optional_block_is_set_whole():
+    assert load_config(Doc, overrides=["extra={size: 2}"]).extra == Item("a", 2)
+    assert load_config(Doc, overrides=["extra={size: 2}", "extra.size=3"]).extra.size == 3
 
 
 def test_toml_is_data_too(tmp_path):
