@@ -20,6 +20,12 @@ from opensora.utils import atomic_write_path, slugify
 PROMPTS_FILE = "prompts.tsv"
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a prompt file: one per line, stripped; blank lines and ``#`` comments skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def sample_filename(index: int, prompt: str) -> str:
     """``NNN_<slug>.mp4``: the index keeps prompts that slug alike apart and the listing in prompt order."""
     return f"{index:03d}_{slugify(prompt)}.mp4"

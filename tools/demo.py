@@ -185,12 +185,6 @@ def train(out: Path, manifest: Path, overrides: list[str]) -> Path:
 # -------------------------------------------------------------------------------------------- 3. sample
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Non-empty, non-comment lines."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
 def sample_name(index: int, prompt: str) -> str:
     return f"{index:02d}_{slugify(prompt)}.mp4"
 
@@ -438,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(args.prompts)
+    from opensora.sampling import read_prompt_file
+
+    prompts = read_prompt_file(args.prompts)
     if not prompts:
         raise SystemExit(f"demo: no prompts in {args.prompts}")
     prompts = prompts[:QUICK_PROMPTS] if args.quick else prompts

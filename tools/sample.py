@@ -40,6 +40,7 @@ if __package__ in (None, ""):
 import torch
 
 from opensora.bundle import DIFFUSIONS, FrameCondition, bundle_autoencoder_shape, load_bundle, load_bundle_config
+from opensora.sampling import read_prompt_file
 
 DEFAULT_NUM_FRAMES = 16  # Open-Sora 1.0's; an autoencoder that does not take it gets the next count it takes
 
@@ -96,9 +97,7 @@ def collect_prompts(args) -> list[str]:
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             raise SystemExit(f"error: prompt file not found: {args.prompt_file}")
-        for line in args.prompt_file.read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                prompts.append(line.strip())
+        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise SystemExit("error: no prompt given (use --prompt TEXT or --prompt-file FILE)")
     return prompts

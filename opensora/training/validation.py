@@ -126,8 +126,9 @@ class ValidationConfig:
             path = Path(self.prompt_file)
             if not path.is_file():
                 raise FileNotFoundError(f"validation.prompt_file not found: {path}")
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and not line.lstrip().startswith("#")]
+            from opensora.sampling import read_prompt_file
+
+            prompts += read_prompt_file(path)
         return prompts
 
     def due(self, step: int, last_step: int | None = None) -> bool:
