@@ -179,17 +179,23 @@ def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
             total = n + 1
             if frame is None:
                 if last == n - 1 >= 0:  # damage ends the stretch: its pending cuts, then a fresh detector
-                    cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))]
+                    cuts += _pending_cuts(detector, last, fps, n)
                     detector = _detector(cfg)
                 continue
             if last == n - 1 >= 0 and (frame.width, frame.height) != shape:  # a new picture size: a cut (split_video)
-                cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))] + [n]
+                cuts += _pending_cuts(detector, last, fps, n) + [n]
                 detector = _detector(cfg)
             cuts += [c.frame_num for c in detector.process_frame(FrameTimecode(n, fps=fps), _small_bgr(frame, step))]
             last, shape = n, (frame.width, frame.height)
         if last == total - 1 >= 0:
-            cuts += [c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))]
+            cuts += _pending_cuts(detector, last, fps, total)
     return sorted({c for c in cuts if 0 < c < total}), total, fps
+
+
+def _pending_cuts(detector, last: int, fps: float, below: int) -> list[int]:
+    """The cuts a detector still holds when its stretch of frames ends at frame ``last`` (PySceneDetect's
+    ``post_process``), in order and inside (0, ``below``): ``detect_cuts`` and ``split_video`` flush alike."""
+    return sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps)) if 0 < c.frame_num < below)
 
 
 def plan_clips(cuts: list[int], num_frames: int, fps: float, cfg: SplitConfig) -> list[tuple[int, int]]:
@@ -394,10 +400,8 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
             for index, frame in _decode(container, stream, damage):
                 if frame is None:
                     if last == index - 1:  # the first damaged frame: it ends the shot like a cut
-                        if last >= 0:
-                            for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))):
-                                if 0 < cut < index:
-                                    cutter.add_cut(cut)
+                        for cut in _pending_cuts(detector, last, fps, index) if last >= 0 else []:
+                            cutter.add_cut(cut)
                         cutter.add_cut(index, is_end=True)
                         detector = _detector(cfg)
                 else:
@@ -406,9 +410,8 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
                     elif last >= 0 and (frame.width, frame.height) != shape:
                         # The picture size changes (files joined, a broadcast switching formats): a cut, and a
                         # fresh detector, which cannot compare pictures of two sizes (PySceneDetect asserts).
-                        for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))):
-                            if 0 < cut < index:
-                                cutter.add_cut(cut)
+                        for cut in _pending_cuts(detector, last, fps, index):
+                            cutter.add_cut(cut)
                         cutter.add_cut(index)
                         detector = _detector(cfg)
                     for cut in detector.process_frame(FrameTimecode(index, fps=fps), _small_bgr(frame, step)):
@@ -424,9 +427,8 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
                     break
             else:
                 if last == n - 1 >= 0:
-                    for cut in sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps))):
-                        if 0 < cut < n:
-                            cutter.add_cut(cut)
+                    for cut in _pending_cuts(detector, last, fps, n):
+                        cutter.add_cut(cut)
                 cutter.add_cut(n, is_end=True)
                 while queue:
                     cutter.commit(*queue.popleft())
