@@ -30,6 +30,7 @@ share the seed) draw the same mask, which SP then shards with T inside the model
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -93,14 +94,16 @@ def sample_cond_mask(batch: int, num_frames: int, config: ConditioningConfig,
         (B, T) bool, True = given; every row leaves at least one frame to generate.
     """
     device, B, T = generator.device, batch, num_frames
-    edges = torch.tensor([getattr(config, name) for name in MASK_TYPES], dtype=torch.float64).cumsum(0)
+    edges = list(itertools.accumulate(getattr(config, name) for name in MASK_TYPES))  # Python floats: no copy
     # Always the same four draws, so the stream of later draws does not depend on the probabilities.
     u_type = torch.rand(B, generator=generator, device=device)
     u_k = torch.rand(B, generator=generator, device=device)
     u_count = torch.rand(B, generator=generator, device=device)
     u_order = torch.rand(B, T, generator=generator, device=device)
 
-    kind = torch.bucketize(u_type, edges.to(device=device, dtype=torch.float32), right=True)  # (B,) 0..5, 5 = none
+    # (B,) 0..5, 5 = none: how many edges u reaches (bucketize against a tensor of edges would copy them to the
+    # device every step, a host sync on CUDA; comparisons with Python floats stay on the device)
+    kind = sum((u_type >= e).long() for e in edges)
     frames = torch.arange(T, device=device)[None]  # (1, T)
     k_max = max(1, T - 1 if config.first_k_max is None else min(config.first_k_max, T - 1))
     k_min = min(config.first_k_min, k_max)
