@@ -115,16 +115,14 @@ def _per_prompt(values: list, flag: str, n: int) -> list:
 
 def _read_image(path: Path, flag: str, height: int, width: int) -> torch.Tensor:
     """(3, 1, H, W) in [-1, 1]: the image resized to cover the size and centre-cropped."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from opensora.data.dataset import resize_center_crop
+    from opensora.data.dataset import read_image, resize_center_crop
 
     if not path.is_file():
         raise SystemExit(f"error: {flag} {path}: file not found")
     try:
-        with Image.open(path) as img:
-            frames = np.array(img.convert("RGB"))[None]
+        frames = read_image(path)
     except (UnidentifiedImageError, OSError) as err:
         raise SystemExit(f"error: {flag} {path}: cannot read the image ({err})") from err
     return resize_center_crop(frames, (height, width))

@@ -164,7 +164,7 @@ def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> torch.Tenso
     return rearrange(x, "T C H W -> C T H W").contiguous()
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
     """(1, H, W, 3) uint8 RGB of an image file."""
     with Image.open(path) as img:
         return np.array(img.convert("RGB"))[None]  # a writable copy: torch.from_numpy needs one
@@ -323,7 +323,7 @@ class VideoDataset(Dataset):
         """
         path, (_, H, W) = self.paths[index], self.bucket_keys[index]
         if _is_image(path):
-            frames = _read_image(Path(path))  # (1, h, w, 3)
+            frames = read_image(Path(path))  # (1, h, w, 3)
         else:
             indices, span = self.frame_indices(index, random_start), self.spans[index]
             # A reference row reads the same frames from its source at the source's size: one resize to the

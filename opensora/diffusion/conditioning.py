@@ -47,17 +47,28 @@ def frame_timesteps(t: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(cond_mask, torch.zeros((), dtype=t.dtype, device=t.device), t[:, None])
 
 
-def masked_mean_flat(x: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, ...) -> (B,) mean over the *generated* frames (False in ``cond_mask``) of each sample.
+def masked_mean_flat(x: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, T, ...) -> (B,) mean over the *generated* frames (False in ``cond_mask``) of each sample; over every
+    element (:func:`mean_flat`) when ``cond_mask`` is None.
 
     A sample whose frames are all given gets 0 (not NaN), and no gradient. Computed as the mean over all
     frames with the given ones zeroed, times T / (generated frames): with nothing given the factor is exactly 1,
     so the result is bit-identical to :func:`mean_flat`.
     """
+    if cond_mask is None:
+        return mean_flat(x)
     generated = ~cond_mask
     zeroed = torch.where(frame_view(generated, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
     scale = cond_mask.shape[1] / generated.sum(dim=1).clamp(min=1).to(x.dtype)  # (B,)
     return mean_flat(zeroed) * scale
+
+
+def check_condition(noise: torch.Tensor, cond_latent: torch.Tensor | None, cond_mask: torch.Tensor | None) -> None:
+    """A sampler's given frames: both ``cond_latent`` and ``cond_mask`` or neither, with matching shapes."""
+    if (cond_latent is None) != (cond_mask is None):
+        raise ValueError("frame conditioning needs both cond_latent and cond_mask")
+    if cond_mask is not None:
+        check_cond_mask(cond_mask, noise, cond_latent)
 
 
 def latent_frames_given(num_frames: int, temporal_factor: int, causal: bool, start: int = 0,

@@ -17,8 +17,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from opensora.diffusion.conditioning import check_cond_mask, frame_timesteps, keep_given, masked_mean_flat
-from opensora.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from opensora.diffusion.conditioning import (
+    check_cond_mask, check_condition, frame_timesteps, keep_given, masked_mean_flat,
+)
+from opensora.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -166,7 +168,7 @@ class IDDPM:
         out = model_fn(x_t, t_model, **(model_kwargs or {}))
         C = x_start.shape[1]
         f32 = torch.promote_types(x_start.dtype, torch.float32)  # loss math in ≥ fp32 even under bf16 autocast
-        mse = self._reduce((noise.to(f32) - out[:, :C].to(f32)) ** 2, cond_mask)
+        mse = masked_mean_flat((noise.to(f32) - out[:, :C].to(f32)) ** 2, cond_mask)
         terms = dict(mse=mse, t=t)
         if self.learn_sigma:
             # The VLB trains only the variance: the mean prediction is detached (improved-diffusion's "frozen_out").
@@ -177,19 +179,14 @@ class IDDPM:
             terms["loss"] = mse
         return terms
 
-    @staticmethod
-    def _reduce(x: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, ...) -> (B,): the mean, over the generated frames only when some are given."""
-        return mean_flat(x) if cond_mask is None else masked_mean_flat(x, cond_mask)
-
     def _vb_terms_bpd(self, model_output, x_start, x_t, t, cond_mask=None) -> torch.Tensor:
         """L_t (KL of posterior vs p, t > 0) or L_0 (decoder NLL, t = 0), in bits per dim, (B,); averaged over the
         generated frames (False in ``cond_mask``) when given."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         p = self.p_mean_variance(model_output, x_t, t)
-        kl = self._reduce(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]), cond_mask) / torch.log(
+        kl = masked_mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]), cond_mask) / torch.log(
             torch.tensor(2.0))
-        nll = -self._reduce(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"]),
+        nll = -masked_mean_flat(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"]),
                             cond_mask) / torch.log(torch.tensor(2.0))
         return torch.where(t == 0, nll, kl)
 
@@ -210,10 +207,7 @@ class IDDPM:
             cond_mask: (B, T) bool, True = given: before every step those frames are reset to ``cond_latent``
                 with t = 0, and the result holds them exactly. None (with ``cond_latent`` None): as before.
         """
-        if (cond_latent is None) != (cond_mask is None):
-            raise ValueError("frame conditioning needs both cond_latent and cond_mask")
-        if cond_mask is not None:
-            check_cond_mask(cond_mask, noise, cond_latent)
+        check_condition(noise, cond_latent, cond_mask)
         s = self.sampling
         x = noise
         steps = list(range(len(self.timestep_map)))[::-1]

@@ -11,8 +11,9 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from opensora.diffusion.conditioning import check_cond_mask, frame_timesteps, keep_given, masked_mean_flat
-from opensora.diffusion.losses import mean_flat
+from opensora.diffusion.conditioning import (
+    check_cond_mask, check_condition, frame_timesteps, keep_given, masked_mean_flat,
+)
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -85,7 +86,7 @@ class RFlow:
         C = x_start.shape[1]
         f32 = torch.promote_types(x_start.dtype, torch.float32)  # loss math in ≥ fp32 even under bf16 autocast
         err = (out[:, :C].to(f32) - (x_start - noise).to(f32)) ** 2
-        loss = mean_flat(err) if cond_mask is None else masked_mean_flat(err, cond_mask)
+        loss = masked_mean_flat(err, cond_mask)
         return dict(loss=loss, t=t)
 
     @torch.no_grad()
@@ -98,10 +99,7 @@ class RFlow:
         frames are reset to ``cond_latent`` with t = 0 (a (B, T) model timestep), and the result holds them
         exactly. Both None: as before.
         """
-        if (cond_latent is None) != (cond_mask is None):
-            raise ValueError("frame conditioning needs both cond_latent and cond_mask")
-        if cond_mask is not None:
-            check_cond_mask(cond_mask, noise, cond_latent)
+        check_condition(noise, cond_latent, cond_mask)
         times = self._shift(torch.linspace(1.0, 0.0, self.num_sampling_steps + 1, dtype=torch.float64))
         x = noise
         C = noise.shape[1]
