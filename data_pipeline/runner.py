@@ -132,10 +132,14 @@ def _record(stage: str, row_in: Row, outcome: list[Row] | BaseException) -> dict
     return {"id": row_in["id"], "status": OK_STATUS, "error": None, "rows": rows}
 
 
+def _systemic(oserror: Any) -> bool:
+    """Whether an ``_oserror`` record (errno first, or None) fails every later row too (full disk, read-only)."""
+    return oserror is not None and oserror[0] in ALWAYS_SYSTEMIC
+
+
 def _stops(outcome: Any) -> bool:
     """Whether a row's outcome is an error that fails every later row too (its batch stops there)."""
-    found = _oserror(outcome) if isinstance(outcome, BaseException) else None
-    return found is not None and found[0] in ALWAYS_SYSTEMIC
+    return _systemic(_oserror(outcome) if isinstance(outcome, BaseException) else None)
 
 
 def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
@@ -155,7 +159,7 @@ def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
                 result: BatchResult = []
                 for row in rows:
                     result += process_batch(stage, [row])
-                    if _stops_entry(result[-1]):
+                    if _systemic(result[-1].get("oserror")):
                         break
                 return result
     else:
@@ -169,10 +173,6 @@ def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
                     break
     cut = next((i + 1 for i, outcome in enumerate(outcomes) if _stops(outcome)), len(outcomes))
     return [_record(stage.name, row, outcome) for row, outcome in zip(rows[:cut], outcomes[:cut])]
-
-
-def _stops_entry(entry: dict) -> bool:
-    return "oserror" in entry and entry["oserror"][0] in ALWAYS_SYSTEMIC
 
 
 class Journal:
