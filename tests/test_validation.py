@@ -395,3 +395,15 @@ def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, e
     rows = val_rows(on)
     assert sorted(rows) == [0, 1, 2, 3] and all(math.isfinite(r["val_loss"]) for r in rows.values())
     assert len(list((on / "short" / "validation" / "step-00000003").glob("*.mp4"))) == 2
+
+
+def test_a_missing_held_out_manifest_or_prompt_file_is_a_config_error_naming_it(tmp_path, manifest):
+    recipe = write_recipe(tmp_path, manifest)
+    for override, pattern in (("validation.prompt_file=nowhere.txt", "validation.prompt_file not found: nowhere.txt"),
+                              ("validation.holdout_ids=[no-such-clip]", "no held-out clips")):
+        with pytest.raises(ConfigError, match=f"stage 'short': validation: .*{pattern}"):
+            run_recipe(load_recipe(recipe, [override]), tmp_path / "run", init_distributed())
+    cmd = train_cmd(recipe, tmp_path / "cli") + ["--set", f"validation.holdout_ids=[]", "--set",
+                                                 f"validation.manifest={tmp_path / 'missing.parquet'}"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "missing.parquet" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

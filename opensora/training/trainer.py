@@ -138,7 +138,12 @@ class Trainer:
                                accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
                                grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning)
         self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
-        self.validator = self._build_validator() if self.validation.enabled and stage.steps > 0 else None
+        self.validator = None
+        if self.validation.enabled and stage.steps > 0:
+            try:
+                self.validator = self._build_validator()
+            except (FileNotFoundError, ValueError) as err:  # a missing manifest / prompt file, no held-out clip
+                raise ConfigError(f"stage '{stage.name}': validation: {err}") from err
 
         # 4. Checkpoints, cost ledger, logs.
         self.ckpt = CheckpointManager(self.stage_dir / "checkpoints", keep=recipe.logging.keep_checkpoints)
