@@ -140,10 +140,12 @@ def test_shipped_recipes_load():  # the cost forecast reads them too (tests/test
 def test_warmup_then_constant_or_cosine():
     constant = WarmupSchedule(warmup_steps=4, total_steps=10, schedule="constant", min_ratio=0.0)
     assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = WarmupSchedule(warmup_steps=2, total_steps=10, schedule="cosine", min_ratio=0.1)
+    # 11 updates: 2 of warm-up, then the cosine from the peak (update 3, scheduler step 2) to min_lr at the last
+    # update (scheduler step 10 = total_steps - 1), over 8 scheduler steps: the midpoint is step 6.
+    cosine = WarmupSchedule(warmup_steps=2, total_steps=11, schedule="cosine", min_ratio=0.1)
     assert cosine(0) == 0.5 and cosine(2) == pytest.approx(1.0)
     assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
+    assert cosine(10) == pytest.approx(0.1) and cosine(9) > 0.1 and cosine(50) == pytest.approx(0.1)
     values = [cosine(s) for s in range(2, 11)]
     assert all(a > b for a, b in zip(values, values[1:])), "decreasing after warm-up"
 

@@ -82,13 +82,15 @@ def _summary_row(row: StageSummary) -> dict:
         "flops": s.flops, "samples_per_s": s.samples_per_s, "samples_per_gpu_s": s.samples_per_gpu_s,
         "tokens_per_s": s.tokens_per_s, "mfu": s.mfu, "lost_s": s.lost_s, "lost_gpu_hours": s.lost_gpu_hours,
         "validation_s": s.val_s, "validation_gpu_hours": s.val_gpu_hours, "validation_dollars": s.val_dollars,
+        "startup_s": s.startup_s, "startup_gpu_hours": s.startup_gpu_hours, "startup_dollars": s.startup_dollars,
+        "skipped_steps": s.skipped_steps,
     }
 
 
 def report_text(summary: CostSummary) -> str:
     """The cost report as a table: one row per stage, then the total."""
     header = ["stage", "hardware", "segs", "crashed", "wall", "GPU-h", "dollars", "samples", "samples/s", "/GPU",
-              "tokens/s", "MFU", "lost GPU-h", "val GPU-h", "val $"]
+              "tokens/s", "MFU", "lost GPU-h", "val GPU-h", "val $", "startup GPU-h", "startup $", "skipped"]
     rows = []
     for r in [*summary.stages, summary.total]:
         s = r.spend
@@ -96,12 +98,15 @@ def report_text(summary: CostSummary) -> str:
             r.stage, r.hardware, str(s.segments), str(s.crashed_segments), _duration(s.wall_s), f"{s.gpu_hours:,.3f}",
             f"${s.dollars:,.2f}", f"{s.samples:,}", f"{s.samples_per_s:,.2f}", f"{s.samples_per_gpu_s:,.3f}",
             f"{s.tokens_per_s:,.0f}", _pct(s.mfu), f"{s.lost_gpu_hours:,.3f}", f"{s.val_gpu_hours:,.3f}",
-            f"${s.val_dollars:,.2f}",
+            f"${s.val_dollars:,.2f}", f"{s.startup_gpu_hours:,.3f}", f"${s.startup_dollars:,.2f}",
+            f"{s.skipped_steps:,}",
         ])
     text = _table(header, rows)
     notes = ["samples are counted once per step (redone steps after a crash are not counted twice); "
              "throughput and MFU are over all paid time; lost = GPU-hours whose work was redone after a crash; "
-             "val = the part of GPU-hours and dollars spent validating (held-out loss, sample videos)"]
+             "val = the part of GPU-hours and dollars spent validating (held-out loss, sample videos); "
+             "startup = the part from process start until training began (loading models, data, checkpoint), "
+             "start-ups that died included; skipped = optimizer steps skipped as non-finite"]
     if summary.damaged_lines:
         notes.append(f"{summary.damaged_lines} damaged ledger line(s) skipped (a write torn by a crash)")
     return text + "\n" + "\n".join(f"note: {n}" for n in notes)

@@ -21,21 +21,26 @@ With ColossalAI's launcher (same arguments)::
 Re-running the same command resumes: finished stages are skipped, the unfinished one continues from its latest
 checkpoint. ``--stage NAME`` runs one stage alone; ``--max-steps K`` stops the running stage at step K with a
 checkpoint; ``--set key=value`` overrides any recipe field (``--set stages.1.steps=2000``). SIGTERM and a
-reached budget write a checkpoint and exit with status 0. See docs/training.md.
+reached budget write a checkpoint and exit with status 0; a config mistake exits 2, a diverged run (too many
+non-finite steps in a row) 3, with nothing non-finite written. See docs/training.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import time
+
+PROCESS_START = time.monotonic()  # before the heavy imports: the cost ledger bills start-up from here
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opensora.config import ConfigError
 from opensora.distributed import destroy_distributed, exit_process, init_distributed
-from opensora.training import load_recipe, run_recipe
+from opensora.training import NonFiniteError, load_recipe, run_recipe
 
 
 def parse_args(argv):
@@ -62,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or Path("outputs") / args.config.stem
     dist_info = init_distributed()
     try:
-        reason = run_recipe(recipe, output_dir, dist_info, max_steps=args.max_steps, only_stage=args.stage)
+        reason = run_recipe(recipe, output_dir, dist_info, max_steps=args.max_steps, only_stage=args.stage,
+                            started=PROCESS_START)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # diverged: nothing non-finite was written; the message says where to resume
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         destroy_distributed()
     if dist_info.rank == 0:

@@ -7,11 +7,17 @@ most the line being written:
     {"event": "start", "segment": ..., "run_id": ..., "stage": ..., "gpu_type": "h800", "num_gpus": 64,
      "price_per_gpu_hour": 2.5, "peak_tflops": 989.0, "host": ..., "time": <epoch s>, "step": <start step>}
     {"event": "heartbeat",  "segment": ..., "elapsed_s": ..., "step": ..., "samples": ..., "tokens": ..., "flops": ...}
+    {"event": "startup", ... same fields ...}         # start-up done: the model, data and checkpoint are loaded
     {"event": "checkpoint", ... same fields ...}      # after a checkpoint at ``step`` is durable
     {"event": "validation", ... same fields ...}      # after a validation pass (opensora.training.validation)
-    {"event": "end", ... same fields ..., "reason": "finished" | "budget" | "sigterm" | "max_steps" | ...}
+    {"event": "end", ... same fields ..., "reason": "finished" | "budget" | "sigterm" | "max_steps" | "nonfinite" | ...}
 
 ``samples``/``tokens``/``flops`` in a record are cumulative *within the segment* and global (all ranks);
+Start-up is paid time too. The trainer opens its segment before it loads anything, with the clock started at the
+process start (``"startup": true`` in the start record), writes heartbeats from a thread while it loads the model,
+encoders, data and checkpoint, and a ``startup`` record when it is ready: the segment's time up to that record (or
+all of it, for a start-up that died) is reported as start-up time. Ledgers without the flag have no start-up time.
+``skipped`` counts optimizer steps skipped because their loss or gradient norm was not finite (paid, trained nothing).
 ``val_s`` is the part of ``elapsed_s`` spent validating (held-out loss, sample videos): paid GPU time that is
 not training, so the report shows it as its own kind of time (and it is in the wall time and GPU-hours too).
 ``elapsed_s`` is monotonic-clock seconds since the segment started, so a wall-clock jump cannot create or
@@ -39,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +68,7 @@ class Mark:
     tokens: int = 0
     flops: float = 0.0
     val_s: float = 0.0  # of elapsed_s, seconds spent validating (cumulative within the segment)
+    skipped: int = 0  # optimizer steps skipped as non-finite (cumulative within the segment)
 
 
 @dataclass
@@ -79,6 +87,7 @@ class Segment:
     start_step: int
     marks: list[Mark] = field(default_factory=list)  # in file order, starting with the start mark
     end_reason: str | None = None  # None: the segment crashed (or is still running)
+    bills_startup: bool = False  # the clock started at process start; time up to the "startup" mark is start-up
     live: bool = False  # the segment of the Ledger asking (still running, never counted as lost)
     # Filled by resolve_segments():
     lost_s: float = 0.0  # wall time whose work a later segment redid (or will redo)
@@ -112,6 +121,18 @@ class Segment:
     def val_s(self) -> float:
         return self.marks[-1].val_s
 
+    @property
+    def skipped(self) -> int:
+        return self.marks[-1].skipped
+
+    @property
+    def startup_s(self) -> float:
+        """Seconds from process start until training could begin (all of the segment if start-up never ended)."""
+        if not self.bills_startup:
+            return 0.0
+        done = next((m for m in self.marks if m.kind == "startup"), None)
+        return done.elapsed_s if done is not None else self.wall_s
+
 
 @dataclass
 class Spend:
@@ -131,6 +152,10 @@ class Spend:
     val_s: float = 0.0  # of wall_s, time spent validating (executed, like flops: a redone validation counts twice)
     val_gpu_hours: float = 0.0  # of gpu_hours, validation's
     val_dollars: float = 0.0  # of dollars, validation's
+    skipped_steps: int = 0  # optimizer steps skipped because their loss or gradient norm was not finite (executed)
+    startup_s: float = 0.0  # of wall_s, time from process start until training began (loading, resuming)
+    startup_gpu_hours: float = 0.0  # of gpu_hours, start-up's
+    startup_dollars: float = 0.0  # of dollars, start-up's
 
     @property
     def samples_per_s(self) -> float:
@@ -215,12 +240,14 @@ def parse_records(lines: Iterable[str]) -> tuple[list[Segment], int]:
                     start_time=float(rec["time"]),
                     start_step=int(rec["step"]),
                     marks=[Mark("start", 0.0, int(rec["step"]))],
+                    bills_startup=bool(rec.get("startup", False)),
                 )
                 continue
             seg = segments[sid]
             seg.marks.append(
                 Mark(event, float(rec["elapsed_s"]), int(rec["step"]), int(rec["samples"]),
-                     int(rec["tokens"]), float(rec["flops"]), float(rec.get("val_s", 0.0)))
+                     int(rec["tokens"]), float(rec["flops"]), float(rec.get("val_s", 0.0)),
+                     int(rec.get("skipped", 0)))  # both absent in ledgers written before they existed
             )
             if event == "end":
                 seg.end_reason = rec["reason"]
@@ -264,6 +291,10 @@ def spend_of(segments: Iterable[Segment]) -> Spend:
         out.val_s += seg.val_s
         out.val_gpu_hours += seg.val_s * seg.num_gpus / 3600.0
         out.val_dollars += seg.val_s * seg.num_gpus / 3600.0 * seg.price_per_gpu_hour
+        out.skipped_steps += seg.skipped
+        out.startup_s += seg.startup_s
+        out.startup_gpu_hours += seg.startup_s * seg.num_gpus / 3600.0
+        out.startup_dollars += seg.startup_s * seg.num_gpus / 3600.0 * seg.price_per_gpu_hour
         if seg.peak_tflops is None:
             peak_known = False
         else:
@@ -340,6 +371,9 @@ class Ledger:
         self._past: list[Segment] = []
         self._t0 = 0.0
         self._last_write = 0.0
+        self._lock = threading.Lock()  # the start-up heartbeat thread writes too
+        self._beating: threading.Event | None = None
+        self._beat_thread: threading.Thread | None = None
 
     # -- writing -----------------------------------------------------------------------------------------
     def _write(self, record: dict) -> None:
@@ -355,32 +389,40 @@ class Ledger:
         seg = self._current
         assert seg is not None
         last = seg.marks[-1]
-        mark = Mark(kind, self.clock() - self._t0, int(step), last.samples, last.tokens, last.flops, last.val_s)
+        mark = Mark(kind, self.clock() - self._t0, int(step), last.samples, last.tokens, last.flops, last.val_s,
+                    last.skipped)
         if last.kind == "live":  # the running counters become a real mark
             seg.marks[-1] = mark
         else:
             seg.marks.append(mark)
-        seg.marks.append(Mark("live", mark.elapsed_s, mark.step, mark.samples, mark.tokens, mark.flops, mark.val_s))
+        seg.marks.append(Mark("live", mark.elapsed_s, mark.step, mark.samples, mark.tokens, mark.flops, mark.val_s,
+                              mark.skipped))
         return {"event": kind, "segment": seg.segment_id, "time": time.time(), "elapsed_s": round(mark.elapsed_s, 3),
                 "step": mark.step, "samples": mark.samples, "tokens": mark.tokens, "flops": mark.flops,
-                "val_s": round(mark.val_s, 3)}
+                "val_s": round(mark.val_s, 3), "skipped": mark.skipped}
 
-    def start_segment(self, step: int) -> None:
+    def start_segment(self, step: int, started: float | None = None) -> None:
         """Opens a segment at ``step`` (0 for a fresh run, the checkpoint's step on resume).
 
         Args:
             step: optimizer steps already completed.
+            started: for a segment that bills its start-up (:meth:`startup_done` follows): the ``clock()`` time
+                the process (or, for a later stage of the same process, the stage) started; its time counts
+                from then. A heartbeat thread writes until :meth:`startup_done`, so a start-up that dies is billed
+                up to its last heartbeat. None: the segment starts now and training follows at once.
         """
         if self._current is not None:
             raise RuntimeError("start_segment called twice without end_segment")
         self._past = read_ledger(self.path) if self.path.is_file() else []
         run_id = self._past[0].run_id if self._past else _fresh_id()
-        self._t0 = self.clock()
+        now = self.clock()
+        self._t0 = min(now, started) if started is not None else now
         self._current = Segment(
             segment_id=_fresh_id(), run_id=run_id, stage=self.stage, gpu_type=self.gpu_type,
             num_gpus=self.num_gpus, price_per_gpu_hour=self.price_per_gpu_hour, peak_tflops=self.peak_tflops,
-            host=socket.gethostname(), start_time=time.time(), start_step=int(step),
-            marks=[Mark("start", 0.0, int(step)), Mark("live", 0.0, int(step))], live=True,
+            host=socket.gethostname(), start_time=time.time() - (now - self._t0), start_step=int(step),
+            marks=[Mark("start", 0.0, int(step)), Mark("live", now - self._t0, int(step))], live=True,
+            bills_startup=started is not None,
         )
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,10 +435,48 @@ class Ledger:
                 if last_char != "\n":
                     self._file.write("\n")
         seg = self._current
-        self._write({"event": "start", "segment": seg.segment_id, "run_id": seg.run_id, "stage": seg.stage,
-                     "gpu_type": seg.gpu_type, "num_gpus": seg.num_gpus,
-                     "price_per_gpu_hour": seg.price_per_gpu_hour, "peak_tflops": seg.peak_tflops,
-                     "host": seg.host, "time": seg.start_time, "step": seg.start_step})
+        record = {"event": "start", "segment": seg.segment_id, "run_id": seg.run_id, "stage": seg.stage,
+                  "gpu_type": seg.gpu_type, "num_gpus": seg.num_gpus, "price_per_gpu_hour": seg.price_per_gpu_hour,
+                  "peak_tflops": seg.peak_tflops, "host": seg.host, "time": seg.start_time, "step": seg.start_step}
+        if seg.bills_startup:
+            record["startup"] = True
+        self._write(record)
+        if seg.bills_startup:
+            self._write(self._progress("heartbeat", step))  # the time since process start, at once
+            if not self.enabled:
+                return
+            self._beating = threading.Event()
+            self._beat_thread = threading.Thread(target=self._beat, args=(int(step),), daemon=True,
+                                                 name="ledger-startup-heartbeat")
+            self._beat_thread.start()
+
+    def _beat(self, step: int) -> None:
+        """Start-up heartbeats, every ``heartbeat_s`` (at least 1 s) until :meth:`startup_done` or the end."""
+        period = self.heartbeat_s if self.heartbeat_s > 0 else 1.0
+        while not self._beating.wait(period):
+            with self._lock:
+                if self._current is None or self._beating.is_set():
+                    return
+                record = self._progress("heartbeat", step)
+                if self.enabled:
+                    self._write(record)
+
+    def _stop_beating(self) -> None:
+        if self._beating is not None:
+            self._beating.set()
+            self._beat_thread.join()
+            self._beating = self._beat_thread = None
+
+    def startup_done(self, step: int) -> None:
+        """Records that start-up is over (the checkpoint of ``step`` is loaded): training time starts here.
+
+        Args:
+            step: the step training starts from.
+        """
+        if self._current is None:
+            raise RuntimeError("startup_done called before start_segment")
+        self._stop_beating()
+        self._write(self._progress("startup", step))
 
     def update(self, step: int, samples: int, tokens: int, flops: float) -> None:
         """Adds work done since the previous call; writes a heartbeat when one is due. No I/O otherwise.
@@ -451,6 +531,13 @@ class Ledger:
         seg.marks[-1].val_s += float(seconds)
         self._write(self._progress("validation", step))
 
+    def steps_skipped(self, count: int) -> None:
+        """Adds ``count`` optimizer steps skipped as non-finite (known at a sync point); written with the next record."""
+        seg = self._current
+        if seg is None:
+            raise RuntimeError("steps_skipped called before start_segment")
+        seg.marks[-1].skipped += int(count)
+
     def end_segment(self, reason: str, step: int) -> None:
         """Closes the segment (no-op if none is open).
 
@@ -460,6 +547,7 @@ class Ledger:
         """
         if self._current is None:
             return
+        self._stop_beating()
         record = self._progress("end", step)
         record["reason"] = reason
         self._write(record)

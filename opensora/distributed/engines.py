@@ -9,7 +9,7 @@ The trainer only talks to an :class:`Engine`::
     with engine.autocast():
         loss = ...
     engine.backward(loss)
-    grad_norm = engine.optimizer_step(max_norm=1.0)   # clip, update, clear the gradients
+    grad_norm = engine.optimizer_step(max_norm=1.0)   # clip, update (skipped if not finite), clear the gradients
 
 and checkpoints through ``model_state_dict`` / ``optimizer_state_dict`` (sharded, for DCP) and their
 ``load_*`` counterparts. ColossalAI is imported only when that engine is built.
@@ -106,17 +106,40 @@ class Engine:
         else:
             model.set_requires_gradient_sync(enabled)  # FSDP2
 
-    def optimizer_step(self, max_norm: float = math.inf) -> torch.Tensor:
+    @property
+    def skips_on_device(self) -> bool:
+        """True when a non-finite step is skipped on the device (no host sync): torch's fused Adam/AdamW take a
+        ``found_inf`` tensor and leave weights, moments and step count untouched where it is 1. Otherwise
+        :meth:`optimizer_step` reads the flag on the host (free on a CPU; one sync per step on a GPU)."""
+        return bool(self.optimizer.defaults.get("fused"))
+
+    def optimizer_step(self, max_norm: float = math.inf, found_inf: torch.Tensor | None = None) -> torch.Tensor:
         """Clips all gradients to a global L2 norm of ``max_norm``, applies the update and clears the gradients.
 
+        The update is skipped, leaving weights and optimizer state exactly as they were, when the gradient norm
+        is not finite or ``found_inf`` is true (a non-finite loss on any rank): the caller knows a step was
+        skipped from ``~isfinite(norm) | found_inf``, the same rule, without asking.
+
+        Args:
+            max_norm: clipping threshold (inf: no clipping).
+            found_inf: a 0-dim bool/float tensor on the device, the same on every rank; None: only the norm decides.
         Returns:
             the gradient norm before clipping: a tensor on the device, so logging it need not synchronise
             every step.
         """
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
-        self.optimizer.step()
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        bad = nonfinite_flag(norm, found_inf)
+        if self.skips_on_device:
+            self.optimizer.found_inf = bad.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bad.item():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return norm
 
     # -- state, for torch.distributed.checkpoint ----------------------------------------------------------
     def model_state_dict(self) -> dict:
@@ -164,6 +187,9 @@ class ColossalAIEngine(Engine):
         # parameters are not replaced, so the optimizer needs no rebinding.
         model = parallelize(model, self.pcfg, self.dist)
         self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
+        if self.zero:
+            self._found_inf = False
+            self._guard_zero_update()
         return self.model, self.optimizer
 
     @property
@@ -182,19 +208,42 @@ class ColossalAIEngine(Engine):
         else:
             self.model.module.require_backward_grad_sync = enabled  # TorchDDPModel.module is the DDP wrapper
 
-    def optimizer_step(self, max_norm: float = math.inf) -> torch.Tensor:
+    @property
+    def skips_on_device(self) -> bool:
+        return False  # both plugins read the norm on the host anyway
+
+    def optimizer_step(self, max_norm: float = math.inf, found_inf: torch.Tensor | None = None) -> torch.Tensor:
         opt = self.optimizer
         if not self.zero:
             norm = opt.clip_grad_by_norm(max_norm)
-            opt.step()
+            if not nonfinite_flag(norm, found_inf).item():
+                opt.step()
             opt.zero_grad(set_to_none=True)
             return norm
         # LowLevelZero computes the norm of its reduced, partitioned gradients inside step() (fp64, one host
         # sync) and clips against its own threshold (0 = off): set the threshold, read the norm it computed.
+        # In bf16 it never skips a step (BF16MixedPrecisionMixin.should_skip_step is False): a NaN norm makes
+        # its clip factor NaN > 1 false, the NaN gradients reach AdamW and every master weight turns NaN. The
+        # guard below sits between its norm and its update (the inner torch optimizer's step).
         opt._clip_grad_norm = max_norm if math.isfinite(max_norm) else 0.0
+        self._found_inf = bool(found_inf.item()) if found_inf is not None else False
         opt.step()
         opt.zero_grad(set_to_none=True)
         return torch.tensor(float(opt._current_grad_norm), device=self.dist.device)
+
+    def _guard_zero_update(self) -> None:
+        """Makes LowLevelZero's inner optimizer skip its update when the norm LowLevelZero just computed (a host
+        float by then) is not finite, or the loss was not: masters and moments stay as they were, and the
+        working copy is re-gathered from the unchanged masters."""
+        zero, inner = self.optimizer, self.optimizer.optim
+        step = inner.step  # the bound method, with torch's hooks
+
+        def guarded(closure=None):
+            if self._found_inf or not math.isfinite(float(zero._current_grad_norm)):
+                return None
+            return step(closure)
+
+        inner.step = guarded
 
     def model_state_dict(self) -> dict:
         if not self.zero:
@@ -267,6 +316,15 @@ class ColossalAIEngine(Engine):
                 if pad:
                     flat = torch.nn.functional.pad(flat, [0, pad])
                 master.copy_(flat.chunk(get_nd_world_size(pg))[get_nd_rank(pg)])
+
+
+def nonfinite_flag(norm: torch.Tensor, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+    """The skip rule of :meth:`Engine.optimizer_step`: a 0-dim bool tensor, true when the gradient norm is not
+    finite or ``found_inf`` is set. On the device; nothing is read on the host."""
+    bad = ~torch.isfinite(norm.detach().float())
+    if found_inf is not None:
+        bad = bad | found_inf.to(bad.device).bool()
+    return bad
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -18,6 +18,7 @@ from opensora.training.config import (
     stage_data_config,
 )
 from opensora.training.ema import EMA
+from opensora.training.nonfinite import NonFiniteError
 from opensora.training.optim import WarmupSchedule, build_lr_scheduler, build_optimizer
 from opensora.training.recipe import is_finished, run_recipe
 from opensora.training.trainer import StopFlag, Trainer
@@ -28,6 +29,7 @@ __all__ = [
     "EMAConfig",
     "InitConfig",
     "LoggingConfig",
+    "NonFiniteError",
     "OptimConfig",
     "RecipeConfig",
     "StageConfig",

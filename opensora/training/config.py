@@ -155,11 +155,16 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     weight_decay: float = 0.0  # decoupled weight decay (Open-Sora 1.0: 0)
     grad_clip: float = 1.0  # max global L2 norm of the gradients; 0 disables clipping
-    fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
+    fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU); it also skips non-finite steps without a sync
+    # A step whose loss or gradient norm is not finite is skipped (changes nothing); this many in a row stop the
+    # stage with an error (the run diverged). Checked at log steps and checkpoints (every step without fused AdamW).
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self):
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
             raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"optim.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.weight_decay < 0 or self.grad_clip < 0 or not self.eps > 0:
             raise ValueError("optim: need weight_decay >= 0, grad_clip >= 0 and eps > 0")
 

@@ -40,17 +40,29 @@ class EMA:
         return min(self.decay, (1.0 + step) / (10.0 + step))
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, keep: torch.Tensor | None = None) -> None:
         """Moves the average towards the current weights; call after the optimizer step ``step``.
 
         fp32 parameters (FSDP2 shards, CPU runs) are read in place. Lower-precision ones (the bf16 working copy
         that ZeRO keeps in the model, whole on every rank) are upcast a group of at most ``UPDATE_CHUNK``
         elements at a time: casting them all at once made an fp32 copy of the whole model every step (3 GB
         for STDiT-XL/2) on top of the average itself.
+
+        Args:
+            step: the optimizer step just taken (1-based; sets the warm-up decay).
+            keep: a 0-dim bool tensor on the device, for a step whose skip decision is still on the device
+                (``Engine.skips_on_device``): false leaves the average exactly as it was (a weight of 0), with
+                no host sync. None: a normal update.
         """
         weight = 1.0 - self.decay_at(step)
+        if keep is not None:
+            gated = keep.to(torch.float32) * weight  # 0-dim, on the device
         for shadow, params in _chunks(self.shadow, self.params, UPDATE_CHUNK):
-            torch._foreach_lerp_(shadow, [p.detach().to(torch.float32) for p in params], weight)
+            src = [p.detach().to(torch.float32) for p in params]
+            if keep is None:
+                torch._foreach_lerp_(shadow, src, weight)
+            else:  # local shards: a device tensor as the weight does not mix with DTensors
+                torch._foreach_lerp_([_local(t) for t in shadow], [_local(t) for t in src], [gated] * len(src))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Parameter name -> fp32 average (sharded DTensors under FSDP2)."""
@@ -97,6 +109,11 @@ def _chunks(shadow: list[torch.Tensor], params: list[torch.Tensor], limit: int):
         size += p.numel() if p.dtype != torch.float32 else 0
     if start < len(params):
         yield shadow[start:], params[start:]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place ops reach the DTensor), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

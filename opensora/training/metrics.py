@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import resource
 import sys
 import time
@@ -92,16 +93,26 @@ class MetricsLogger:
         finally:
             self._window.start += time.perf_counter() - start
 
-    def log(self, step: int) -> None:
+    def log(self, step: int, skipped: int = 0) -> None:
         """Reduces the window's metrics over ranks (the loop's one sync point), writes them on rank 0 and
-        starts a new window. Collective: every rank calls it at the same steps."""
+        starts a new window. Collective: every rank calls it at the same steps.
+
+        Args:
+            step: the step just taken.
+            skipped: steps of the window skipped as non-finite (``opensora.training.nonfinite``); the loss is the
+                mean of the finite step losses, so one bad step does not turn the window's figure into NaN.
+        """
         window, self._window = self._window, _Window()
-        loss = torch.stack(window.losses).mean()
-        loss_max = torch.stack(window.loss_maxes).max()
+        losses = torch.stack(window.losses)
+        finite = torch.isfinite(losses)
+        # [sum of finite losses, their count]: the mean over ranks and steps, weighing every finite step alike
+        loss = torch.stack([torch.where(finite, losses, 0.0).sum(), finite.sum().to(losses.dtype)])
+        loss_max = torch.where(torch.isfinite(torch.stack(window.loss_maxes)), torch.stack(window.loss_maxes),
+                               -math.inf).max()
         if self.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             dist.all_reduce(loss_max, op=dist.ReduceOp.MAX)
-            loss = loss / self.world_size
+        loss = loss[0] / loss[1] if loss[1] > 0 else torch.tensor(math.nan)
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         spend = self.ledger.spent(self.stage_name)
         peak = self.ledger.peak_tflops
@@ -118,6 +129,7 @@ class MetricsLogger:
             memory_gb=peak_memory_gb(self.device),
             gpu_hours=spend.gpu_hours,
             dollars=spend.dollars,
+            skipped_steps=int(skipped),
             time=time.time(),
         )
         if not self.is_main:
@@ -130,6 +142,8 @@ class MetricsLogger:
         line = (f"[{self.stage_name}] step {step}/{self.total_steps} loss {row['loss']:.4f} "
                 f"grad_norm {row['grad_norm']:.3f} lr {row['lr']:.3g} {row['samples_per_s']:.2f} samples/s "
                 f"MFU {mfu} data_wait {row['data_wait']:.0%} mem {row['memory_gb']:.2f} GB ${row['dollars']:.2f}")
+        if skipped:
+            line += f" | skipped {skipped} non-finite step{'s' if skipped > 1 else ''}"
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         self.print(line)

@@ -16,6 +16,7 @@ Run directory (read by tools/demo.py, tools/cost.py and tools/sample.py)::
 from __future__ import annotations
 
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def stop_on_sigterm(flag: StopFlag):
 
 
 def run_recipe(recipe: RecipeConfig, run_dir: str | Path, dist_info: DistInfo, max_steps: int | None = None,
-               only_stage: str | None = None, stop: StopFlag | None = None) -> str:
+               only_stage: str | None = None, stop: StopFlag | None = None, started: float | None = None) -> str:
     """Trains the stages of ``recipe`` that have not finished, in order.
 
     Args:
@@ -95,10 +96,13 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, dist_info: DistInfo, m
         max_steps: stop the running stage with a checkpoint once it reaches this step.
         only_stage: run this stage alone (it must be able to start: its init, or the previous export, exists).
         stop: a flag another party may set to stop (SIGTERM sets it while this runs).
+        started: ``time.monotonic()`` at process start (train/train.py): the first stage's ledger segment bills
+            from then, each later stage's from the end of the one before. None: from this call.
     Returns:
         "finished" when every stage (or ``only_stage``) is exported; else why it stopped
         ("sigterm", "budget", "max_steps"), after writing a checkpoint.
     """
+    started = time.monotonic() if started is None else started
     run_dir = Path(run_dir)
     names = [s.name for s in recipe.stages]
     if only_stage is not None and only_stage not in names:
@@ -118,11 +122,12 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, dist_info: DistInfo, m
                     print(f"stage '{stage.name}': finished before ({export_dir(run_dir, stage)}), skipped", flush=True)
                 continue
             trainer = Trainer(recipe, stage, run_dir, init_dir_of(recipe, index, run_dir, dist_info), dist_info,
-                              stop=stop, max_steps=max_steps)
+                              stop=stop, max_steps=max_steps, started=started)
             try:
                 reason = trainer.train()
             finally:
                 trainer.close()
+                started = time.monotonic()  # the next stage's start-up bills from here
             if reason != "finished":
                 return reason
     return "finished"

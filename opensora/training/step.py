@@ -6,8 +6,8 @@ One micro-step: encode the batch with the frozen VAE and text encoder (or take c
 generators from (recipe seed, step, micro-step, data-parallel rank), draw the frame-conditioning masks (if the
 recipe asks for them, ``opensora/training/conditioning.py``), turn the engine's gradient sync on for
 the last micro-step only, compute the diffusion loss under the engine's autocast, back-propagate it scaled
-by 1/accum. Then one ``engine.optimizer_step`` (clip, update, clear). Which engine runs is the engine's
-business alone.
+by 1/accum. Then one ``engine.optimizer_step`` (clip, update, clear; skipped when the loss or the gradient norm
+is not finite, ``opensora/training/nonfinite.py``). Which engine runs is the engine's business alone.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from opensora.distributed import Engine
 from opensora.training.conditioning import ConditioningConfig, sample_cond_mask
@@ -94,6 +95,21 @@ class TrainStep:
         self.engine.backward(loss / self.accum)
         return loss.detach()
 
-    def optimizer_step(self) -> torch.Tensor:
-        """Clips, updates and clears the gradients; returns the gradient norm before clipping (on the device)."""
-        return self.engine.optimizer_step(self.max_norm)
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clips, updates and clears the gradients; the update is skipped if the loss or the norm is not finite.
+
+        Args:
+            loss: this rank's micro-step losses (any shape) or None; a non-finite value on any rank skips the
+                step on every rank (one all-reduce of a flag on the device, no host sync).
+        Returns:
+            (the gradient norm before clipping, the 0-dim bool "loss not finite" flag or None), on the device.
+            The step was skipped iff ``nonfinite_flag(norm, loss_flag)``.
+        """
+        found_inf = None
+        if loss is not None:
+            found_inf = ~torch.isfinite(loss.detach()).all()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                flag = found_inf.to(torch.float32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                found_inf = flag.bool()
+        return self.engine.optimizer_step(self.max_norm, found_inf), found_inf

@@ -8,7 +8,8 @@ What one optimizer step does:
    loss of ``opensora.diffusion`` through the parallelized model (caption dropout for classifier-free
    guidance happens inside the model's caption embedder while it is in training mode) — the work of
    ``opensora.training.step.TrainStep``, which ``tools/benchmark.py`` times;
-2. clip the gradient norm and AdamW step (through the engine), LR schedule step, fp32 EMA update;
+2. clip the gradient norm and AdamW step (through the engine), LR schedule step, fp32 EMA update; a step whose
+   loss or gradient norm is not finite changes none of them (``opensora/training/nonfinite.py``);
 3. bookkeeping in Python numbers only (samples, tokens, FLOPs for the ledger); the loss and grad-norm
    tensors stay on the device until the next log step, the only place the loop synchronises
    (``opensora.training.metrics.MetricsLogger`` reduces and writes them).
@@ -35,6 +36,7 @@ from opensora.config import ConfigError, to_dict
 from opensora.data.loader import build_dataloader
 from opensora.diffusion import build_scheduler
 from opensora.distributed import DistInfo, ParallelDims, build_engine
+from opensora.distributed.engines import nonfinite_flag
 from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
 from opensora.models.stdit import STDiT
 from opensora.training.config import (
@@ -50,7 +52,8 @@ from opensora.training.config import (
 from opensora.training.ema import EMA
 from opensora.training.init import load_init_checkpoint
 from opensora.training.metrics import MetricsLogger
-from opensora.training.optim import build_lr_scheduler, build_optimizer
+from opensora.training.nonfinite import NonFiniteError, NonFiniteTracker
+from opensora.training.optim import apply_schedule_config, build_lr_scheduler, build_optimizer, set_schedule_position
 from opensora.training.step import TrainStep
 from opensora.training.validation import Validator, colour_motion_scorer, validation_data_config
 
@@ -76,10 +79,12 @@ class Trainer:
         dist_info: from ``opensora.distributed.init_distributed``.
         stop: shared flag a signal handler sets (reason "sigterm").
         max_steps: stop with a checkpoint once the stage has reached this step (None: the stage's ``steps``).
+        started: ``time.monotonic()`` when the process (or this stage, after an earlier one in the same process)
+            started: the ledger bills from then. None: now.
     """
 
     def __init__(self, recipe: RecipeConfig, stage: StageConfig, run_dir: Path, init_dir: Path, dist_info: DistInfo,
-                 stop: StopFlag | None = None, max_steps: int | None = None):
+                 stop: StopFlag | None = None, max_steps: int | None = None, started: float | None = None):
         self.recipe, self.stage, self.dist = recipe, stage, dist_info
         self.run_dir, self.init_dir = Path(run_dir), Path(init_dir)
         self.stage_dir = self.run_dir / stage.name
@@ -92,65 +97,74 @@ class Trainer:
         self.micro_batch, self.accum = self._batch_split()
         self.autoencoder = recipe_autoencoder(recipe)  # the loaded VAE is checked against it; latents are counted by it
 
-        # 1. Model (fp32 master weights), encoders and the objective.
-        bundle = load_bundle_config(self.init_dir)
-        self.bundle_config = BundleConfig(vae=bundle.vae, text_encoder=bundle.text_encoder, diffusion=recipe.diffusion)
-        model_dir = resolve_path(self.init_dir, bundle.model_dir)
-        model = STDiT.from_pretrained(model_dir)
-        self.model_config = stage_model_config(stage, model.config)
-        if self.model_config != model.config:
-            model = STDiT.from_pretrained(model_dir, **stage.model_overrides)
-        if stage.init.checkpoint is not None:
-            load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
-        self.diffusion = build_scheduler(recipe.diffusion, **(asdict(recipe.rflow) if recipe.diffusion == "rflow" else {}))
-        self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
-        self.validation = stage_validation_config(recipe, stage)
-        self._identity = None
-        # Under SP, the gloo group in which the loaders of one SP group agree on the clips they loaded.
-        self._agree_group = new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None
-        if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
-            self.vae, self.text_encoder = self._build_encoders(bundle, model)
-
-            # 2. Data: this data-parallel rank's loader; its sampler's state is the data position.
-            data_cfg = stage_data_config(recipe, stage)
-            identity = None
-            if data_cfg.cache_dir is not None:
-                from opensora.data.latent_cache import encoder_identity
-
-                identity = self._identity = encoder_identity(self.vae, self.text_encoder)
-                self.vae = self.text_encoder = None  # training reads cached latents: free the encoders' memory
-            self.loader, self.sampler = build_dataloader(
-                data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
-                failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
-                pin_memory=self.device.type == "cuda",
-                agree_group=self._agree_group,
-                autoencoder=self.autoencoder, holdout=recipe_holdout(recipe),  # no stage trains on validation clips
-            )
-
-        # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
-        self.engine = build_engine(recipe.parallel, dist_info)
-        optimizer = build_optimizer(model, recipe.optim, stage.lr, self.device)
-        self.model_fn, self.optimizer = self.engine.prepare(model, optimizer)
-        self.model = self.engine.unwrap()
-        self.model.train()
-        self.lr_scheduler = build_lr_scheduler(self.engine.schedule_optimizer, stage)
-        self.steps = TrainStep(self.engine, self.diffusion, vae=self.vae, text_encoder=self.text_encoder,
-                               accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
-                               grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning)
-        self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
-        self.validator = None
-        if self.validation.enabled and stage.steps > 0:
-            try:
-                self.validator = self._build_validator()
-            except (FileNotFoundError, ValueError) as err:  # a missing manifest / prompt file, no held-out clip
-                raise ConfigError(f"stage '{stage.name}': validation: {err}") from err
-
-        # 4. Checkpoints, cost ledger, logs.
+        # 0. The cost ledger first: start-up (loading the model, encoders, data and checkpoint) is paid time.
         self.ckpt = CheckpointManager(self.stage_dir / "checkpoints", keep=recipe.logging.keep_checkpoints)
         acc = recipe.accounting
         self.ledger = Ledger(self.run_dir, stage.name, num_gpus=dist_info.world_size, gpu_type=acc.gpu_type,
                              price_per_gpu_hour=acc.price_per_gpu_hour, heartbeat_s=acc.heartbeat_s,
                              enabled=self.is_main)
+        self.ledger.start_segment(self.ckpt.latest_step() or 0,
+                                  started=time.monotonic() if started is None else started)
+        try:
+            # 1. Model (fp32 master weights), encoders and the objective.
+            bundle = load_bundle_config(self.init_dir)
+            self.bundle_config = BundleConfig(vae=bundle.vae, text_encoder=bundle.text_encoder, diffusion=recipe.diffusion)
+            model_dir = resolve_path(self.init_dir, bundle.model_dir)
+            model = STDiT.from_pretrained(model_dir)
+            self.model_config = stage_model_config(stage, model.config)
+            if self.model_config != model.config:
+                model = STDiT.from_pretrained(model_dir, **stage.model_overrides)
+            if stage.init.checkpoint is not None:
+                load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
+            self.diffusion = build_scheduler(recipe.diffusion, **(asdict(recipe.rflow) if recipe.diffusion == "rflow" else {}))
+            self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
+            self.validation = stage_validation_config(recipe, stage)
+            self._identity = None
+            # Under SP, the gloo group in which the loaders of one SP group agree on the clips they loaded.
+            self._agree_group = new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None
+            if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
+                self.vae, self.text_encoder = self._build_encoders(bundle, model)
+
+                # 2. Data: this data-parallel rank's loader; its sampler's state is the data position.
+                data_cfg = stage_data_config(recipe, stage)
+                identity = None
+                if data_cfg.cache_dir is not None:
+                    from opensora.data.latent_cache import encoder_identity
+
+                    identity = self._identity = encoder_identity(self.vae, self.text_encoder)
+                    self.vae = self.text_encoder = None  # training reads cached latents: free the encoders' memory
+                self.loader, self.sampler = build_dataloader(
+                    data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
+                    failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
+                    pin_memory=self.device.type == "cuda",
+                    agree_group=self._agree_group,
+                    autoencoder=self.autoencoder, holdout=recipe_holdout(recipe),  # no stage trains on validation clips
+                )
+
+            # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
+            self.engine = build_engine(recipe.parallel, dist_info)
+            optimizer = build_optimizer(model, recipe.optim, stage.lr, self.device)
+            self.model_fn, self.optimizer = self.engine.prepare(model, optimizer)
+            self.model = self.engine.unwrap()
+            self.model.train()
+            self.lr_scheduler = build_lr_scheduler(self.engine.schedule_optimizer, stage)
+            self.steps = TrainStep(self.engine, self.diffusion, vae=self.vae, text_encoder=self.text_encoder,
+                                   accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
+                                   grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning)
+            self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
+            self.nonfinite = NonFiniteTracker(self.device, recipe.optim.max_nonfinite_steps)
+            self.validator = None
+            if self.validation.enabled and stage.steps > 0:
+                try:
+                    self.validator = self._build_validator()
+                except (FileNotFoundError, ValueError) as err:  # a missing manifest / prompt file, no held-out clip
+                    raise ConfigError(f"stage '{stage.name}': validation: {err}") from err
+
+        except BaseException:  # a start-up that dies is billed up to here
+            self.ledger.end_segment("error", self.ckpt.latest_step() or 0)
+            raise
+
+        # 4. Logs.
         self.metrics = MetricsLogger(self.stage_dir, self.run_dir.name, stage.name, stage.steps, recipe.logging,
                                      to_dict(recipe), self.ledger, dist_info.world_size, self.device, self.is_main)
         self._flops_cache: dict[tuple[int, int, int], float] = {}
@@ -260,11 +274,51 @@ class Trainer:
         self.ckpt.load(self.state_dict())
         self._batches = None  # the next batch comes from the restored position
         self.metrics.print(f"stage '{self.stage.name}': resumed from step {self.step} ({self.ckpt.path(self.step)})")
+        # The schedule counts applied updates: the steps it is behind the step counter were skipped (non-finite).
+        self.nonfinite.skipped = self.step - self.lr_scheduler.last_epoch
+        changes = apply_schedule_config(self.engine.schedule_optimizer, self.lr_scheduler, self.stage, self.recipe.optim)
+        if changes:
+            self.metrics.print(f"stage '{self.stage.name}': resumed with changed settings (checkpoint -> recipe): "
+                               f"{', '.join(changes)}")
 
     def save(self) -> None:
-        """Writes a checkpoint of the current step and records it in the ledger (collective)."""
+        """Writes a checkpoint of the current step and records it in the ledger (collective).
+
+        Raises NonFiniteError instead of writing a weight, EMA or moment that is not finite.
+        """
+        self._sync_nonfinite()
+        self._check_finite("checkpoint")
         self.ckpt.save(self.step, self.state_dict())
         self.ledger.checkpoint_saved(self.step)
+
+    def _sync_nonfinite(self) -> None:
+        """Reads the skipped-step counters (a sync point), corrects the schedule, stops a diverged run."""
+        before = self.nonfinite.skipped
+        self.nonfinite.sync()
+        if self.nonfinite.skipped != before:
+            self.ledger.steps_skipped(self.nonfinite.skipped - before)
+        set_schedule_position(self.lr_scheduler, self.step - self.nonfinite.skipped)
+
+    def _check_finite(self, what: str) -> None:
+        """Refuses to write state that is not finite (collective: the ranks agree on the answer).
+
+        Skipped steps keep every weight finite; this is the last line of defence, one pass over the weights per
+        checkpoint, so that nothing on disk can ever hold a NaN or an inf.
+        """
+        bad = []
+        tensors = {"weight": self.model.parameters(), "EMA weight": iter(self.ema.shadow)}
+        flags = torch.zeros(len(tensors), device=self.device)
+        for i, group in enumerate(tensors.values()):
+            for t in group:
+                local = t.to_local() if hasattr(t, "to_local") else t
+                if local.numel():
+                    flags[i] = torch.maximum(flags[i], (~torch.isfinite(local.detach())).any().float())
+        if self.dist.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = [name for name, flag in zip(tensors, flags.tolist()) if flag]
+        if bad:
+            raise NonFiniteError(f"stage '{self.stage.name}': not writing the {what} of step {self.step}: a "
+                                 f"{' and an '.join(bad)} is not finite")
 
     # -- one step ------------------------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict, float]:
@@ -301,11 +355,19 @@ class Trainer:
             tokens += n * self._tokens(latent)
             flops += n * self._flops(latent)
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
-        grad_norm = self.steps.optimizer_step()
-        self.lr_scheduler.step()
-        self.step += 1
-        self.ema.update(self.step)
         loss = torch.stack(losses)
+        grad_norm, loss_bad = self.steps.optimizer_step(loss)
+        self.step += 1
+        norm_bad = nonfinite_flag(grad_norm)
+        self.nonfinite.add(self.step, loss_bad, norm_bad)
+        if self.engine.skips_on_device:  # the skip is known on the device only: gate the EMA there
+            self.ema.update(self.step, keep=~nonfinite_flag(grad_norm, loss_bad))
+            set_schedule_position(self.lr_scheduler, self.step - self.nonfinite.skipped)  # corrected at sync points
+        else:  # the engine read the flag on the host already: reading the counters costs nothing more
+            before = self.nonfinite.skipped
+            self._sync_nonfinite()
+            if self.nonfinite.skipped == before:
+                self.ema.update(self.step)
         scale = self.dims.dp_size  # every data-parallel rank did the same amount of work
         return dict(loss=loss.mean(), loss_max=loss.max(), grad_norm=grad_norm, lr=lr, data_wait=wait,
                     samples=samples * scale, tokens=tokens * scale, flops=flops * scale)
@@ -338,13 +400,13 @@ class Trainer:
         Returns:
             the ledger end reason: "finished", "sigterm", "budget" or "max_steps".
         """
-        self.resume()
-        self.ledger.start_segment(self.step)
         target = self.stage.steps if self.max_steps is None else min(self.stage.steps, self.max_steps)
-        self.metrics.open(self.step)
         log_every = self.recipe.logging.log_every
         reason = None
         try:
+            self.resume()
+            self.ledger.startup_done(self.step)  # the segment opened in __init__: start-up is billed
+            self.metrics.open(self.step)
             self.validate()  # step 0 (at_start), or a point a killed run did not finish before its checkpoint
             while reason is None:
                 reason = self._should_stop(target, check_all=self.step % log_every == 0)
@@ -354,7 +416,8 @@ class Trainer:
                 self.ledger.update(self.step, out["samples"], out["tokens"], out["flops"])
                 self.metrics.add(out)
                 if self.step % log_every == 0 or self.step == target:
-                    self.metrics.log(self.step)  # the loop's one sync point
+                    self._sync_nonfinite()
+                    self.metrics.log(self.step, skipped=self.nonfinite.take_window())  # the loop's one sync point
                 self.validate()  # before the checkpoint: a checkpoint at a validation point implies it ran
                 if self.step % self.recipe.logging.ckpt_every == 0 and self.step < target:
                     with self.metrics.paused():  # samples/s and MFU measure training only
@@ -364,6 +427,11 @@ class Trainer:
             if reason == "finished":
                 self.export()
             self.ledger.end_segment(reason, self.step)
+        except NonFiniteError as err:  # diverged: no checkpoint of this state; the last one is the one to resume
+            self.ledger.end_segment("nonfinite", self.step)
+            last = self.ckpt.latest_step()
+            raise NonFiniteError(f"stage '{self.stage.name}' stopped at step {self.step}: {err}. Latest checkpoint: "
+                                 f"{'step ' + str(last) if last is not None else 'none (the stage starts over)'}") from None
         except BaseException:
             self.ledger.end_segment("error", self.step)
             raise
@@ -401,6 +469,7 @@ class Trainer:
 
     def export(self) -> Path:
         """Writes ``<stage>/export``: a pipeline bundle of the EMA weights (``bundle.yaml`` last). Collective."""
+        self._check_finite("export")
         state = {**self.model.state_dict(), **self.ema.state_dict()}  # buffers from the model, weights averaged
         out = export_bundle(state, self.model_config, self.bundle_config, self.stage_dir / "export",
                             copy_from=self.init_dir)
