@@ -5,7 +5,10 @@ A stage is a plain function ``fn(row, cfg) -> list[row]`` (see :class:`Stage`). 
 1. reads the input manifest and the output's *journal* (``OUTPUT.journal.jsonl``): one JSON line per
    finished input row, appended and fsync'd by this (the driver) process as results arrive, so that
    after ``kill -9`` a re-run skips exactly the rows that finished and redoes the rest - no duplicate,
-   no lost row (a half-written last line is cut off);
+   no lost row (a half-written last line is cut off). Each entry carries the row's *fingerprint*: a hash
+   of the stage's output settings (:func:`~data_pipeline.config.output_settings`) and one of the input
+   row. A re-run redoes a row whose fingerprint changed (other settings, or an input row an earlier stage
+   changed, so a change flows downstream) and keeps the others;
 2. passes through rows that an earlier stage marked failed/rejected (counted as skipped);
 3. runs the rest on a local process pool (``executor=local``), in this process (``workers=0``) or as
    Ray tasks (``executor=ray``), a batch of ``batch_rows`` rows per task;
@@ -40,7 +43,9 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 from tqdm import tqdm
 
-from data_pipeline.config import RunnerConfig
+import hashlib
+
+from data_pipeline.config import RunnerConfig, output_settings
 from data_pipeline.rows import Reject, Row, plain, plain_row
 from opensora.data.manifest import OK_STATUS, read_manifest, write_manifest
 
@@ -107,6 +112,34 @@ def systemic_cause(code: int, path: str | None, out_dirs: Iterable[str | Path]) 
     if code == errno.EIO and path is not None and any(Path(path).is_relative_to(d) for d in dirs):
         return f"{OUTPUT_SYSTEMIC[code]} ({name})"
     return None
+
+
+def _canonical(value: Any) -> Any:
+    """A value as it hashes: plain Python, whole floats as ints (a column with a gap reads back as float)."""
+    value = plain(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(_canonical(data), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def settings_fingerprint(stage: Stage) -> str:
+    """Hash of the stage's name and the settings that can change its output (not workers, devices, retries)."""
+    return _digest({"stage": stage.name, "settings": output_settings(stage.cfg)})
+
+
+def row_fingerprint(row: Row) -> str:
+    """Hash of an input row's values; a missing column and a missing value are the same (columns come and go
+    with the other rows of a manifest)."""
+    return _digest({k: v for k, v in plain_row(row).items() if v is not None})
 
 
 def _error_text(err: BaseException) -> str:
@@ -237,6 +270,8 @@ class Summary:
     rows_out: int = 0
     resumed: int = 0
     upstream: int = 0
+    redone_settings: int = 0  # journaled rows run again because the stage's output settings changed
+    redone_input: int = 0  # ... because their input row changed (an earlier stage redid it)
     failed: int = 0
     rejected: int = 0
     reasons: collections.Counter = field(default_factory=collections.Counter)
@@ -245,6 +280,8 @@ class Summary:
     def __str__(self) -> str:
         parts = [
             f"{self.stage}: {self.rows_in} rows in {self.seconds:.1f}s",
+            f"redone {self.redone_settings + self.redone_input} (settings changed: {self.redone_settings}, "
+            f"input changed: {self.redone_input})",
             f"done {self.done}",
             f"skipped {self.resumed + self.upstream} (finished before: {self.resumed}, failed upstream: {self.upstream})",
             f"failed {self.failed}",
@@ -277,8 +314,9 @@ class _Sink:
     """The driver's side of results: journals the finished rows of each batch and notes the first systemic
     failure (:func:`systemic_cause`) in ``stopped``, after which the executors submit nothing more."""
 
-    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm):
+    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm, fingerprints: dict[str, dict]):
         self.stage, self.journal, self.out_dirs, self.bar = stage, journal, out_dirs, bar
+        self.fingerprints = fingerprints  # row id -> {"settings", "row"}, written with its entry
         self.stopped: str | None = None
         self.journaled = 0
 
@@ -288,7 +326,7 @@ class _Sink:
             oserror = entry.pop("oserror", None)
             cause = None if oserror is None else systemic_cause(*oserror, self.out_dirs)
             if cause is None:
-                finished.append(entry)
+                finished.append({**entry, "fingerprint": self.fingerprints[entry["id"]]})
             elif self.stopped is None:
                 where = oserror[1] or " / ".join(str(d) for d in self.out_dirs)
                 self.stopped = f"{cause} at {where} (row {entry['id']}: {entry['error']})"
@@ -406,20 +444,30 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
     summary = Summary(stage=stage.name, rows_in=len(rows))
     todo: list[Row] = []
     upstream: set[str] = set()
+    settings = settings_fingerprint(stage)
+    fingerprints: dict[str, dict] = {}
     for row in rows:
         if _upstream_failure(row, stage.name):
             upstream.add(row["id"])
             summary.upstream += 1
             continue
+        fingerprint = fingerprints[row["id"]] = {"settings": settings, "row": row_fingerprint(row)}
         entry = journal.entries.get(row["id"])
-        if entry is not None and not (cfg.retry_failed and entry["status"] == "failed"):
-            summary.resumed += 1
-            continue
+        if entry is not None:
+            # An entry of a version without fingerprints: the settings it was made with are unknown.
+            before = entry.get("fingerprint") or {"settings": None, "row": None}
+            if before["settings"] != settings:
+                summary.redone_settings += 1
+            elif before["row"] != fingerprint["row"]:
+                summary.redone_input += 1
+            elif not (cfg.retry_failed and entry["status"] == "failed"):
+                summary.resumed += 1
+                continue
         todo.append(row)
 
     bar = tqdm(total=len(todo), desc=stage.name, unit="row", disable=not cfg.progress, file=sys.stderr)
     out_dirs = [Path(d).resolve() for d in stage.out_dirs] + [Path(output).resolve().parent]
-    on_result = _Sink(stage, journal, out_dirs, bar)
+    on_result = _Sink(stage, journal, out_dirs, bar, fingerprints)
     batches = _batches(todo, cfg.batch_rows)
     try:
         if cfg.executor == "ray":
