@@ -47,12 +47,16 @@ class RunnerConfig:
     batch_rows: int = _f(1, "rows sent to a worker at once (caption batches on top of this)")
     retry_failed: bool = _f(False, "on a re-run, run rows that failed last time again (default: keep their record)")
     progress: bool = _f(True, "show a tqdm progress bar")
+    max_failed_share: float = _f(0.5, "a stage that fails more than this share of the rows it ran exits non-zero "
+                                 "(status 4; run stops before the next stage); 1 = never")
 
     def __post_init__(self):
         if self.executor not in ("local", "ray"):
             raise ValueError(f"runner.executor must be 'local' or 'ray', got {self.executor!r}")
         if self.workers < 0 or self.batch_rows < 1:
             raise ValueError("runner.workers must be >= 0 and runner.batch_rows >= 1")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ValueError(f"runner.max_failed_share must be in [0, 1], got {self.max_failed_share}")
 
 
 @dataclass

@@ -15,7 +15,8 @@ A stage is a plain function ``fn(row, cfg) -> list[row]`` (see :class:`Stage`). 
 4. turns an exception on a row into a failure record (``<stage>_status=failed``, ``<stage>_error``)
    and :class:`~data_pipeline.rows.Reject` into ``rejected``; the run goes on - unless the exception is
    *systemic* (:func:`systemic_cause`: a full disk or quota, a read-only or vanished output folder, an I/O
-   error on output), which would fail every remaining row the same way: then the stage stops submitting,
+   error on output) or an error of the set-up (:func:`setup_cause`: a missing model folder, a broken CUDA
+   context), which would fail every remaining row the same way: then the stage stops submitting,
    journals what the rows in flight finished, leaves the systemic rows out of the journal (a re-run redoes
    them) and raises :class:`SystemicError`; a failed journal write stops it the same way;
 5. writes the output manifest atomically and prints a summary line
@@ -46,12 +47,13 @@ from tqdm import tqdm
 import hashlib
 
 from data_pipeline.config import RunnerConfig, output_settings
-from data_pipeline.rows import Reject, Row, plain, plain_row
+from data_pipeline.rows import Reject, Row, SetupError, plain, plain_row
 from opensora.data.manifest import OK_STATUS, read_manifest, write_manifest
 
 BatchResult = list[dict]
 """Per input row of a batch: ``{"id", "status", "error", "rows"}``, and ``"oserror": (errno, path)`` on a
-failure caused by an ``OSError`` (the driver classifies it and removes the key before journaling)."""
+failure caused by an ``OSError``, ``"setup": reason`` on an error of the set-up (:func:`setup_cause`); the
+driver classifies them and removes the keys before journaling."""
 
 # Errors of the storage rather than of the row: every later row would fail the same way, so a row that
 # raises one stops its batch at once. ENOENT and EIO are systemic only where they concern the output
@@ -61,8 +63,29 @@ ALWAYS_SYSTEMIC = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk 
 OUTPUT_SYSTEMIC = {errno.ENOENT: "output folder vanished", errno.EIO: "I/O error on the output storage"}
 
 
+# A broken CUDA context (a device-side assert, a lost device, a driver error) fails every later row on that
+# process: every CUDA call after it fails. Out-of-memory is left to the row (a smaller batch may fit).
+CUDA_BROKEN = re.compile(r"CUDA error|CUDA driver|cuDNN error|CUBLAS_STATUS_|NCCL error|device-side assert")
+
+
+def setup_cause(err: BaseException) -> str | None:
+    """Why ``err`` is an error of the stage's set-up rather than of the row (a :class:`SetupError`, a broken
+    CUDA context), or None. Looks through the chain, as a stage may wrap it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = _error_text(err)
+        if isinstance(err, SetupError):
+            return text
+        if (type(err).__name__ == "AcceleratorError" or CUDA_BROKEN.search(text)) and "out of memory" not in text:
+            return f"the CUDA context is broken: {text}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class SystemicError(RuntimeError):
-    """A stage stopped on an error of its storage (disk full, read-only, output folder gone), not of a row.
+    """A stage stopped on an error of its storage (disk full, read-only, output folder gone) or of its set-up
+    (a missing model folder, a broken CUDA context: :func:`setup_cause`), not of a row.
 
     ``python -m data_pipeline`` exits with status 3 on it. The journal holds every row that finished; a
     re-run after the cause is fixed redoes the rest.
@@ -160,6 +183,9 @@ def _record(stage: str, row_in: Row, outcome: list[Row] | BaseException) -> dict
         oserror = _oserror(outcome)
         if oserror is not None:
             entry["oserror"] = oserror
+        setup = setup_cause(outcome)
+        if setup is not None:
+            entry["setup"] = setup
         return entry
     rows = [{**plain_row(r), status_col: OK_STATUS, error_col: None} for r in outcome]
     return {"id": row_in["id"], "status": OK_STATUS, "error": None, "rows": rows}
@@ -172,7 +198,9 @@ def _systemic(oserror: Any) -> bool:
 
 def _stops(outcome: Any) -> bool:
     """Whether a row's outcome is an error that fails every later row too (its batch stops there)."""
-    return _systemic(_oserror(outcome) if isinstance(outcome, BaseException) else None)
+    if not isinstance(outcome, BaseException):
+        return False
+    return _systemic(_oserror(outcome)) or setup_cause(outcome) is not None
 
 
 def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
@@ -192,7 +220,7 @@ def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
                 result: BatchResult = []
                 for row in rows:
                     result += process_batch(stage, [row])
-                    if _systemic(result[-1].get("oserror")):
+                    if _systemic(result[-1].get("oserror")) or "setup" in result[-1]:
                         break
                 return result
     else:
@@ -294,6 +322,22 @@ class Summary:
         return line
 
 
+class FailureShareError(RuntimeError):
+    """A stage failed more than ``runner.max_failed_share`` of the rows it ran: its manifest and journal are
+    written (the failures are the rows' own), but something is likely wrong with the inputs or the set-up.
+    ``python -m data_pipeline`` exits with status 4 on it; ``run`` stops before the next stage."""
+
+
+def check_failure_share(summary: Summary, cfg: RunnerConfig) -> None:
+    """Raises :class:`FailureShareError` when ``summary``'s failed rows exceed ``cfg.max_failed_share`` of
+    the rows the stage ran in this run (rejected rows are decisions, not failures, but count as ran)."""
+    ran = summary.done + summary.failed + summary.rejected
+    if ran and summary.failed > cfg.max_failed_share * ran:
+        raise FailureShareError(
+            f"{summary.stage}: {summary.failed} of the {ran} rows it ran failed, more than runner.max_failed_share="
+            f"{cfg.max_failed_share:g}; the manifest is written, see <stage>_error for why ({summary})")
+
+
 def _reason_key(error: str) -> str:
     """Groups reasons that differ only in numbers (sizes, scores) for the summary line."""
     return re.sub(r"\d+(?:\.\d+)?", "N", error)[:80]
@@ -323,9 +367,12 @@ class _Sink:
     def __call__(self, entries: BatchResult) -> None:
         finished = []
         for entry in entries:
-            oserror = entry.pop("oserror", None)
+            oserror, setup = entry.pop("oserror", None), entry.pop("setup", None)
             cause = None if oserror is None else systemic_cause(*oserror, self.out_dirs)
-            if cause is None:
+            if setup is not None:
+                if self.stopped is None:
+                    self.stopped = f"an error of its set-up, not of a row (row {entry['id']}): {setup}"
+            elif cause is None:
                 finished.append({**entry, "fingerprint": self.fingerprints[entry["id"]]})
             elif self.stopped is None:
                 where = oserror[1] or " / ".join(str(d) for d in self.out_dirs)
