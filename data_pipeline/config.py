@@ -70,6 +70,10 @@ class DownloadConfig:
     timeout_s: float = _f(30.0, "socket timeout of one HTTP read", output=False)
     chunk_bytes: int = _f(1 << 20, "bytes read per HTTP chunk", output=False)
     max_bytes: int = _f(0, "refuse files larger than this (0 = no limit)")
+    allow_local: bool = _f(False, "copy file:// URLs and bare paths of a URL list (default: refused; a folder "
+                           "input is the way to bring local files)")
+    allow_private_hosts: bool = _f(False, "fetch from hosts that resolve to loopback, link-local or private "
+                                   "addresses (default: refused, redirects included)")
     ytdlp_format: str = _f("bv*[height<=720]+ba/b[height<=720]/b", "yt-dlp format selector")
     video_extensions: list = _f(
         [".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".flv", ".ts", ".mpg", ".mpeg"],

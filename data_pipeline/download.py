@@ -2,8 +2,13 @@
 
 - direct links (``http(s)://`` ending in a video extension, or ``method=http``): urllib with retries,
   exponential back-off and HTTP ``Range`` resume from a ``.part`` file that survives crashes and re-runs;
-- ``file://`` URLs and plain local paths: copied;
-- anything else (site pages): yt-dlp through its Python API (never a shell command).
+- anything else (site pages): yt-dlp through its Python API (never a shell command);
+- a row without a ``url`` (a folder input's ``path``): copied.
+
+A ``url`` means a remote URL: ``file://`` and bare paths are refused unless ``allow_local``, and so is any
+host that resolves to a loopback, link-local, private or otherwise non-global address unless
+``allow_private_hosts`` - checked on the addresses the connection then uses, for every redirect too, before
+any connection is made. A refusal rejects the row with the reason (:class:`Refused`).
 
 File names are ``<hash of url>_<sanitised name>``: no separators (no path traversal), and two URLs that end
 in the same name cannot overwrite each other. Finished files appear by ``os.replace`` only.
@@ -11,7 +16,9 @@ in the same name cannot overwrite each other. Finished files appear by ``os.repl
 
 from __future__ import annotations
 
+import functools
 import http.client
+import ipaddress
 import os
 import re
 import shutil
@@ -24,7 +31,7 @@ from pathlib import Path
 
 from data_pipeline.config import DownloadConfig
 from data_pipeline.media import safe_name
-from data_pipeline.rows import Row, is_missing
+from data_pipeline.rows import Reject, Row, is_missing
 from opensora.data.manifest import row_id
 from opensora.utils import atomic_write_path, file_sha256
 
@@ -33,6 +40,102 @@ USER_AGENT = "opensora-lite-data-pipeline/0.1"
 
 class DownloadError(RuntimeError):
     """A download that cannot succeed (4xx, too large, gave up after retries); the message says why."""
+
+
+class Refused(Reject):
+    """A URL this configuration does not fetch (a local file, a private address): the row is rejected with why."""
+
+
+def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What kind of non-public address ``ip`` is (``"link-local"``, ``"private"``...), or None for a global one."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-global"
+
+
+def resolve_host(host: str, port: int, cfg: DownloadConfig) -> list[tuple]:
+    """``getaddrinfo`` of ``host``; raises :class:`Refused` when one of its addresses is not public (unless
+    ``cfg.allow_private_hosts``). Resolving makes no connection to the host."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise DownloadError(f"cannot resolve {host}: {err}") from err
+    if not cfg.allow_private_hosts:
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            kind = address_refusal(ip)
+            if kind is not None:
+                where = f"{host} resolves to {ip}" if host.strip("[]") != str(ip) else str(ip)
+                raise Refused(f"refused: {where}, a {kind} address (download.allow_private_hosts is off)")
+    return infos
+
+
+def _guarded_connect(cfg: DownloadConfig, address: tuple, timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
+                     source_address=None, *args) -> socket.socket:
+    """``socket.create_connection`` that connects only to addresses :func:`resolve_host` let through (the
+    same lookup: a second one could answer differently)."""
+    host, port = address
+    last: OSError | None = None
+    for family, type_, proto, _, sockaddr in resolve_host(host, port, cfg):
+        sock = socket.socket(family, type_, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    raise last if last is not None else OSError(f"no address for {host}")
+
+
+def _guarded(connection_class: type, cfg: DownloadConfig):
+    """A factory of ``connection_class`` instances (HTTP or HTTPS) that connect through :func:`_guarded_connect`."""
+    def make(*args, **kwargs):
+        conn = connection_class(*args, **kwargs)
+        conn._create_connection = functools.partial(_guarded_connect, cfg)
+        return conn
+    return make
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, cfg: DownloadConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def http_open(self, req):
+        return self.do_open(_guarded(http.client.HTTPConnection, self.cfg), req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, cfg: DownloadConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def https_open(self, req):
+        return self.do_open(_guarded(http.client.HTTPSConnection, self.cfg), req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only (each one's host is checked when it connects)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlparse(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise Refused(f"refused: redirect to a {scheme or 'local'} URL: {newurl[:200]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def opener(cfg: DownloadConfig) -> urllib.request.OpenerDirector:
+    """urllib with the host checks on every connection, redirects included. No proxy from the environment:
+    through a proxy, the address checked would be the proxy's, not the host's."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _GuardedHTTPHandler(cfg),
+                                       _GuardedHTTPSHandler(cfg), _RedirectHandler())
 
 
 class _Transient(Exception):
@@ -72,7 +175,7 @@ def _http_attempt(url: str, part: Path, cfg: DownloadConfig) -> None:
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=cfg.timeout_s) as resp:
+        with opener(cfg).open(request, timeout=cfg.timeout_s) as resp:
             if have and resp.status != 206:  # the server ignored Range: start over
                 have = 0
             total = _content_total(resp, have)
@@ -183,17 +286,40 @@ def _method(url: str, cfg: DownloadConfig) -> str:
     return "ytdlp"
 
 
+def _check_url(url: str, method: str, cfg: DownloadConfig) -> None:
+    """Raises :class:`Refused` for a URL-list entry this configuration does not fetch: a local file (unless
+    ``allow_local``), a scheme other than http(s), a host with a non-public address (unless
+    ``allow_private_hosts``; yt-dlp's own requests after the page URL are not checked)."""
+    if method == "file":
+        if not cfg.allow_local:
+            raise Refused("refused: a local file in a URL list (a folder input, or download.allow_local: true)")
+        return
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme.lower() not in ("http", "https"):
+        raise Refused(f"refused: {parsed.scheme}: URLs are not downloaded (http and https only)")
+    if not parsed.hostname:
+        raise DownloadError(f"bad URL: no host in {url[:200]}")
+    try:
+        port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+    except ValueError as err:
+        raise DownloadError(f"bad URL: {err}") from err
+    resolve_host(parsed.hostname, port, cfg)
+
+
 def download(row: Row, cfg: DownloadConfig) -> list[Row]:
     """Stage function: fetches ``row['url']`` and sets ``path``, ``source``, ``download_size``, ``download_sha256``."""
     url = row.get("url")
-    if is_missing(url):
+    from_list = not is_missing(url)  # a URL list means remote URLs; a folder input's rows carry a path
+    if not from_list:
         if is_missing(row.get("path")):
             raise DownloadError("row has neither url nor path")
         url = row["path"]
     url = str(url).strip()
+    method = _method(url, cfg)
+    if from_list:
+        _check_url(url, method, cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    method = _method(url, cfg)
     if method == "ytdlp":
         dest = ytdlp_download(url, out_dir, cfg)
     else:

@@ -1,0 +1,142 @@
+"""URL lists: remote URLs only, no private hosts, bounded downloads, one download per URL (issue 24, items 3-5).
+
+The network cases use a local HTTP server on 127.0.0.1 (so they set ``allow_private_hosts``, or let loopback
+through a patched check); nothing else is contacted: refusals of other addresses happen before any connection,
+which the ``connections`` fixture asserts.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import download as dl
+from data_pipeline.config import DownloadConfig, RunnerConfig
+from data_pipeline.pipeline import make_stage
+from data_pipeline.runner import run_stage
+from opensora.data.manifest import read_manifest
+
+PAYLOAD = bytes(range(256)) * 64  # 16 KiB
+
+
+class Handler(BaseHTTPRequestHandler):
+    """By path: /ok.mp4, /redirect-*.mp4 (302 to the query string's URL)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        name, _, query = self.path.strip("/").partition("?")
+        if name.startswith("redirect"):
+            self.send_response(302)
+            self.send_header("Location", query)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+
+
+@pytest.fixture()
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def connections(monkeypatch):
+    """Every address a client socket connects to; a connection anywhere but 127.0.0.1 fails the test."""
+    seen: list = []
+    original = socket.socket.connect
+
+    def connect(self, address):
+        seen.append(address)
+        assert address[0] == "127.0.0.1", f"a connection to {address} was made"
+        return original(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen
+
+
+def _cfg(tmp_path, **kw) -> DownloadConfig:
+    return DownloadConfig(out_dir=str(tmp_path / "videos"), retries=1, backoff_s=0.01, timeout_s=2.0, **kw)
+
+
+def _run(tmp_path, urls: list[str], cfg: DownloadConfig, workers: int = 0):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+    out = tmp_path / "d.parquet"
+    summary = run_stage(make_stage("download", cfg, out), _manifest(tmp_path / "urls.txt"), out,
+                        RunnerConfig(workers=workers, progress=False))
+    return summary, read_manifest(out, usable_only=False)
+
+
+def _manifest(path: Path):
+    from data_pipeline.sources import resolve_input
+
+    return resolve_input(path)
+
+
+def test_a_url_list_does_not_reach_local_files(tmp_path, connections):
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"-----BEGIN PRIVATE KEY-----")
+    urls = [secret.as_uri(), str(secret)]
+    summary, df = _run(tmp_path, urls, _cfg(tmp_path, method="http"))
+    assert (summary.done, summary.rejected) == (0, 2)
+    assert df["download_status"].tolist() == ["rejected", "rejected"]
+    assert all(e.startswith("refused: a local file in a URL list") for e in df["download_error"])
+    assert not (tmp_path / "videos").exists() or not any((tmp_path / "videos").iterdir())
+    # An explicit allow_local copies them (a different setting: the rows are redone, not kept rejected).
+    summary, df = _run(tmp_path, urls, _cfg(tmp_path, method="http", allow_local=True))
+    assert summary.done == 2 and Path(df["path"][0]).read_bytes() == secret.read_bytes()
+    assert connections == []
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/iam.mp4", "http://10.0.0.1/a.mp4",
+                                 "http://127.0.0.1:9/a.mp4", "http://[::1]:9/a.mp4", "https://192.168.1.1/x",
+                                 "http://0.0.0.0/a.mp4", "http://[::ffff:10.0.0.1]/a.mp4"])
+@pytest.mark.parametrize("method", ["http", "auto"])
+def test_private_and_internal_hosts_are_refused_before_any_connection(tmp_path, connections, url, method):
+    summary, df = _run(tmp_path, [url], _cfg(tmp_path, method=method))
+    assert summary.rejected == 1, df["download_error"].tolist()
+    assert df["download_error"][0].startswith("refused: ") and "allow_private_hosts" in df["download_error"][0]
+    assert connections == []
+
+
+def test_other_schemes_are_refused(tmp_path, connections):
+    summary, df = _run(tmp_path, ["ftp://example.invalid/a.mp4", "ytsearch:cats"], _cfg(tmp_path))
+    assert summary.rejected == 2 and all(e.startswith("refused: ") for e in df["download_error"])
+    assert connections == []
+
+
+def test_loopback_allowed_when_set_and_redirects_are_checked(tmp_path, server, connections, monkeypatch):
+    summary, df = _run(tmp_path, [f"{server}/ok.mp4"], _cfg(tmp_path, allow_private_hosts=True))
+    assert summary.done == 1 and Path(df["path"][0]).read_bytes() == PAYLOAD
+    # With the check on and loopback let through (the test server), a redirect to a private address is
+    # refused before connecting to it, and so is one to a local file or to another scheme.
+    real = dl.address_refusal
+    monkeypatch.setattr(dl, "address_refusal", lambda ip: None if ip.is_loopback else real(ip))
+    urls = [f"{server}/redirect-a.mp4?http://10.0.0.1/a.mp4", f"{server}/redirect-b.mp4?http://169.254.169.254/b.mp4",
+            f"{server}/redirect-c.mp4?file:///etc/passwd", f"{server}/redirect-d.mp4?{server}/ok.mp4",
+            f"{server}/redirect-e.mp4?ftp://10.0.0.1/e.mp4"]
+    summary, df = _run(tmp_path / "2", urls, _cfg(tmp_path / "2"))
+    errors = df.set_index("url")["download_error"]
+    assert errors[urls[0]].startswith("refused: 10.0.0.1, a private address")
+    assert errors[urls[1]].startswith("refused: 169.254.169.254, a link-local address")
+    assert "file:///etc/passwd' is not allowed" in errors[urls[2]]  # urllib's own check, before ours
+    assert errors[urls[4]].startswith("refused: redirect to a ftp URL")
+    assert df.set_index("url")["download_status"][urls[3]] == "done"
+    assert {a[0] for a in connections} == {"127.0.0.1"}
