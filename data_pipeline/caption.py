@@ -180,11 +180,18 @@ def generate(images: list[list[np.ndarray]], cfg: CaptionConfig, max_new_tokens:
     inputs = processor(images=flat, text=prompts, padding=True, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tokenizer = processor.tokenizer
+    # The model's own stop tokens (its generation config): a chat model ends a turn with its own token
+    # (Llama-3-based LLaVA: <|eot_id|>), which the tokenizer's eos_token may not be; the tokenizer's is the
+    # fallback for a folder whose generation config names none.
+    stop = model.generation_config.eos_token_id
+    stop_ids = sorted({stop} if isinstance(stop, int) else set(stop or ()))
+    extra = {} if stop_ids else {"eos_token_id": tokenizer.eos_token_id}
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, **extra)
     new = out[:, inputs["input_ids"].shape[1]:]  # (B, L_new)
-    truncated = [bool((seq != tokenizer.eos_token_id).all()) for seq in new]
+    truncated = [not bool(torch.isin(seq, torch.tensor(stop_ids, device=seq.device)).any()) for seq in new]
     texts = processor.batch_decode(new, skip_special_tokens=True)
     return list(zip(texts, truncated))
 
