@@ -16,6 +16,8 @@ in the same name cannot overwrite each other. Finished files appear by ``os.repl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import http.client
 import ipaddress
@@ -167,6 +169,12 @@ def _content_total(resp, offset: int) -> int | None:
     return int(length) + offset if length is not None else None
 
 
+def _range_start(resp) -> int | None:
+    """First byte of a 206 response by its Content-Range (``bytes START-END/TOTAL``), None if it has none."""
+    match = re.match(r"bytes\s+(\d+)-\d+/(?:\d+|\*)", resp.headers.get("Content-Range") or "")
+    return int(match.group(1)) if match else None
+
+
 def _http_attempt(url: str, part: Path, cfg: DownloadConfig) -> None:
     """One GET (with Range when ``part`` has bytes); raises :class:`_Transient` for retryable failures."""
     have = part.stat().st_size if part.exists() else 0
@@ -178,6 +186,10 @@ def _http_attempt(url: str, part: Path, cfg: DownloadConfig) -> None:
         with opener(cfg).open(request, timeout=cfg.timeout_s) as resp:
             if have and resp.status != 206:  # the server ignored Range: start over
                 have = 0
+            elif have and _range_start(resp) != have:  # appending would splice two different offsets
+                part.unlink()
+                raise _Transient(f"asked for bytes from {have}, the response's Content-Range is "
+                                 f"{resp.headers.get('Content-Range')!r}; restarting")
             total = _content_total(resp, have)
             if cfg.max_bytes and total is not None and total > cfg.max_bytes:
                 raise DownloadError(f"file is {total} bytes, more than max_bytes={cfg.max_bytes}")
@@ -286,6 +298,18 @@ def _method(url: str, cfg: DownloadConfig) -> str:
     return "ytdlp"
 
 
+@contextlib.contextmanager
+def _url_lock(out_dir: Path, url: str):
+    """An exclusive ``flock`` on ``out_dir/.<hash of url>.lock`` while the block runs (across processes)."""
+    path = out_dir / f".{row_id(url)[:16]}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _check_url(url: str, method: str, cfg: DownloadConfig) -> None:
     """Raises :class:`Refused` for a URL-list entry this configuration does not fetch: a local file (unless
     ``allow_local``), a scheme other than http(s), a host with a non-public address (unless
@@ -320,17 +344,20 @@ def download(row: Row, cfg: DownloadConfig) -> list[Row]:
         _check_url(url, method, cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if method == "ytdlp":
-        dest = ytdlp_download(url, out_dir, cfg)
-    else:
-        dest = _inside(out_dir / target_name(url), out_dir)
-        if not dest.exists():  # the name embeds the URL hash: an existing file is this URL's, finished
-            if method == "file":
-                parsed = urllib.parse.urlparse(url)
-                src = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else Path(url)
-                file_copy(src, dest)
-            else:
-                http_download(url, dest, cfg)
+    # One download per distinct URL: rows of the same URL (ids X, X#1) take its lock in turn, so the second
+    # finds the first's finished file and points to it instead of appending to the same .part.
+    with _url_lock(out_dir, url):
+        if method == "ytdlp":
+            dest = ytdlp_download(url, out_dir, cfg)
+        else:
+            dest = _inside(out_dir / target_name(url), out_dir)
+            if not dest.exists():  # the name embeds the URL hash: an existing file is this URL's, finished
+                if method == "file":
+                    parsed = urllib.parse.urlparse(url)
+                    src = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else Path(url)
+                    file_copy(src, dest)
+                else:
+                    http_download(url, dest, cfg)
     size = dest.stat().st_size
     if size == 0:
         raise DownloadError("downloaded file is empty")

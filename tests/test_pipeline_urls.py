@@ -7,6 +7,7 @@ which the ``connections`` fixture asserts.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -25,13 +26,36 @@ PAYLOAD = bytes(range(256)) * 64  # 16 KiB
 
 
 class Handler(BaseHTTPRequestHandler):
-    """By path: /ok.mp4, /redirect-*.mp4 (302 to the query string's URL)."""
+    """By path: /ok.mp4, /redirect-*.mp4 (302 to the query string's URL), /slow.mp4 (half, a pause, the rest),
+    /badrange.mp4 (the first GET stops half-way; a Range request then gets a 206 from byte 0)."""
+
+    hits: dict = {}
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
         name, _, query = self.path.strip("/").partition("?")
+        Handler.hits[name] = Handler.hits.get(name, 0) + 1
+        if name == "slow.mp4":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+            self.wfile.flush()
+            time.sleep(1.0)
+            self.wfile.write(PAYLOAD[len(PAYLOAD) // 2 :])
+            return
+        if name == "badrange.mp4":
+            if self.headers.get("Range"):  # a 206 that ignores the asked offset and sends the whole file
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes 0-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD if self.headers.get("Range") or Handler.hits[name] > 1 else PAYLOAD[:5000])
+            return
         if name.startswith("redirect"):
             self.send_response(302)
             self.send_header("Location", query)
@@ -46,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
+    Handler.hits = {}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -140,3 +165,28 @@ def test_loopback_allowed_when_set_and_redirects_are_checked(tmp_path, server, c
     assert errors[urls[4]].startswith("refused: redirect to a ftp URL")
     assert df.set_index("url")["download_status"][urls[3]] == "done"
     assert {a[0] for a in connections} == {"127.0.0.1"}
+
+
+def test_a_duplicate_url_is_downloaded_once_and_both_rows_point_to_it(tmp_path, server, connections):
+    """Two rows of one URL (ids X and X#1) on two workers: one GET, one file, both rows name it, and its
+    sha256 is the payload's (two writers of one .part mixed the file)."""
+    import hashlib
+
+    url = f"{server}/slow.mp4"
+    out = tmp_path / "d.parquet"
+    (tmp_path / "urls.csv").write_text(f"url\n{url}\n{url}\n")
+    cfg = _cfg(tmp_path, allow_private_hosts=True)
+    summary = run_stage(make_stage("download", cfg, out), _manifest(tmp_path / "urls.csv"), out,
+                        RunnerConfig(workers=2, progress=False))
+    df = read_manifest(out, usable_only=False)
+    assert summary.done == 2 and df["id"].nunique() == 2
+    assert Handler.hits["slow.mp4"] == 1
+    assert df["path"].nunique() == 1 and Path(df["path"][0]).read_bytes() == PAYLOAD
+    assert set(df["download_sha256"]) == {hashlib.sha256(PAYLOAD).hexdigest()}
+
+
+def test_a_206_from_another_offset_than_asked_is_not_appended(tmp_path, server, connections):
+    cfg = dataclasses.replace(_cfg(tmp_path, allow_private_hosts=True), retries=3)
+    [row] = dl.download({"id": "a", "url": f"{server}/badrange.mp4"}, cfg)
+    assert Path(row["path"]).read_bytes() == PAYLOAD
+    assert Handler.hits["badrange.mp4"] == 3  # cut short, the wrong 206 (thrown away), a fresh whole GET
