@@ -67,9 +67,11 @@ class DownloadConfig:
     method: str = _f("auto", "auto (direct links by extension or file://, else yt-dlp), http or ytdlp")
     retries: int = _f(4, "attempts after the first one, for transient errors (connection drops, 5xx, 429)", output=False)
     backoff_s: float = _f(1.0, "first retry waits this long, doubling each time", output=False)
-    timeout_s: float = _f(30.0, "socket timeout of one HTTP read", output=False)
+    timeout_s: float = _f(30.0, "socket timeout of one HTTP read (the whole download: max_seconds)", output=False)
     chunk_bytes: int = _f(1 << 20, "bytes read per HTTP chunk", output=False)
-    max_bytes: int = _f(0, "refuse files larger than this (0 = no limit)")
+    max_bytes: int = _f(4 << 30, "refuse files larger than this (default 4 GiB; 0 = no limit)")
+    max_seconds: float = _f(3600.0, "give up a download that takes longer than this in all, retries included "
+                            "(a trickling server; 0 = no limit)", output=False)
     allow_local: bool = _f(False, "copy file:// URLs and bare paths of a URL list (default: refused; a folder "
                            "input is the way to bring local files)")
     allow_private_hosts: bool = _f(False, "fetch from hosts that resolve to loopback, link-local or private "

@@ -175,8 +175,14 @@ def _range_start(resp) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _http_attempt(url: str, part: Path, cfg: DownloadConfig) -> None:
-    """One GET (with Range when ``part`` has bytes); raises :class:`_Transient` for retryable failures."""
+def _check_deadline(deadline: float | None, cfg: DownloadConfig) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DownloadError(f"took longer than max_seconds={cfg.max_seconds:g}")
+
+
+def _http_attempt(url: str, part: Path, cfg: DownloadConfig, deadline: float | None = None) -> None:
+    """One GET (with Range when ``part`` has bytes); raises :class:`_Transient` for retryable failures.
+    Reads what has arrived (``read1``), so a trickling server meets ``deadline`` within one ``timeout_s``."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if have:
@@ -195,10 +201,11 @@ def _http_attempt(url: str, part: Path, cfg: DownloadConfig) -> None:
                 raise DownloadError(f"file is {total} bytes, more than max_bytes={cfg.max_bytes}")
             with open(part, "ab" if have else "wb") as f:
                 while True:
-                    chunk = resp.read(cfg.chunk_bytes)
+                    chunk = resp.read1(cfg.chunk_bytes)
                     if not chunk:
                         break
                     f.write(chunk)
+                    _check_deadline(deadline, cfg)
                     if cfg.max_bytes and f.tell() > cfg.max_bytes:
                         raise DownloadError(f"more than max_bytes={cfg.max_bytes} bytes")
                 f.flush()
@@ -234,11 +241,13 @@ def http_download(url: str, dest: Path, cfg: DownloadConfig) -> None:
     """
     part = dest.with_name(f".{dest.name}.part")
     last = ""
+    deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
     for attempt in range(cfg.retries + 1):
         if attempt:
             time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+        _check_deadline(deadline, cfg)
         try:
-            _http_attempt(url, part, cfg)
+            _http_attempt(url, part, cfg, deadline)
         except _Transient as err:
             last = str(err)
             continue
@@ -272,9 +281,24 @@ def ytdlp_download(url: str, out_dir: Path, cfg: DownloadConfig) -> Path:
         "socket_timeout": cfg.timeout_s,
         "max_filesize": cfg.max_bytes or None,
     }
+    start = time.monotonic()
+
+    def deadline_hook(progress: dict) -> None:  # yt-dlp has no limit on the whole download
+        if cfg.max_seconds and time.monotonic() - start > cfg.max_seconds:
+            raise DownloadError(f"took longer than max_seconds={cfg.max_seconds:g}")
+
+    # A playlist or channel is not expanded (entries stay flat: nothing of them is downloaded), but refused:
+    # a row is one video. A live stream never ends, so it is refused too.
+    options.update(extract_flat="in_playlist", progress_hooks=[deadline_hook])
     try:
         with yt_dlp.YoutubeDL(options) as ydl:
-            info = ydl.extract_info(url, download=True)
+            info = ydl.extract_info(url, download=False)
+            if info.get("_type") in ("playlist", "multi_video"):
+                raise Refused(f"refused: a playlist or channel ({len(info.get('entries') or [])} entries); "
+                              "list its videos one per line")
+            if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming"):
+                raise Refused(f"refused: a live stream ({info.get('live_status') or 'is_live'})")
+            info = ydl.process_ie_result(info, download=True)
             downloads = info.get("requested_downloads") or []
             path = downloads[0]["filepath"] if downloads else ydl.prepare_filename(info)
     except yt_dlp.utils.DownloadError as err:

@@ -46,6 +46,26 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(1.0)
             self.wfile.write(PAYLOAD[len(PAYLOAD) // 2 :])
             return
+        if name == "trickle.mp4":  # 100 bytes every 50 ms: each read is quick, the whole never ends (5 s here)
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x" * 100)
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
+        if name == "feed.rss":  # a feed: yt-dlp's generic extractor makes it a playlist
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            items = "".join(f"<item><title>v{i}</title><enclosure url='{base}/ok{i}.mp4' type='video/mp4'/></item>"
+                            for i in range(3))
+            body = f"<?xml version='1.0'?><rss version='2.0'><channel><title>c</title>{items}</channel></rss>".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/rss+xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if name == "badrange.mp4":
             if self.headers.get("Range"):  # a 206 that ignores the asked offset and sends the whole file
                 self.send_response(206)
@@ -190,3 +210,32 @@ def test_a_206_from_another_offset_than_asked_is_not_appended(tmp_path, server, 
     [row] = dl.download({"id": "a", "url": f"{server}/badrange.mp4"}, cfg)
     assert Path(row["path"]).read_bytes() == PAYLOAD
     assert Handler.hits["badrange.mp4"] == 3  # cut short, the wrong 206 (thrown away), a fresh whole GET
+
+
+def test_downloads_are_bounded_by_default_and_a_trickling_server_times_out(tmp_path, server, connections):
+    assert DownloadConfig().max_bytes > 0 and DownloadConfig().max_seconds > 0  # limits unless turned off
+    cfg = dataclasses.replace(_cfg(tmp_path, allow_private_hosts=True), max_seconds=1.0, timeout_s=2.0)
+    start = time.monotonic()
+    with pytest.raises(dl.DownloadError, match="took longer than max_seconds=1"):
+        dl.download({"id": "t", "url": f"{server}/trickle.mp4"}, cfg)
+    assert time.monotonic() - start < 1.0 + cfg.timeout_s
+
+
+def test_a_playlist_is_refused_and_nothing_of_it_downloaded(tmp_path, server, connections):
+    summary, df = _run(tmp_path, [f"{server}/feed.rss"], _cfg(tmp_path, method="ytdlp", allow_private_hosts=True))
+    assert summary.rejected == 1 and df["download_error"][0].startswith("refused: a playlist or channel (3 entries)")
+    assert not any(name.startswith("ok") for name in Handler.hits)
+    assert [p for p in (tmp_path / "videos").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_live_stream_is_refused(tmp_path, monkeypatch, connections):
+    import yt_dlp
+
+    def live(self, url, download=True, **kwargs):
+        assert not download, "a live stream must not start downloading"
+        return {"id": "x", "title": "live", "is_live": True, "live_status": "is_live", "url": url}
+
+    monkeypatch.setattr(yt_dlp.YoutubeDL, "extract_info", live)
+    monkeypatch.setattr(dl, "resolve_host", lambda host, port, cfg: [])  # the site's host is not looked up
+    summary, df = _run(tmp_path, ["https://video.example/live/123"], _cfg(tmp_path, method="ytdlp"))
+    assert summary.rejected == 1 and df["download_error"][0] == "refused: a live stream (is_live)"
