@@ -25,7 +25,7 @@ from typing import Sequence
 
 from data_pipeline.config import PipelineConfig, RunnerConfig
 from data_pipeline.pipeline import STAGES, run_one, run_pipeline
-from data_pipeline.runner import SystemicError
+from data_pipeline.runner import FailureShareError, SystemicError, check_failure_share
 from opensora.config import ConfigError, load_config, merge, parse_overrides, read_file
 
 
@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code: 1 on a config error, 3 when a stage stopped on a systemic error
-    (disk full, read-only or vanished output folder: :class:`~data_pipeline.runner.SystemicError`), 0
-    otherwise (a row's own failure is a record in the manifest, not an error)."""
+    (disk full, read-only or vanished output folder, a missing model folder, a broken CUDA context:
+    :class:`~data_pipeline.runner.SystemicError`), 4 when a stage failed more than ``runner.max_failed_share``
+    of its rows (:class:`~data_pipeline.runner.FailureShareError`), 0 otherwise (a row's own failure is a
+    record in the manifest, not an error)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -85,13 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources.append(("command line", {k: v for k, v in given.items() if k in stage_keys}))
         cfg = merge(schema, sources + parse_overrides(args.set))
         runner = merge(RunnerConfig, [("command line", {k: v for k, v in given.items() if k in runner_keys})])
-        run_one(args.command, cfg, args.input, args.output, runner)
+        check_failure_share(run_one(args.command, cfg, args.input, args.output, runner), runner)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 1
     except SystemicError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except FailureShareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from data_pipeline.config import CaptionConfig
-from data_pipeline.rows import Row, is_missing
+from data_pipeline.rows import Row, SetupError, is_missing
 from opensora.data.manifest import SourceSpan, source_span
 
 
@@ -123,16 +123,22 @@ def load_llava(model_dir: str, device: str, dtype: str):
         AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
     )
 
+    # A missing or broken model folder fails every row alike: a SetupError stops the stage instead of
+    # journaling each row failed. local_files_only: a typo'd path must not be taken for a model hub id.
     if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"caption model folder not found: {model_dir}")
-    config = AutoConfig.from_pretrained(model_dir)
-    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    # Straight onto the device: from_pretrained(...).to(device) first builds the whole model in host memory,
-    # one copy per rank (8 ranks x 14 GB for a 7B model in bf16) before any of it reaches a GPU.
-    model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map={"": device}).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+        raise SetupError(f"caption model folder not found: {model_dir}")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        # Straight onto the device: from_pretrained(...).to(device) first builds the whole model in host memory,
+        # one copy per rank (8 ranks x 14 GB for a 7B model in bf16) before any of it reaches a GPU.
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map={"": device},
+                                    local_files_only=True).eval()
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except Exception as err:
+        raise SetupError(f"caption model {model_dir} could not be loaded: {type(err).__name__}: {err}") from err
     processor.tokenizer.padding_side = "left"  # decoder-only batched generation continues on the right
     return model, processor
 
@@ -174,11 +180,18 @@ def generate(images: list[list[np.ndarray]], cfg: CaptionConfig, max_new_tokens:
     inputs = processor(images=flat, text=prompts, padding=True, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tokenizer = processor.tokenizer
+    # The model's own stop tokens (its generation config): a chat model ends a turn with its own token
+    # (Llama-3-based LLaVA: <|eot_id|>), which the tokenizer's eos_token may not be; the tokenizer's is the
+    # fallback for a folder whose generation config names none.
+    stop = model.generation_config.eos_token_id
+    stop_ids = sorted({stop} if isinstance(stop, int) else set(stop or ()))
+    extra = {} if stop_ids else {"eos_token_id": tokenizer.eos_token_id}
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, **extra)
     new = out[:, inputs["input_ids"].shape[1]:]  # (B, L_new)
-    truncated = [bool((seq != tokenizer.eos_token_id).all()) for seq in new]
+    truncated = [not bool(torch.isin(seq, torch.tensor(stop_ids, device=seq.device)).any()) for seq in new]
     texts = processor.batch_decode(new, skip_special_tokens=True)
     return list(zip(texts, truncated))
 

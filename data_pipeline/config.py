@@ -7,16 +7,32 @@ the file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
 
-def _f(default, help: str, **kw):
-    """A dataclass field with a help line (lists need a factory)."""
+def _f(default, help: str, output: bool = True, **kw):
+    """A dataclass field with a help line (lists need a factory).
+
+    ``output=False`` marks a setting that cannot change what a stage writes (parallelism, retries, devices):
+    it is left out of the stage's fingerprint, so changing it redoes nothing (:func:`output_settings`)."""
+    metadata = {"help": help, "output": output}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: list(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def output_settings(cfg: Any) -> dict[str, Any]:
+    """The settings of a stage config that can change its output (the fields not marked ``output=False``).
+
+    The runner fingerprints them for each journal entry: a re-run whose settings differ redoes the row.
+    A plain dict (a test's stage config) counts as a whole."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("output", True)}
+    return dict(cfg or {})
 
 
 @dataclass
@@ -31,12 +47,16 @@ class RunnerConfig:
     batch_rows: int = _f(1, "rows sent to a worker at once (caption batches on top of this)")
     retry_failed: bool = _f(False, "on a re-run, run rows that failed last time again (default: keep their record)")
     progress: bool = _f(True, "show a tqdm progress bar")
+    max_failed_share: float = _f(0.5, "a stage that fails more than this share of the rows it ran exits non-zero "
+                                 "(status 4; run stops before the next stage); 1 = never")
 
     def __post_init__(self):
         if self.executor not in ("local", "ray"):
             raise ValueError(f"runner.executor must be 'local' or 'ray', got {self.executor!r}")
         if self.workers < 0 or self.batch_rows < 1:
             raise ValueError("runner.workers must be >= 0 and runner.batch_rows >= 1")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ValueError(f"runner.max_failed_share must be in [0, 1], got {self.max_failed_share}")
 
 
 @dataclass
@@ -45,11 +65,17 @@ class DownloadConfig:
 
     out_dir: str = _f("", "folder for downloaded videos ('' = <output manifest folder>/videos)")
     method: str = _f("auto", "auto (direct links by extension or file://, else yt-dlp), http or ytdlp")
-    retries: int = _f(4, "attempts after the first one, for transient errors (connection drops, 5xx, 429)")
-    backoff_s: float = _f(1.0, "first retry waits this long, doubling each time")
-    timeout_s: float = _f(30.0, "socket timeout of one HTTP read")
-    chunk_bytes: int = _f(1 << 20, "bytes read per HTTP chunk")
-    max_bytes: int = _f(0, "refuse files larger than this (0 = no limit)")
+    retries: int = _f(4, "attempts after the first one, for transient errors (connection drops, 5xx, 429)", output=False)
+    backoff_s: float = _f(1.0, "first retry waits this long, doubling each time", output=False)
+    timeout_s: float = _f(30.0, "socket timeout of one HTTP read (the whole download: max_seconds)", output=False)
+    chunk_bytes: int = _f(1 << 20, "bytes read per HTTP chunk", output=False)
+    max_bytes: int = _f(4 << 30, "refuse files larger than this (default 4 GiB; 0 = no limit)")
+    max_seconds: float = _f(3600.0, "give up a download that takes longer than this in all, retries included "
+                            "(a trickling server; 0 = no limit)", output=False)
+    allow_local: bool = _f(False, "copy file:// URLs and bare paths of a URL list (default: refused; a folder "
+                           "input is the way to bring local files)")
+    allow_private_hosts: bool = _f(False, "fetch from hosts that resolve to loopback, link-local or private "
+                                   "addresses (default: refused, redirects included)")
     ytdlp_format: str = _f("bv*[height<=720]+ba/b[height<=720]/b", "yt-dlp format selector")
     video_extensions: list = _f(
         [".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".flv", ".ts", ".mpg", ".mpeg"],
@@ -128,7 +154,7 @@ class FilterConfig:
     max_bad_frac: float = _f(0.5, "reject clips where more than this fraction of samples is black or blank")
     aesthetic_model: str = _f("", "local folder with a CLIP vision model + aesthetic_head.safetensors ('' = off)")
     min_aesthetic: float = _f(0.0, "reject clips whose aesthetic score is below (needs aesthetic_model)")
-    device: str = _f("cpu", "torch device for model-based scores")
+    device: str = _f("cpu", "torch device for model-based scores", output=False)
 
 
 @dataclass
@@ -145,12 +171,12 @@ class CaptionConfig:
     num_frames: int = _f(3, "frames shown per clip")
     frame_positions: list = _f([0.2, 0.5, 0.8], "relative positions of the frames in the clip (len = num_frames)")
     layout: str = _f("separate", "separate (one image per frame) or grid (frames side by side in one image)")
-    batch_size: int = _f(8, "clips per generate() call")
+    batch_size: int = _f(8, "clips per generate() call", output=False)
     prefetch_batches: int = _f(2, "generate batches whose frames are decoded in the background while one generates "
-                               "(0 = decode each batch just before its generate, the GPU waits meanwhile)")
-    decode_workers: int = _f(2, "threads that decode those frames (decord releases the GIL)")
+                               "(0 = decode each batch just before its generate, the GPU waits meanwhile)", output=False)
+    decode_workers: int = _f(2, "threads that decode those frames (decord releases the GIL)", output=False)
     task_batches: int = _f(8, "generate batches per runner task; a task is journaled as a whole, and only its first "
-                           "batch waits for frames (the prefetch runs within a task)")
+                           "batch waits for frames (the prefetch runs within a task)", output=False)
     max_new_tokens: int = _f(160, "generation budget; a caption that hits it is truncated")
     retries: int = _f(1, "re-generate an empty or truncated caption this many times with twice the budget")
     min_words: int = _f(3, "a caption with fewer words is treated as empty")
@@ -163,7 +189,7 @@ class CaptionConfig:
         ],
         "regexes (case-insensitive) removed from the start of a caption",
     )
-    device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), or a torch device")
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), or a torch device", output=False)
     dtype: str = _f("auto", "auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16 or float32")
 
     def __post_init__(self):

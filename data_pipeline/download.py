@@ -2,8 +2,13 @@
 
 - direct links (``http(s)://`` ending in a video extension, or ``method=http``): urllib with retries,
   exponential back-off and HTTP ``Range`` resume from a ``.part`` file that survives crashes and re-runs;
-- ``file://`` URLs and plain local paths: copied;
-- anything else (site pages): yt-dlp through its Python API (never a shell command).
+- anything else (site pages): yt-dlp through its Python API (never a shell command);
+- a row without a ``url`` (a folder input's ``path``): copied.
+
+A ``url`` means a remote URL: ``file://`` and bare paths are refused unless ``allow_local``, and so is any
+host that resolves to a loopback, link-local, private or otherwise non-global address unless
+``allow_private_hosts`` - checked on the addresses the connection then uses, for every redirect too, before
+any connection is made. A refusal rejects the row with the reason (:class:`Refused`).
 
 File names are ``<hash of url>_<sanitised name>``: no separators (no path traversal), and two URLs that end
 in the same name cannot overwrite each other. Finished files appear by ``os.replace`` only.
@@ -11,7 +16,11 @@ in the same name cannot overwrite each other. Finished files appear by ``os.repl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import http.client
+import ipaddress
 import os
 import re
 import shutil
@@ -24,7 +33,7 @@ from pathlib import Path
 
 from data_pipeline.config import DownloadConfig
 from data_pipeline.media import safe_name
-from data_pipeline.rows import Row, is_missing
+from data_pipeline.rows import Reject, Row, is_missing
 from opensora.data.manifest import row_id
 from opensora.utils import atomic_write_path, file_sha256
 
@@ -33,6 +42,102 @@ USER_AGENT = "opensora-lite-data-pipeline/0.1"
 
 class DownloadError(RuntimeError):
     """A download that cannot succeed (4xx, too large, gave up after retries); the message says why."""
+
+
+class Refused(Reject):
+    """A URL this configuration does not fetch (a local file, a private address): the row is rejected with why."""
+
+
+def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What kind of non-public address ``ip`` is (``"link-local"``, ``"private"``...), or None for a global one."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-global"
+
+
+def resolve_host(host: str, port: int, cfg: DownloadConfig) -> list[tuple]:
+    """``getaddrinfo`` of ``host``; raises :class:`Refused` when one of its addresses is not public (unless
+    ``cfg.allow_private_hosts``). Resolving makes no connection to the host."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise DownloadError(f"cannot resolve {host}: {err}") from err
+    if not cfg.allow_private_hosts:
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            kind = address_refusal(ip)
+            if kind is not None:
+                where = f"{host} resolves to {ip}" if host.strip("[]") != str(ip) else str(ip)
+                raise Refused(f"refused: {where}, a {kind} address (download.allow_private_hosts is off)")
+    return infos
+
+
+def _guarded_connect(cfg: DownloadConfig, address: tuple, timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
+                     source_address=None, *args) -> socket.socket:
+    """``socket.create_connection`` that connects only to addresses :func:`resolve_host` let through (the
+    same lookup: a second one could answer differently)."""
+    host, port = address
+    last: OSError | None = None
+    for family, type_, proto, _, sockaddr in resolve_host(host, port, cfg):
+        sock = socket.socket(family, type_, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    raise last if last is not None else OSError(f"no address for {host}")
+
+
+def _guarded(connection_class: type, cfg: DownloadConfig):
+    """A factory of ``connection_class`` instances (HTTP or HTTPS) that connect through :func:`_guarded_connect`."""
+    def make(*args, **kwargs):
+        conn = connection_class(*args, **kwargs)
+        conn._create_connection = functools.partial(_guarded_connect, cfg)
+        return conn
+    return make
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, cfg: DownloadConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def http_open(self, req):
+        return self.do_open(_guarded(http.client.HTTPConnection, self.cfg), req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, cfg: DownloadConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def https_open(self, req):
+        return self.do_open(_guarded(http.client.HTTPSConnection, self.cfg), req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only (each one's host is checked when it connects)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlparse(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise Refused(f"refused: redirect to a {scheme or 'local'} URL: {newurl[:200]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def opener(cfg: DownloadConfig) -> urllib.request.OpenerDirector:
+    """urllib with the host checks on every connection, redirects included. No proxy from the environment:
+    through a proxy, the address checked would be the proxy's, not the host's."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _GuardedHTTPHandler(cfg),
+                                       _GuardedHTTPSHandler(cfg), _RedirectHandler())
 
 
 class _Transient(Exception):
@@ -64,26 +169,43 @@ def _content_total(resp, offset: int) -> int | None:
     return int(length) + offset if length is not None else None
 
 
-def _http_attempt(url: str, part: Path, cfg: DownloadConfig) -> None:
-    """One GET (with Range when ``part`` has bytes); raises :class:`_Transient` for retryable failures."""
+def _range_start(resp) -> int | None:
+    """First byte of a 206 response by its Content-Range (``bytes START-END/TOTAL``), None if it has none."""
+    match = re.match(r"bytes\s+(\d+)-\d+/(?:\d+|\*)", resp.headers.get("Content-Range") or "")
+    return int(match.group(1)) if match else None
+
+
+def _check_deadline(deadline: float | None, cfg: DownloadConfig) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DownloadError(f"took longer than max_seconds={cfg.max_seconds:g}")
+
+
+def _http_attempt(url: str, part: Path, cfg: DownloadConfig, deadline: float | None = None) -> None:
+    """One GET (with Range when ``part`` has bytes); raises :class:`_Transient` for retryable failures.
+    Reads what has arrived (``read1``), so a trickling server meets ``deadline`` within one ``timeout_s``."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=cfg.timeout_s) as resp:
+        with opener(cfg).open(request, timeout=cfg.timeout_s) as resp:
             if have and resp.status != 206:  # the server ignored Range: start over
                 have = 0
+            elif have and _range_start(resp) != have:  # appending would splice two different offsets
+                part.unlink()
+                raise _Transient(f"asked for bytes from {have}, the response's Content-Range is "
+                                 f"{resp.headers.get('Content-Range')!r}; restarting")
             total = _content_total(resp, have)
             if cfg.max_bytes and total is not None and total > cfg.max_bytes:
                 raise DownloadError(f"file is {total} bytes, more than max_bytes={cfg.max_bytes}")
             with open(part, "ab" if have else "wb") as f:
                 while True:
-                    chunk = resp.read(cfg.chunk_bytes)
+                    chunk = resp.read1(cfg.chunk_bytes)
                     if not chunk:
                         break
                     f.write(chunk)
+                    _check_deadline(deadline, cfg)
                     if cfg.max_bytes and f.tell() > cfg.max_bytes:
                         raise DownloadError(f"more than max_bytes={cfg.max_bytes} bytes")
                 f.flush()
@@ -119,11 +241,13 @@ def http_download(url: str, dest: Path, cfg: DownloadConfig) -> None:
     """
     part = dest.with_name(f".{dest.name}.part")
     last = ""
+    deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
     for attempt in range(cfg.retries + 1):
         if attempt:
             time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+        _check_deadline(deadline, cfg)
         try:
-            _http_attempt(url, part, cfg)
+            _http_attempt(url, part, cfg, deadline)
         except _Transient as err:
             last = str(err)
             continue
@@ -157,9 +281,24 @@ def ytdlp_download(url: str, out_dir: Path, cfg: DownloadConfig) -> Path:
         "socket_timeout": cfg.timeout_s,
         "max_filesize": cfg.max_bytes or None,
     }
+    start = time.monotonic()
+
+    def deadline_hook(progress: dict) -> None:  # yt-dlp has no limit on the whole download
+        if cfg.max_seconds and time.monotonic() - start > cfg.max_seconds:
+            raise DownloadError(f"took longer than max_seconds={cfg.max_seconds:g}")
+
+    # A playlist or channel is not expanded (entries stay flat: nothing of them is downloaded), but refused:
+    # a row is one video. A live stream never ends, so it is refused too.
+    options.update(extract_flat="in_playlist", progress_hooks=[deadline_hook])
     try:
         with yt_dlp.YoutubeDL(options) as ydl:
-            info = ydl.extract_info(url, download=True)
+            info = ydl.extract_info(url, download=False)
+            if info.get("_type") in ("playlist", "multi_video"):
+                raise Refused(f"refused: a playlist or channel ({len(info.get('entries') or [])} entries); "
+                              "list its videos one per line")
+            if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming"):
+                raise Refused(f"refused: a live stream ({info.get('live_status') or 'is_live'})")
+            info = ydl.process_ie_result(info, download=True)
             downloads = info.get("requested_downloads") or []
             path = downloads[0]["filepath"] if downloads else ydl.prepare_filename(info)
     except yt_dlp.utils.DownloadError as err:
@@ -183,28 +322,66 @@ def _method(url: str, cfg: DownloadConfig) -> str:
     return "ytdlp"
 
 
+@contextlib.contextmanager
+def _url_lock(out_dir: Path, url: str):
+    """An exclusive ``flock`` on ``out_dir/.<hash of url>.lock`` while the block runs (across processes)."""
+    path = out_dir / f".{row_id(url)[:16]}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _check_url(url: str, method: str, cfg: DownloadConfig) -> None:
+    """Raises :class:`Refused` for a URL-list entry this configuration does not fetch: a local file (unless
+    ``allow_local``), a scheme other than http(s), a host with a non-public address (unless
+    ``allow_private_hosts``; yt-dlp's own requests after the page URL are not checked)."""
+    if method == "file":
+        if not cfg.allow_local:
+            raise Refused("refused: a local file in a URL list (a folder input, or download.allow_local: true)")
+        return
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme.lower() not in ("http", "https"):
+        raise Refused(f"refused: {parsed.scheme}: URLs are not downloaded (http and https only)")
+    if not parsed.hostname:
+        raise DownloadError(f"bad URL: no host in {url[:200]}")
+    try:
+        port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+    except ValueError as err:
+        raise DownloadError(f"bad URL: {err}") from err
+    resolve_host(parsed.hostname, port, cfg)
+
+
 def download(row: Row, cfg: DownloadConfig) -> list[Row]:
     """Stage function: fetches ``row['url']`` and sets ``path``, ``source``, ``download_size``, ``download_sha256``."""
     url = row.get("url")
-    if is_missing(url):
+    from_list = not is_missing(url)  # a URL list means remote URLs; a folder input's rows carry a path
+    if not from_list:
         if is_missing(row.get("path")):
             raise DownloadError("row has neither url nor path")
         url = row["path"]
     url = str(url).strip()
+    method = _method(url, cfg)
+    if from_list:
+        _check_url(url, method, cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    method = _method(url, cfg)
-    if method == "ytdlp":
-        dest = ytdlp_download(url, out_dir, cfg)
-    else:
-        dest = _inside(out_dir / target_name(url), out_dir)
-        if not dest.exists():  # the name embeds the URL hash: an existing file is this URL's, finished
-            if method == "file":
-                parsed = urllib.parse.urlparse(url)
-                src = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else Path(url)
-                file_copy(src, dest)
-            else:
-                http_download(url, dest, cfg)
+    # One download per distinct URL: rows of the same URL (ids X, X#1) take its lock in turn, so the second
+    # finds the first's finished file and points to it instead of appending to the same .part.
+    with _url_lock(out_dir, url):
+        if method == "ytdlp":
+            dest = ytdlp_download(url, out_dir, cfg)
+        else:
+            dest = _inside(out_dir / target_name(url), out_dir)
+            if not dest.exists():  # the name embeds the URL hash: an existing file is this URL's, finished
+                if method == "file":
+                    parsed = urllib.parse.urlparse(url)
+                    src = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else Path(url)
+                    file_copy(src, dest)
+                else:
+                    http_download(url, dest, cfg)
     size = dest.stat().st_size
     if size == 0:
         raise DownloadError("downloaded file is empty")

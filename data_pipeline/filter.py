@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from data_pipeline.config import FilterConfig
-from data_pipeline.rows import Reject, Row, is_missing
+from data_pipeline.rows import Reject, Row, SetupError, is_missing
 from opensora.data.manifest import SourceSpan, source_span
 
 
@@ -73,10 +73,17 @@ def load_aesthetic(model_dir: str, device: str):
     from safetensors.torch import load_file
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    # As for the caption model: a missing or broken folder stops the stage (SetupError), and a typo'd path
+    # is never looked up on a model hub (local_files_only).
     folder = Path(model_dir)
-    model = CLIPVisionModelWithProjection.from_pretrained(folder).to(device).eval()
-    processor = CLIPImageProcessor.from_pretrained(folder)
-    state = load_file(folder / "aesthetic_head.safetensors")
+    if not folder.is_dir():
+        raise SetupError(f"aesthetic model folder not found: {model_dir}")
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).to(device).eval()
+        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+        state = load_file(folder / "aesthetic_head.safetensors")
+    except Exception as err:
+        raise SetupError(f"aesthetic model {model_dir} could not be loaded: {type(err).__name__}: {err}") from err
     names = sorted({k.rsplit(".", 1)[0] for k in state}, key=lambda s: int(s.split(".")[1]))
     layers = []
     for name in names:

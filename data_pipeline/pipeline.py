@@ -24,7 +24,7 @@ from data_pipeline.config import (
 from data_pipeline.download import download
 from data_pipeline.filter import filter_clip
 from data_pipeline.probe import probe
-from data_pipeline.runner import Stage, Summary, run_stage
+from data_pipeline.runner import Stage, Summary, check_failure_share, run_stage
 from data_pipeline.sources import resolve_input
 from data_pipeline.split import split
 from opensora.data.manifest import OK_STATUS, read_manifest, usable_mask, write_manifest
@@ -344,6 +344,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[Summary]:
         if name in MEDIA_DIRS and not stage_cfg.out_dir:
             stage_cfg = dataclasses.replace(stage_cfg, out_dir=str(work / MEDIA_DIRS[name]))
         summaries.append(run_one(name, stage_cfg, current, output, cfg.runner))
+        check_failure_share(summaries[-1], cfg.runner)
         current = output
     rank, _ = dist_env()
     if rank == 0:

@@ -25,6 +25,14 @@ class Reject(Exception):
         self.updates = dict(updates or {})
 
 
+class SetupError(RuntimeError):
+    """Raised by a stage for an error of its set-up, not of the row: a missing or unloadable model folder.
+
+    Every later row would fail the same way, so the runner stops the stage (exit status 3) and journals none
+    of the rows that hit it: a re-run after the set-up is fixed does them, without ``--retry-failed``.
+    """
+
+
 def plain(value: Any) -> Any:
     """Turns numpy/pandas scalars and missing markers into plain Python (JSON-safe) values."""
     if value is None or value is pd.NA or value is pd.NaT:

@@ -5,14 +5,18 @@ A stage is a plain function ``fn(row, cfg) -> list[row]`` (see :class:`Stage`). 
 1. reads the input manifest and the output's *journal* (``OUTPUT.journal.jsonl``): one JSON line per
    finished input row, appended and fsync'd by this (the driver) process as results arrive, so that
    after ``kill -9`` a re-run skips exactly the rows that finished and redoes the rest - no duplicate,
-   no lost row (a half-written last line is cut off);
+   no lost row (a half-written last line is cut off). Each entry carries the row's *fingerprint*: a hash
+   of the stage's output settings (:func:`~data_pipeline.config.output_settings`) and one of the input
+   row. A re-run redoes a row whose fingerprint changed (other settings, or an input row an earlier stage
+   changed, so a change flows downstream) and keeps the others;
 2. passes through rows that an earlier stage marked failed/rejected (counted as skipped);
 3. runs the rest on a local process pool (``executor=local``), in this process (``workers=0``) or as
    Ray tasks (``executor=ray``), a batch of ``batch_rows`` rows per task;
 4. turns an exception on a row into a failure record (``<stage>_status=failed``, ``<stage>_error``)
    and :class:`~data_pipeline.rows.Reject` into ``rejected``; the run goes on - unless the exception is
    *systemic* (:func:`systemic_cause`: a full disk or quota, a read-only or vanished output folder, an I/O
-   error on output), which would fail every remaining row the same way: then the stage stops submitting,
+   error on output) or an error of the set-up (:func:`setup_cause`: a missing model folder, a broken CUDA
+   context), which would fail every remaining row the same way: then the stage stops submitting,
    journals what the rows in flight finished, leaves the systemic rows out of the journal (a re-run redoes
    them) and raises :class:`SystemicError`; a failed journal write stops it the same way;
 5. writes the output manifest atomically and prints a summary line
@@ -40,13 +44,16 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 from tqdm import tqdm
 
-from data_pipeline.config import RunnerConfig
-from data_pipeline.rows import Reject, Row, plain, plain_row
+import hashlib
+
+from data_pipeline.config import RunnerConfig, output_settings
+from data_pipeline.rows import Reject, Row, SetupError, plain, plain_row
 from opensora.data.manifest import OK_STATUS, read_manifest, write_manifest
 
 BatchResult = list[dict]
 """Per input row of a batch: ``{"id", "status", "error", "rows"}``, and ``"oserror": (errno, path)`` on a
-failure caused by an ``OSError`` (the driver classifies it and removes the key before journaling)."""
+failure caused by an ``OSError``, ``"setup": reason`` on an error of the set-up (:func:`setup_cause`); the
+driver classifies them and removes the keys before journaling."""
 
 # Errors of the storage rather than of the row: every later row would fail the same way, so a row that
 # raises one stops its batch at once. ENOENT and EIO are systemic only where they concern the output
@@ -56,8 +63,29 @@ ALWAYS_SYSTEMIC = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk 
 OUTPUT_SYSTEMIC = {errno.ENOENT: "output folder vanished", errno.EIO: "I/O error on the output storage"}
 
 
+# A broken CUDA context (a device-side assert, a lost device, a driver error) fails every later row on that
+# process: every CUDA call after it fails. Out-of-memory is left to the row (a smaller batch may fit).
+CUDA_BROKEN = re.compile(r"CUDA error|CUDA driver|cuDNN error|CUBLAS_STATUS_|NCCL error|device-side assert")
+
+
+def setup_cause(err: BaseException) -> str | None:
+    """Why ``err`` is an error of the stage's set-up rather than of the row (a :class:`SetupError`, a broken
+    CUDA context), or None. Looks through the chain, as a stage may wrap it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = _error_text(err)
+        if isinstance(err, SetupError):
+            return text
+        if (type(err).__name__ == "AcceleratorError" or CUDA_BROKEN.search(text)) and "out of memory" not in text:
+            return f"the CUDA context is broken: {text}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class SystemicError(RuntimeError):
-    """A stage stopped on an error of its storage (disk full, read-only, output folder gone), not of a row.
+    """A stage stopped on an error of its storage (disk full, read-only, output folder gone) or of its set-up
+    (a missing model folder, a broken CUDA context: :func:`setup_cause`), not of a row.
 
     ``python -m data_pipeline`` exits with status 3 on it. The journal holds every row that finished; a
     re-run after the cause is fixed redoes the rest.
@@ -109,6 +137,34 @@ def systemic_cause(code: int, path: str | None, out_dirs: Iterable[str | Path]) 
     return None
 
 
+def _canonical(value: Any) -> Any:
+    """A value as it hashes: plain Python, whole floats as ints (a column with a gap reads back as float)."""
+    value = plain(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(_canonical(data), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def settings_fingerprint(stage: Stage) -> str:
+    """Hash of the stage's name and the settings that can change its output (not workers, devices, retries)."""
+    return _digest({"stage": stage.name, "settings": output_settings(stage.cfg)})
+
+
+def row_fingerprint(row: Row) -> str:
+    """Hash of an input row's values; a missing column and a missing value are the same (columns come and go
+    with the other rows of a manifest)."""
+    return _digest({k: v for k, v in plain_row(row).items() if v is not None})
+
+
 def _error_text(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     return text.splitlines()[0][:500] if text else type(err).__name__
@@ -127,6 +183,9 @@ def _record(stage: str, row_in: Row, outcome: list[Row] | BaseException) -> dict
         oserror = _oserror(outcome)
         if oserror is not None:
             entry["oserror"] = oserror
+        setup = setup_cause(outcome)
+        if setup is not None:
+            entry["setup"] = setup
         return entry
     rows = [{**plain_row(r), status_col: OK_STATUS, error_col: None} for r in outcome]
     return {"id": row_in["id"], "status": OK_STATUS, "error": None, "rows": rows}
@@ -139,7 +198,9 @@ def _systemic(oserror: Any) -> bool:
 
 def _stops(outcome: Any) -> bool:
     """Whether a row's outcome is an error that fails every later row too (its batch stops there)."""
-    return _systemic(_oserror(outcome) if isinstance(outcome, BaseException) else None)
+    if not isinstance(outcome, BaseException):
+        return False
+    return _systemic(_oserror(outcome)) or setup_cause(outcome) is not None
 
 
 def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
@@ -159,7 +220,7 @@ def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
                 result: BatchResult = []
                 for row in rows:
                     result += process_batch(stage, [row])
-                    if _systemic(result[-1].get("oserror")):
+                    if _systemic(result[-1].get("oserror")) or "setup" in result[-1]:
                         break
                 return result
     else:
@@ -237,6 +298,8 @@ class Summary:
     rows_out: int = 0
     resumed: int = 0
     upstream: int = 0
+    redone_settings: int = 0  # journaled rows run again because the stage's output settings changed
+    redone_input: int = 0  # ... because their input row changed (an earlier stage redid it)
     failed: int = 0
     rejected: int = 0
     reasons: collections.Counter = field(default_factory=collections.Counter)
@@ -245,6 +308,8 @@ class Summary:
     def __str__(self) -> str:
         parts = [
             f"{self.stage}: {self.rows_in} rows in {self.seconds:.1f}s",
+            f"redone {self.redone_settings + self.redone_input} (settings changed: {self.redone_settings}, "
+            f"input changed: {self.redone_input})",
             f"done {self.done}",
             f"skipped {self.resumed + self.upstream} (finished before: {self.resumed}, failed upstream: {self.upstream})",
             f"failed {self.failed}",
@@ -255,6 +320,22 @@ class Summary:
         if self.reasons:
             line += " | reasons: " + "; ".join(f"{r} x{n}" for r, n in self.reasons.most_common(10))
         return line
+
+
+class FailureShareError(RuntimeError):
+    """A stage failed more than ``runner.max_failed_share`` of the rows it ran: its manifest and journal are
+    written (the failures are the rows' own), but something is likely wrong with the inputs or the set-up.
+    ``python -m data_pipeline`` exits with status 4 on it; ``run`` stops before the next stage."""
+
+
+def check_failure_share(summary: Summary, cfg: RunnerConfig) -> None:
+    """Raises :class:`FailureShareError` when ``summary``'s failed rows exceed ``cfg.max_failed_share`` of
+    the rows the stage ran in this run (rejected rows are decisions, not failures, but count as ran)."""
+    ran = summary.done + summary.failed + summary.rejected
+    if ran and summary.failed > cfg.max_failed_share * ran:
+        raise FailureShareError(
+            f"{summary.stage}: {summary.failed} of the {ran} rows it ran failed, more than runner.max_failed_share="
+            f"{cfg.max_failed_share:g}; the manifest is written, see <stage>_error for why ({summary})")
 
 
 def _reason_key(error: str) -> str:
@@ -277,18 +358,22 @@ class _Sink:
     """The driver's side of results: journals the finished rows of each batch and notes the first systemic
     failure (:func:`systemic_cause`) in ``stopped``, after which the executors submit nothing more."""
 
-    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm):
+    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm, fingerprints: dict[str, dict]):
         self.stage, self.journal, self.out_dirs, self.bar = stage, journal, out_dirs, bar
+        self.fingerprints = fingerprints  # row id -> {"settings", "row"}, written with its entry
         self.stopped: str | None = None
         self.journaled = 0
 
     def __call__(self, entries: BatchResult) -> None:
         finished = []
         for entry in entries:
-            oserror = entry.pop("oserror", None)
+            oserror, setup = entry.pop("oserror", None), entry.pop("setup", None)
             cause = None if oserror is None else systemic_cause(*oserror, self.out_dirs)
-            if cause is None:
-                finished.append(entry)
+            if setup is not None:
+                if self.stopped is None:
+                    self.stopped = f"an error of its set-up, not of a row (row {entry['id']}): {setup}"
+            elif cause is None:
+                finished.append({**entry, "fingerprint": self.fingerprints[entry["id"]]})
             elif self.stopped is None:
                 where = oserror[1] or " / ".join(str(d) for d in self.out_dirs)
                 self.stopped = f"{cause} at {where} (row {entry['id']}: {entry['error']})"
@@ -406,20 +491,30 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
     summary = Summary(stage=stage.name, rows_in=len(rows))
     todo: list[Row] = []
     upstream: set[str] = set()
+    settings = settings_fingerprint(stage)
+    fingerprints: dict[str, dict] = {}
     for row in rows:
         if _upstream_failure(row, stage.name):
             upstream.add(row["id"])
             summary.upstream += 1
             continue
+        fingerprint = fingerprints[row["id"]] = {"settings": settings, "row": row_fingerprint(row)}
         entry = journal.entries.get(row["id"])
-        if entry is not None and not (cfg.retry_failed and entry["status"] == "failed"):
-            summary.resumed += 1
-            continue
+        if entry is not None:
+            # An entry of a version without fingerprints: the settings it was made with are unknown.
+            before = entry.get("fingerprint") or {"settings": None, "row": None}
+            if before["settings"] != settings:
+                summary.redone_settings += 1
+            elif before["row"] != fingerprint["row"]:
+                summary.redone_input += 1
+            elif not (cfg.retry_failed and entry["status"] == "failed"):
+                summary.resumed += 1
+                continue
         todo.append(row)
 
     bar = tqdm(total=len(todo), desc=stage.name, unit="row", disable=not cfg.progress, file=sys.stderr)
     out_dirs = [Path(d).resolve() for d in stage.out_dirs] + [Path(output).resolve().parent]
-    on_result = _Sink(stage, journal, out_dirs, bar)
+    on_result = _Sink(stage, journal, out_dirs, bar, fingerprints)
     batches = _batches(todo, cfg.batch_rows)
     try:
         if cfg.executor == "ray":

@@ -371,3 +371,30 @@ def test_a_rerun_on_another_number_of_processes_redoes_only_unfinished_rows(tmp_
     assert pipeline.seed_journal("caption", out, 1, 3, ids) == 2
     entries = [json.loads(line) for line in Path(f"{shard_path(out, 1, 3)}.journal.jsonl").read_text().splitlines()]
     assert {e["id"] for e in entries} == ids and {e["status"] for e in entries} == {"done"}
+
+
+def test_generation_stops_at_the_models_own_end_of_turn_token(tmp_path):
+    """A chat model whose turns end with a token other than the tokenizer's eos (Llama-3 LLaVA: <|eot_id|>):
+    generate stops there (the model's generation config), and the caption is not taken for truncated."""
+    import json
+
+    folder = cap.make_tiny_llava(tmp_path / "llava")
+    make_video(tmp_path / "c.mp4", [24])
+    frames = [cap.read_frames(str(tmp_path / "c.mp4"), [0.5], "separate")]
+    cfg = CaptionConfig(model=str(folder), num_frames=1, frame_positions=[0.5], device="cpu")
+    cap.load_llava.cache_clear()
+    model, processor = cap.load_llava(str(folder), "cpu", "auto")
+    [(text, truncated)] = cap.generate(frames, cfg, 8)
+    words = text.split()
+    assert truncated and len(words) >= 2, "the random model runs to the budget without its eos"
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids(words[1])  # the model's second word ends its turn
+    assert end_of_turn != processor.tokenizer.eos_token_id
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [2, end_of_turn]}))
+    cap.load_llava.cache_clear()
+    try:
+        [(text, truncated)] = cap.generate(frames, cfg, 8)
+    finally:
+        cap.load_llava.cache_clear()
+    # (the stop word is an ordinary word here, so it is decoded; a real end-of-turn token is special and skipped)
+    assert text.split() == words[:2] and not truncated

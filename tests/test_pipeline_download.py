@@ -67,6 +67,7 @@ def server():
 
 
 def _cfg(tmp_path, **kw):
+    kw.setdefault("allow_private_hosts", True)  # the server is on 127.0.0.1
     return DownloadConfig(out_dir=str(tmp_path / "videos"), retries=3, backoff_s=0.01, timeout_s=0.5, chunk_bytes=8192, **kw)
 
 
@@ -112,7 +113,7 @@ def test_stage_run_with_file_urls_and_failures(server, tmp_path):
     (tmp_path / "local.mp4").write_bytes(b"local video bytes")
     urls = [f"{server}/ok.mp4", f"{server}/404.mp4", (tmp_path / "local.mp4").as_uri(), f"{server}/ok.mp4#2"]
     (tmp_path / "urls.csv").write_text("url\n" + "\n".join(urls) + "\n")
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, allow_local=True)
     summary = run_stage(make_stage("download", cfg, tmp_path / "d.parquet"), tmp_path / "urls.csv",
                         tmp_path / "d.parquet", RunnerConfig(workers=0, progress=False))
     assert (summary.done, summary.failed) == (3, 1)

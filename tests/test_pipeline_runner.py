@@ -43,10 +43,15 @@ def test_failures_are_records_and_resume_skips_finished(tmp_path, workers):
     # A re-run does nothing new; with retry_failed the failed rows run again (and now succeed).
     again = run_stage(stage, df, tmp_path / "out.parquet", cfg)
     assert (again.resumed, again.done, again.failed) == (6, 0, 0)
-    fixed = Stage("flaky", flaky_stage, {})
+    fixed = Stage("flaky", fixed_stage, {"fail": bad})  # the code fixed, the settings as they were
     retried = run_stage(fixed, df, tmp_path / "out.parquet", RunnerConfig(workers=0, progress=False, retry_failed=True))
     assert (retried.resumed, retried.done) == (4, 2)
     assert (read_manifest(tmp_path / "out.parquet")["flaky_status"] == "done").all()
+
+
+def fixed_stage(row: dict, cfg: dict) -> list[dict]:
+    """``flaky_stage`` with its bug fixed: no row fails (a changed setting would redo every row instead)."""
+    return [{**row, "seen": 1}]
 
 
 def _write(tmp_path, df):
@@ -137,12 +142,14 @@ def test_ray_executor_on_two_local_cpus(tmp_path):
 
 
 def disk_stage(row: dict, cfg: dict) -> list[dict]:
-    """A test stage on a disk that holds ``cfg['room']`` files: each row marks ``attempts/`` (outside the
-    "disk"), then writes ``out/<id>`` without creating ``out/``, and raises ENOSPC once ``out/`` is full."""
+    """A test stage on a disk that holds as many files as ``<base>/room`` says (the disk, not a setting: freeing
+    space changes no fingerprint): each row marks ``attempts/`` (outside the "disk"), then writes ``out/<id>``
+    without creating ``out/``, and raises ENOSPC once ``out/`` is full."""
     base = Path(cfg["base"])
+    room = int((base / "room").read_text()) if (base / "room").exists() else 100
     (base / "attempts" / row["id"]).touch()
     out = base / "out"
-    if out.is_dir() and len(list(out.iterdir())) >= cfg["room"]:
+    if out.is_dir() and len(list(out.iterdir())) >= room:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / row["id"]))
     if not Path(row["path"]).parent.is_dir():  # the row's own input is missing: its failure, not the disk's
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), row["path"])
@@ -168,7 +175,8 @@ def test_full_disk_stops_the_stage_and_a_rerun_finishes(tmp_path, workers):
     n, room = 24, 5
     df = _disk(tmp_path, n)
     out = tmp_path / "o.parquet"
-    stage = Stage("disk", disk_stage, {"base": str(tmp_path), "room": room}, out_dirs=(str(tmp_path / "out"),))
+    (tmp_path / "room").write_text(str(room))
+    stage = Stage("disk", disk_stage, {"base": str(tmp_path)}, out_dirs=(str(tmp_path / "out"),))
     with pytest.raises(SystemicError) as info:
         run_stage(stage, df, out, RunnerConfig(workers=workers, progress=False, batch_rows=2))
     message = str(info.value)
@@ -180,8 +188,8 @@ def test_full_disk_stops_the_stage_and_a_rerun_finishes(tmp_path, workers):
     attempted = len(list((tmp_path / "attempts").iterdir()))
     assert attempted <= len(written) + 2 * workers * 2 + 2 < n  # it stopped instead of failing every row
     # After space is freed, a re-run does exactly the rest.
-    freed = Stage("disk", disk_stage, {"base": str(tmp_path), "room": n}, out_dirs=stage.out_dirs)
-    summary = run_stage(freed, df, out, RunnerConfig(workers=workers, progress=False, batch_rows=2))
+    (tmp_path / "room").write_text(str(n))
+    summary = run_stage(stage, df, out, RunnerConfig(workers=workers, progress=False, batch_rows=2))
     assert (summary.resumed, summary.done, summary.failed) == (len(written), n - len(written), 0)
     result = read_manifest(out)
     assert result["id"].tolist() == df["id"].tolist()
@@ -191,7 +199,7 @@ def test_full_disk_stops_the_stage_and_a_rerun_finishes(tmp_path, workers):
 def test_a_missing_input_fails_its_row_but_a_vanished_output_folder_stops(tmp_path):
     df = _disk(tmp_path, 4)
     df.loc[1, "path"] = str(tmp_path / "gone" / "v1.mp4")
-    stage = Stage("disk", disk_stage, {"base": str(tmp_path), "room": 100}, out_dirs=(str(tmp_path / "out"),))
+    stage = Stage("disk", disk_stage, {"base": str(tmp_path)}, out_dirs=(str(tmp_path / "out"),))
     summary = run_stage(stage, df, tmp_path / "a.parquet", RunnerConfig(workers=0, progress=False))
     assert (summary.done, summary.failed) == (3, 1) and "FileNotFoundError" in str(summary)
     (tmp_path / "out").rename(tmp_path / "unmounted")
