@@ -56,13 +56,29 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 SHORT_CLIP_POLICIES = ("skip", "pad")
 
 
+HOLDOUT_UNIT_COLUMN = "source_video"
+"""The manifest column whose value is the holdout's unit: the video a clip was cut from (split writes it on every
+piece). A row without it is its own unit, keyed by its ``id``."""
+
+
+def holdout_units(df: pd.DataFrame) -> pd.Series:
+    """The holdout unit of every manifest row: its ``source_video``, or its ``id`` where that is empty."""
+    source = df[HOLDOUT_UNIT_COLUMN].astype("string").fillna("")
+    return source.where(source != "", df["id"].astype("string"))
+
+
 @dataclass(frozen=True)
 class Holdout:
-    """Clips kept out of training for validation, by clip id: the listed ``ids``, and every clip whose id hashes
-    below ``fraction`` (sha256 of the id: the same clips on every machine, world size, resume and manifest order,
-    and a clip added later does not move others across the line).
+    """Clips kept out of training for validation, a whole source video at a time (:func:`holdout_units`).
 
-    ``clip_id in holdout`` says whether a clip is held out.
+    split cuts a long shot into consecutive pieces ``<source>_<k>`` that look alike: held out one clip at a time,
+    the neighbours of a validation clip would be trained on and the held-out loss would flatter the model. So a
+    source video is held out with all its pieces when the sha256 of its unit key falls below ``fraction`` (the same
+    videos on every machine, world size, resume and manifest order; a video added later does not move others
+    across the line; larger fractions hold out supersets), or when one of its clips is listed in ``ids``.
+
+    ``key in holdout`` says whether a unit key (or a listed clip id) is held out by itself; :meth:`mask` applies
+    the holdout to a manifest.
     """
 
     fraction: float = 0.0
@@ -72,16 +88,22 @@ class Holdout:
         if not 0.0 <= self.fraction < 1.0:
             raise ValueError(f"holdout fraction must be in [0, 1), got {self.fraction}")
 
-    def __contains__(self, clip_id: object) -> bool:
-        clip_id = str(clip_id)
-        if clip_id in self.ids:
+    def __contains__(self, key: object) -> bool:
+        key = str(key)
+        if key in self.ids:
             return True
         if self.fraction <= 0.0:
             return False
-        return int.from_bytes(hashlib.sha256(clip_id.encode("utf-8")).digest()[:8], "big") < self.fraction * 2**64
+        return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") < self.fraction * 2**64
 
     def __bool__(self) -> bool:
         return self.fraction > 0.0 or bool(self.ids)
+
+    def mask(self, df: pd.DataFrame) -> np.ndarray:
+        """bool (rows,): True for the rows of manifest ``df`` held out (every clip of a held-out source video)."""
+        units = holdout_units(df)
+        listed = set(units[df["id"].astype("string").isin(self.ids)])
+        return np.array([unit in listed or unit in self for unit in units], dtype=bool)
 
 
 @dataclass
@@ -190,12 +212,14 @@ class VideoDataset(Dataset):
             multi-rank run records them once).
         autoencoder: the shape of the autoencoder the samples are for: a ``num_frames`` or size it cannot
             take is an error here (:func:`check_sample_shape`), before any clip is read. None: not checked.
-        holdout: clips kept out of training for validation (:class:`Holdout`); None keeps every row.
+        holdout: clips kept out of training for validation, whole source videos (:class:`Holdout`); None keeps
+            every row.
         held_out: False (training): leave the held-out rows out; True (validation): keep only them.
 
     Attributes:
         bucket_keys: (T, H, W) of each index.
         paths, texts, ids: per index.
+        units: per index, the clip's holdout unit (:func:`holdout_units`: its source video, else its id).
         sha256s: per index, the clip's content hash from the manifest's ``sha256`` column (written by the
             data pipeline's split stage), or None where the manifest has none.
         spans: per index, the :class:`~opensora.data.manifest.SourceSpan` of a reference row (``path`` is the
@@ -222,6 +246,7 @@ class VideoDataset(Dataset):
         self.paths: list[str] = []
         self.texts: list[str] = []
         self.ids: list[str] = []
+        self.units: list[str] = []
         self.sha256s: list[str | None] = []
         self.spans: list[SourceSpan | None] = []
         hashed = CONTENT_HASH_COLUMN in df.columns
@@ -229,8 +254,9 @@ class VideoDataset(Dataset):
         self.bucket_keys: list[BucketKey] = []
         self.skipped: list[dict[str, str]] = []
         self.num_held_out = 0  # rows left out by ``holdout`` (training) or outside it (validation)
-        for row in df.itertuples(index=False):
-            if holdout and (str(row.id) in holdout) != held_out:
+        keep = holdout.mask(df) == held_out if holdout else np.ones(len(df), dtype=bool)
+        for row, kept, unit in zip(df.itertuples(index=False), keep, holdout_units(df)):
+            if not kept:
                 self.num_held_out += 1
                 continue
             path = str(row.path) if not pd.isna(row.path) else ""
@@ -248,6 +274,7 @@ class VideoDataset(Dataset):
             self.paths.append(path)
             self.texts.append("" if pd.isna(row.text) else str(row.text))
             self.ids.append(str(row.id))
+            self.units.append(str(unit))
             sha = getattr(row, CONTENT_HASH_COLUMN) if hashed else None
             self.sha256s.append(None if sha is None or pd.isna(sha) or not str(sha) else str(sha))
             self.frame_counts.append(frames)
