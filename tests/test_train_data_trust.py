@@ -18,7 +18,8 @@ import pytest
 
 from opensora.data.dataset import DataConfig, Holdout, VideoDataset
 from opensora.data.manifest import write_manifest
-from opensora.training.validation import union_holdout, ValidationConfig
+from opensora.training.validation import ValidationConfig, union_holdout
+from tests.test_training import manifest  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +99,106 @@ def test_the_validation_loss_spreads_its_clips_over_source_videos(tmp_path):
     picked = [held.ids[i] for i in spread_over_units(held.units, 6)]
     assert len({i.rsplit("_", 1)[0] for i in picked}) == 6 and all(i.endswith("_0000") for i in picked)
     assert spread_over_units(["a", "a", "b"], 5) == [0, 2, 1]
+
+
+# -- item 5: empty captions and clips failing to load ------------------------------------------------------------
+def captioned(tmp_path: Path, empty: int, total: int = 40) -> Path:
+    texts = ["" if i < empty // 2 else None if i < empty else f"clip {i}" for i in range(total)]
+    return split_manifest(tmp_path, sources=total, pieces=1, text=texts)
+
+
+def test_empty_captions_above_the_share_stop_the_run_before_it_starts(tmp_path):
+    """A manifest with empty or missing captions trained without text conditioning, silently."""
+    from opensora.config import ConfigError
+    from opensora.data.loader import build_dataloader
+
+    manifest = captioned(tmp_path, empty=4)
+    with pytest.raises(ConfigError, match=r"clips.parquet: 4 of 40 training clips \(10.0%\) have an empty or "
+                                          r"missing caption.*max_empty_caption_share"):
+        build_dataloader(data_cfg(manifest), batch_size=2)
+    with pytest.warns(UserWarning, match="4 of 40 training clips"):  # within a share the recipe allows: a warning
+        build_dataloader(data_cfg(manifest, max_empty_caption_share=0.2), batch_size=2)
+
+
+def test_empty_captions_exit_the_cli_with_status_2_and_the_message(tmp_path, manifest):
+    from tests.test_training import train_cmd, write_recipe
+
+    df = pd.read_parquet(manifest)
+    df.loc[:2, "text"] = ""
+    bad = write_manifest(df, tmp_path / "uncaptioned.parquet")
+    proc = subprocess.run(train_cmd(write_recipe(tmp_path, bad, steps0=1), tmp_path / "run"),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "uncaptioned.parquet: 3 of 8 training clips (37.5%) have an empty or missing caption" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def flaky(monkeypatch, bad) -> None:
+    """Clips whose index satisfies ``bad`` fail to load; the others give a blank sample without reading a file."""
+    import torch
+
+    def load(self, index, random_start=None):
+        if bad(index):
+            raise OSError(f"simulated: clip {index} is unreadable")
+        return torch.zeros(3, *self.bucket_keys[index])
+
+    monkeypatch.setattr(VideoDataset, "load", load)
+
+
+def test_a_run_where_most_clips_fail_to_load_stops_with_the_counts(tmp_path, monkeypatch):
+    """Before: it trained on the rest while failures.jsonl grew every epoch."""
+    from opensora.config import ConfigError
+    from opensora.data.loader import build_dataloader
+
+    flaky(monkeypatch, lambda i: i % 3 != 0)  # two clips in three fail
+    manifest, log = split_manifest(tmp_path, sources=40, pieces=1), tmp_path / "failures.jsonl"
+    loader, sampler = build_dataloader(data_cfg(manifest), batch_size=2, failures_path=log)
+    with pytest.raises(ConfigError, match=r"26 of the last 40 samples failed to load \(65%.*"
+                                          r"/clips.parquet; .*failures.jsonl"):
+        list(loader)
+    assert (sampler.epoch, sampler.samples_consumed()) == (1, 0), "stopped once a window (here: all 40 clips) was seen"
+
+
+def test_a_few_failed_loads_within_the_limit_train_on(tmp_path, monkeypatch):
+    from opensora.data.loader import build_dataloader
+
+    flaky(monkeypatch, lambda i: i == 0)  # one clip of 40: at most 1 in any window of 10 samples
+    manifest = split_manifest(tmp_path, sources=40, pieces=1)
+    loader, sampler = build_dataloader(data_cfg(manifest, failure_window=10), batch_size=2)
+    for _ in range(3):
+        assert sum(len(b["index"]) for b in loader) == 39
+    strict, _ = build_dataloader(data_cfg(manifest, max_failed_share=0.05, failure_window=10), batch_size=2)
+    with pytest.raises(ValueError, match="failed to load"):
+        list(strict)
+
+
+@pytest.mark.parametrize("field, value, message", [("max_empty_caption_share", 1.5, "a share in \\[0, 1\\]"),
+                                                   ("max_failed_share", -0.1, "a share in \\[0, 1\\]"),
+                                                   ("failure_window", 0, ">= 1 samples")])
+def test_data_check_settings_are_checked(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=f"data.{field} must be {message}"):
+        data_cfg(tmp_path / "m.parquet", **{field: value})
+
+
+# -- item 6: data-parallel ranks agree on a batch broken on one of them ----------------------------------------
+@pytest.mark.slow
+def test_a_batch_broken_on_one_data_parallel_rank_is_skipped_by_all(tmp_path, manifest):
+    """Without sequence parallelism, a rank whose whole batch failed skipped it alone: from then on the ranks
+    trained on different global batches (their samplers one batch apart) and a checkpoint kept one rank's
+    position. Every rank must skip that global batch, and stay on one position."""
+    from tests.test_training import env, write_recipe
+
+    recipe = write_recipe(tmp_path, manifest, steps0=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_workers" / "data_worker.py"), "dp-broken", "--recipe", str(recipe),
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = json.loads((tmp_path / "result.json").read_text())
+    position = [(s["epoch"], s["consumed"]) for s in rank0["seen"]]
+    assert position == [(s["epoch"], s["consumed"]) for s in rank1["seen"]], "ranks trained on different global batches"
+    assert position[0] == (0, 4), "the first global batch (broken on rank 1) was skipped by both ranks"
+    assert rank0["state"] == rank1["state"]
+    failed = (tmp_path / "run" / "short" / "failures.jsonl").read_text().splitlines()
+    assert len(failed) == 1 and "simulated read error on rank 1" in failed[0]
