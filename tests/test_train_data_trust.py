@@ -182,23 +182,37 @@ def test_data_check_settings_are_checked(tmp_path, field, value, message):
 
 
 # -- item 6: data-parallel ranks agree on a batch broken on one of them ----------------------------------------
+def data_worker(tmp_path: Path, manifest: Path, mode: str) -> list[dict]:
+    """Runs a mode of tests/dist_workers/data_worker.py on 2 gloo ranks; returns each rank's result."""
+    from tests.test_training import env, write_recipe
+
+    recipe = write_recipe(tmp_path, manifest, steps0=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_workers" / "data_worker.py"), mode, "--recipe", str(recipe),
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
 @pytest.mark.slow
 def test_a_batch_broken_on_one_data_parallel_rank_is_skipped_by_all(tmp_path, manifest):
     """Without sequence parallelism, a rank whose whole batch failed skipped it alone: from then on the ranks
     trained on different global batches (their samplers one batch apart) and a checkpoint kept one rank's
     position. Every rank must skip that global batch, and stay on one position."""
-    from tests.test_training import env, write_recipe
-
-    recipe = write_recipe(tmp_path, manifest, steps0=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_workers" / "data_worker.py"), "dp-broken", "--recipe", str(recipe),
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rank0, rank1 = json.loads((tmp_path / "result.json").read_text())
+    rank0, rank1 = data_worker(tmp_path, manifest, "dp-broken")
     position = [(s["epoch"], s["consumed"]) for s in rank0["seen"]]
     assert position == [(s["epoch"], s["consumed"]) for s in rank1["seen"]], "ranks trained on different global batches"
     assert position[0] == (0, 4), "the first global batch (broken on rank 1) was skipped by both ranks"
     assert rank0["state"] == rank1["state"]
     failed = (tmp_path / "run" / "short" / "failures.jsonl").read_text().splitlines()
     assert len(failed) == 1 and "simulated read error on rank 1" in failed[0]
+
+
+@pytest.mark.slow
+def test_failed_loads_on_one_rank_stop_every_rank_at_the_same_batch(tmp_path, manifest):
+    """Every load fails on rank 1 (half of all samples): the failed share is summed over the ranks, so both stop
+    with the same message at the same position instead of one rank raising while the other waits in a collective."""
+    rank0, rank1 = data_worker(tmp_path, manifest, "dp-failing")
+    assert rank0["error"] == rank1["error"] and "4 of the last 8 samples failed to load (50%" in rank0["error"]
+    assert rank0["state"] == rank1["state"] and rank0["step"] == rank1["step"] == 0
