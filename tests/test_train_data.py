@@ -164,7 +164,9 @@ def test_broken_and_short_clips_are_recorded_not_fatal(tmp_path):
 
 def test_all_broken_epoch_is_an_error_not_a_hang(tmp_path):
     rows = [row(tmp_path / f"missing{i}.mp4", "x", 12, 24, 32) for i in range(2)]
-    cfg = DataConfig(manifest=manifest(tmp_path, rows), num_frames=2, image_size=(16, 16), num_workers=0)
+    # max_failed_share 1: the failed-load limit (tests/test_train_data_trust.py) would stop this first.
+    cfg = DataConfig(manifest=manifest(tmp_path, rows), num_frames=2, image_size=(16, 16), num_workers=0,
+                     max_failed_share=1.0)
     loader, _ = build_dataloader(cfg, batch_size=2)
     with pytest.raises(RuntimeError, match="every batch of epoch 0 was broken"):
         list(loader)

@@ -352,6 +352,7 @@ def test_the_loss_is_reported_per_bucket_and_its_mean_weighs_clips_equally():
 
     class Clips:
         bucket_keys = [(2, 8, 8), (2, 16, 16), (2, 8, 8), (2, 8, 8)]
+        units = ["v0", "v1", "v2", "v3"]  # one source video each
 
         def __len__(self):
             return 4

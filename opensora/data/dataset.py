@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from omegaconf import MISSING
 from PIL import Image
 from torch.utils.data import Dataset
 
+from opensora.config import ConfigError
 from opensora.data.buckets import BucketKey, bucket_key, nearest_size, parse_sizes
 from opensora.data.manifest import CONTENT_HASH_COLUMN, SourceSpan, read_manifest, source_span
 from opensora.data.video_io import read_video, video_info
@@ -56,13 +59,29 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 SHORT_CLIP_POLICIES = ("skip", "pad")
 
 
+HOLDOUT_UNIT_COLUMN = "source_video"
+"""The manifest column whose value is the holdout's unit: the video a clip was cut from (split writes it on every
+piece). A row without it is its own unit, keyed by its ``id``."""
+
+
+def holdout_units(df: pd.DataFrame) -> pd.Series:
+    """The holdout unit of every manifest row: its ``source_video``, or its ``id`` where that is empty."""
+    source = df[HOLDOUT_UNIT_COLUMN].astype("string").fillna("")
+    return source.where(source != "", df["id"].astype("string"))
+
+
 @dataclass(frozen=True)
 class Holdout:
-    """Clips kept out of training for validation, by clip id: the listed ``ids``, and every clip whose id hashes
-    below ``fraction`` (sha256 of the id: the same clips on every machine, world size, resume and manifest order,
-    and a clip added later does not move others across the line).
+    """Clips kept out of training for validation, a whole source video at a time (:func:`holdout_units`).
 
-    ``clip_id in holdout`` says whether a clip is held out.
+    split cuts a long shot into consecutive pieces ``<source>_<k>`` that look alike: held out one clip at a time,
+    the neighbours of a validation clip would be trained on and the held-out loss would flatter the model. So a
+    source video is held out with all its pieces when the sha256 of its unit key falls below ``fraction`` (the same
+    videos on every machine, world size, resume and manifest order; a video added later does not move others
+    across the line; larger fractions hold out supersets), or when one of its clips is listed in ``ids``.
+
+    ``key in holdout`` says whether a unit key (or a listed clip id) is held out by itself; :meth:`mask` applies
+    the holdout to a manifest.
     """
 
     fraction: float = 0.0
@@ -72,16 +91,22 @@ class Holdout:
         if not 0.0 <= self.fraction < 1.0:
             raise ValueError(f"holdout fraction must be in [0, 1), got {self.fraction}")
 
-    def __contains__(self, clip_id: object) -> bool:
-        clip_id = str(clip_id)
-        if clip_id in self.ids:
+    def __contains__(self, key: object) -> bool:
+        key = str(key)
+        if key in self.ids:
             return True
         if self.fraction <= 0.0:
             return False
-        return int.from_bytes(hashlib.sha256(clip_id.encode("utf-8")).digest()[:8], "big") < self.fraction * 2**64
+        return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") < self.fraction * 2**64
 
     def __bool__(self) -> bool:
         return self.fraction > 0.0 or bool(self.ids)
+
+    def mask(self, df: pd.DataFrame) -> np.ndarray:
+        """bool (rows,): True for the rows of manifest ``df`` held out (every clip of a held-out source video)."""
+        units = holdout_units(df)
+        listed = set(units[df["id"].astype("string").isin(self.ids)])
+        return np.array([unit in listed or unit in self for unit in units], dtype=bool)
 
 
 @dataclass
@@ -96,6 +121,11 @@ class DataConfig:
     short_clips: str = "skip"  # clips shorter than the window: "skip" (record, leave out) or "pad" (repeat last frame)
     random_start: bool = True  # random window start per (seed, epoch, clip); False always starts at frame 0
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    # Error at start when more of the training clips than this share have an empty or missing caption (they would
+    # train without text conditioning); a warning below it. 1.0: data without captions (unconditional training).
+    max_empty_caption_share: float = 0.01
+    max_failed_share: float = 0.2  # stop when more than this share of the last failure_window samples failed to load
+    failure_window: int = 1000  # samples (all ranks together) the failed share is taken over
 
     def __post_init__(self):
         if self.num_frames < 1:
@@ -111,6 +141,11 @@ class DataConfig:
             raise ValueError(f"data.short_clips must be one of {SHORT_CLIP_POLICIES}, got {self.short_clips!r}")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        for name in ("max_empty_caption_share", "max_failed_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name} must be a share in [0, 1], got {getattr(self, name)}")
+        if self.failure_window < 1:
+            raise ValueError(f"data.failure_window must be >= 1 samples, got {self.failure_window}")
 
     @property
     def window(self) -> int:
@@ -131,6 +166,76 @@ def check_sample_shape(cfg: DataConfig, autoencoder: AutoencoderShape | None) ->
             autoencoder.latent_size((cfg.num_frames, *size))
         except ValueError as err:
             raise ValueError(f"data.buckets {list(size)}: {err}" if cfg.buckets else str(err)) from None
+
+
+class DataError(ConfigError):
+    """The training data cannot give the run it asks for (too many empty captions, too many clips failing to load).
+
+    A ``ConfigError``, so that ``train/train.py`` stops with the message and exit status 2, as for a bad recipe: the
+    message names the manifest, the counts and the ``data.*`` setting that decides.
+    """
+
+
+def check_captions(texts: list[str], cfg: DataConfig, warn: bool = True) -> int:
+    """Counts the empty or missing captions of the training clips; raises :class:`DataError` when their share is
+    above ``cfg.max_empty_caption_share``, warns (``warn``) when there are some below it. Returns the count.
+
+    Such clips train as unconditional samples, on top of the model's own caption dropout: without a word, a
+    manifest whose captioning failed would train a text-to-video model that ignores its text.
+    """
+    empty = sum(not text.strip() for text in texts)
+    if not empty:
+        return 0
+    share = empty / len(texts)
+    what = f"{cfg.manifest}: {empty} of {len(texts)} training clips ({share:.1%}) have an empty or missing caption"
+    if share > cfg.max_empty_caption_share:
+        raise DataError(f"{what}, more than data.max_empty_caption_share={cfg.max_empty_caption_share:g}: they would "
+                        "train without text conditioning. Caption them (python -m data_pipeline caption), leave them "
+                        "out of the manifest, or raise data.max_empty_caption_share (1.0 for data without captions)")
+    if warn:
+        warnings.warn(f"{what}, within data.max_empty_caption_share={cfg.max_empty_caption_share:g}: they train "
+                      "without text conditioning", stacklevel=2)
+    return empty
+
+
+class LoadFailureWindow:
+    """The share of samples that failed to load over the last ``cfg.failure_window`` requested samples; raises
+    :class:`DataError` once it is above ``cfg.max_failed_share``.
+
+    A clip that fails to load is recorded and left out, which keeps a run alive through a few bad files, and also
+    kept a run whose data was mostly unreadable (moved, truncated, a stale cache) training on the rest while the
+    failures file grew every epoch. The share is checked once the window is full, or once as many samples as the
+    data set has were requested (a data set smaller than the window).
+
+    Args:
+        cfg: the data config (manifest, ``max_failed_share``, ``failure_window``).
+        num_samples: clips in the data set.
+        failures_path: the failures file the message points to.
+    """
+
+    def __init__(self, cfg: DataConfig, num_samples: int, failures_path: str | Path | None = None):
+        self.cfg, self.failures_path = cfg, failures_path
+        self.needed = min(cfg.failure_window, num_samples)
+        self._batches: deque[tuple[int, int]] = deque()  # (requested, failed) per batch, oldest first
+        self.requested = self.failed = 0
+
+    def add(self, requested: int, failed: int) -> None:
+        """Counts one batch (all ranks' samples); raises DataError when the window's failed share is too high."""
+        self._batches.append((requested, failed))
+        self.requested += requested
+        self.failed += failed
+        while self.requested - self._batches[0][0] >= self.cfg.failure_window:
+            old_requested, old_failed = self._batches.popleft()
+            self.requested -= old_requested
+            self.failed -= old_failed
+        if self.requested >= self.needed and self.failed > self.cfg.max_failed_share * self.requested:
+            where = f"; each clip and its error are in {self.failures_path}" if self.failures_path else ""
+            raise DataError(
+                f"{self.failed} of the last {self.requested} samples failed to load "
+                f"({self.failed / self.requested:.0%}, more than data.max_failed_share={self.cfg.max_failed_share:g} "
+                f"over data.failure_window={self.cfg.failure_window}) from {self.cfg.manifest}{where}. Fix or "
+                "leave out the broken rows (or the latent cache), or raise data.max_failed_share (1.0: never stop)"
+            )
 
 
 def record_failure(failures_path: str | Path | None, **fields: Any) -> None:
@@ -190,12 +295,14 @@ class VideoDataset(Dataset):
             multi-rank run records them once).
         autoencoder: the shape of the autoencoder the samples are for: a ``num_frames`` or size it cannot
             take is an error here (:func:`check_sample_shape`), before any clip is read. None: not checked.
-        holdout: clips kept out of training for validation (:class:`Holdout`); None keeps every row.
+        holdout: clips kept out of training for validation, whole source videos (:class:`Holdout`); None keeps
+            every row.
         held_out: False (training): leave the held-out rows out; True (validation): keep only them.
 
     Attributes:
         bucket_keys: (T, H, W) of each index.
         paths, texts, ids: per index.
+        units: per index, the clip's holdout unit (:func:`holdout_units`: its source video, else its id).
         sha256s: per index, the clip's content hash from the manifest's ``sha256`` column (written by the
             data pipeline's split stage), or None where the manifest has none.
         spans: per index, the :class:`~opensora.data.manifest.SourceSpan` of a reference row (``path`` is the
@@ -222,6 +329,7 @@ class VideoDataset(Dataset):
         self.paths: list[str] = []
         self.texts: list[str] = []
         self.ids: list[str] = []
+        self.units: list[str] = []
         self.sha256s: list[str | None] = []
         self.spans: list[SourceSpan | None] = []
         hashed = CONTENT_HASH_COLUMN in df.columns
@@ -229,8 +337,9 @@ class VideoDataset(Dataset):
         self.bucket_keys: list[BucketKey] = []
         self.skipped: list[dict[str, str]] = []
         self.num_held_out = 0  # rows left out by ``holdout`` (training) or outside it (validation)
-        for row in df.itertuples(index=False):
-            if holdout and (str(row.id) in holdout) != held_out:
+        keep = holdout.mask(df) == held_out if holdout else np.ones(len(df), dtype=bool)
+        for row, kept, unit in zip(df.itertuples(index=False), keep, holdout_units(df)):
+            if not kept:
                 self.num_held_out += 1
                 continue
             path = str(row.path) if not pd.isna(row.path) else ""
@@ -248,6 +357,7 @@ class VideoDataset(Dataset):
             self.paths.append(path)
             self.texts.append("" if pd.isna(row.text) else str(row.text))
             self.ids.append(str(row.id))
+            self.units.append(str(unit))
             sha = getattr(row, CONTENT_HASH_COLUMN) if hashed else None
             self.sha256s.append(None if sha is None or pd.isna(sha) or not str(sha) else str(sha))
             self.frame_counts.append(frames)

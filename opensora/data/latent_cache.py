@@ -497,6 +497,7 @@ class CachedLatentDataset(Dataset):
         self.videos = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=log_skipped,
                                    autoencoder=autoencoder, holdout=holdout, held_out=held_out)
         self.bucket_keys = self.videos.bucket_keys
+        self.units = self.videos.units  # the validator spreads its clips over source videos
         self.sha256s = known_content_hashes(self.videos, self.cache_dir)
         self.max_leading_misses = MAX_LEADING_MISSES if max_leading_misses is None else int(max_leading_misses)
         # Per process (each worker has its copy): lookups so far, and whether any found its entry.

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from opensora.data.dataset import DataConfig, Holdout, VideoDataset, collate
+from opensora.data.dataset import DataConfig, Holdout, LoadFailureWindow, VideoDataset, check_captions, collate
 from opensora.data.latent_cache import CachedLatentDataset, EncoderIdentity
 from opensora.data.sampler import DistributedBucketSampler, ResumableDataLoader
 from opensora.models.autoencoders import AutoencoderShape
@@ -42,6 +42,7 @@ def build_dataloader(
     drop_last: bool = True,
     pin_memory: bool = False,
     agree_group=None,
+    step_group=None,
     autoencoder: AutoencoderShape | None = None,
     holdout: Holdout | None = None,
 ) -> tuple[ResumableDataLoader, DistributedBucketSampler]:
@@ -62,12 +63,17 @@ def build_dataloader(
         agree_group: with sequence parallelism, the gloo group of this rank's SP group: its ranks load the
             same batches and must train on the same samples even when a clip fails on one of them only
             (see :class:`ResumableDataLoader`). None without SP.
+        step_group: with several data-parallel ranks, a gloo group of all ranks: a global batch broken on one
+            rank is skipped by all, and failed loads are counted over all (see :class:`ResumableDataLoader`).
         autoencoder: the shape of the autoencoder the samples are for (the trainer passes the recipe's): a
             ``num_frames`` or size it cannot take fails here, naming the nearest valid frame counts.
         holdout: clips kept out of training for validation (``opensora.training.validation``); None: none.
     Returns:
         ``(loader, sampler)``: each ``for batch in loader`` runs the rest of the current epoch; save
         ``sampler.state_dict()`` with checkpoints and ``sampler.load_state_dict`` it on resume.
+    Raises:
+        DataError: more empty captions than ``cfg.max_empty_caption_share`` (here), or, while iterating, more
+            failed loads than ``cfg.max_failed_share`` of a ``cfg.failure_window`` (``LoadFailureWindow``).
     """
     if cfg.cache_dir is not None:
         if encoder_identity is None:
@@ -82,6 +88,8 @@ def build_dataloader(
     else:
         dataset = VideoDataset(cfg, failures_path=failures_path, seed=seed, log_skipped=rank == 0,
                                autoencoder=autoencoder, holdout=holdout)
+    videos = dataset.videos if isinstance(dataset, CachedLatentDataset) else dataset
+    check_captions(videos.texts, cfg, warn=rank == 0)  # every rank raises alike; one warns
     sampler = DistributedBucketSampler(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
                                        drop_last=drop_last)  # type: ignore[arg-type]
     workers = cfg.num_workers
@@ -98,5 +106,7 @@ def build_dataloader(
         # shared memory, so set_epoch still reaches the running workers.
         persistent_workers=workers > 0,
         agree_group=agree_group,
+        step_group=step_group,
+        failures=LoadFailureWindow(cfg, len(dataset), failures_path),  # type: ignore[arg-type]
     )
     return loader, sampler

@@ -20,7 +20,7 @@ or call ``advance`` yourself after each step.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from opensora.data.buckets import BucketKey
+
+if TYPE_CHECKING:
+    from opensora.data.dataset import LoadFailureWindow
 
 
 class BucketedDataset(Protocol):
@@ -191,8 +194,9 @@ class ResumableDataLoader(DataLoader):
     Each ``iter(loader)`` runs the rest of the current epoch. The sampler is advanced when a batch is
     handed to the caller, so that ``sampler.state_dict()`` taken after a training step counts that step's
     batch and not the batches the workers prefetched. A batch whose every sample was broken (the collate
-    function returned None) is skipped: nothing is yielded for it, but it counts as consumed. A full epoch
-    in which every batch was broken is an error (a trainer would otherwise loop forever).
+    function returned None) is skipped: nothing is yielded for it, but it counts as consumed. With a
+    ``step_group``, that global batch is skipped on every rank (see below). A full epoch in which every batch
+    was broken is an error (a trainer would otherwise loop forever).
 
     Construct it like a DataLoader with ``batch_sampler=DistributedBucketSampler(...)``; the dataset may
     have ``set_epoch(epoch)`` (random temporal crops), which is called before each epoch's batches are sent
@@ -205,12 +209,26 @@ class ResumableDataLoader(DataLoader):
             would leave that rank with a smaller batch, and the group's all-to-alls with mismatched shapes:
             a hang. With a group, every batch is cut to the samples that every rank of the group loaded
             (:func:`agree_on_batch`). None: each rank keeps what it loaded.
+        step_group: all ranks that take optimizer steps together (the world, as a gloo group), when there are
+            several data-parallel ranks. Each rank loads its own slice of a global batch; a rank whose whole slice
+            failed to load skipped it alone, and from then on the ranks trained on different global batches (a
+            checkpoint then kept one rank's position). With a group, every rank learns, with one all-reduce of
+            three integers per batch on the host, whether any rank's slice was broken, and all of them skip that
+            global batch (the other ranks' loaded samples of it count as consumed). The same all-reduce sums the
+            samples requested and failed for ``failures``, so every rank stops at the same batch. None: one rank.
+        failures: counts the samples that failed to load and stops the run past a share
+            (:class:`~opensora.data.dataset.LoadFailureWindow`); None: not counted.
         *args, **kwargs: as ``torch.utils.data.DataLoader``.
     """
 
-    def __init__(self, *args: Any, agree_group: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, agree_group: Any = None, step_group: Any = None,
+                 failures: LoadFailureWindow | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.agree_group = agree_group
+        self.step_group = step_group
+        self.failures = failures
+        # Under a step group, one rank of each SP group counts its samples (its group's ranks hold the same batch).
+        self._counts = agree_group is None or dist.get_rank(agree_group) == 0
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
@@ -225,6 +243,7 @@ class ResumableDataLoader(DataLoader):
             sampler.advance(1)
             if self.agree_group is not None:
                 batch = agree_on_batch(batch, self.agree_group, sampler.batch_size)
+            batch = self._tally(batch, sampler.batch_size)
             if batch is None:
                 continue
             yielded += 1
@@ -233,6 +252,19 @@ class ResumableDataLoader(DataLoader):
             raise RuntimeError(
                 f"every batch of epoch {epoch} was broken (no sample could be loaded); see the failures file"
             )
+
+    def _tally(self, batch: dict[str, Any] | None, capacity: int) -> dict[str, Any] | None:
+        """``batch``, or None where it must be skipped (on every rank of ``step_group``); counts its failed loads."""
+        loaded = 0 if batch is None else len(batch["index"])
+        requested, failed, broken = capacity, capacity - loaded, int(batch is None)
+        if self.step_group is not None:
+            counted = int(self._counts)
+            counts = torch.tensor([requested * counted, failed * counted, broken], dtype=torch.long)
+            dist.all_reduce(counts, group=self.step_group)  # gloo: host integers, no device sync
+            requested, failed, broken = counts.tolist()
+        if self.failures is not None:
+            self.failures.add(requested, failed)
+        return None if broken else batch
 
 
 

@@ -122,6 +122,9 @@ class Trainer:
             self._identity = None
             # Under SP, the gloo group in which the loaders of one SP group agree on the clips they loaded.
             self._agree_group = new_sp_group(recipe.parallel, dist_info, backend="gloo") if self.dims.sp_size > 1 else None
+            # With several data-parallel ranks, the gloo group (all ranks) in which the loaders agree to skip a global
+            # batch broken on any rank and count failed loads (opensora.data.sampler.ResumableDataLoader).
+            self._step_group = dist.new_group(backend="gloo") if self.dims.dp_size > 1 else None
             if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
                 self.vae, self.text_encoder = self._build_encoders(bundle, model)
 
@@ -137,7 +140,7 @@ class Trainer:
                     data_cfg, self.micro_batch, rank=self.dims.dp_rank, world_size=self.dims.dp_size, seed=recipe.seed,
                     failures_path=self.stage_dir / "failures.jsonl", encoder_identity=identity,
                     pin_memory=self.device.type == "cuda",
-                    agree_group=self._agree_group,
+                    agree_group=self._agree_group, step_group=self._step_group,
                     autoencoder=self.autoencoder, holdout=recipe_holdout(recipe),  # no stage trains on validation clips
                 )
 

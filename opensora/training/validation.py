@@ -24,8 +24,9 @@ steps (and at the stage's start with ``at_start``) the trainer calls :meth:`Vali
    trainer calls :meth:`run` at its resume step too).
 
 Held-out clips come from ``validation.manifest`` (a separate manifest) or are held out of the training
-manifest by id (``holdout_fraction``, ``holdout_ids``: :class:`~opensora.data.dataset.Holdout`); every stage's
-training data leaves out the union of all stages' held-out clips, so no stage trains on what another validates on.
+manifest a whole source video at a time (``holdout_fraction``, ``holdout_ids``: :class:`~opensora.data.dataset.Holdout`:
+split's consecutive pieces of one shot never land on both sides); every stage's training data leaves out the union
+of all stages' held-out clips, so no stage trains on what another validates on.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class ValidationConfig:
     every: int = 0  # steps between validation passes; 0 = off
     at_start: bool = True  # with every > 0: also validate the stage's starting weights (step 0: the curve's origin)
     manifest: str | None = None  # held-out clips in a manifest of their own; or hold clips out of the training one:
-    holdout_fraction: float = 0.0  # share of the training manifest's clips held out, chosen by a hash of the clip id
-    holdout_ids: list[str] = field(default_factory=list)  # clip ids held out of the training manifest
-    num_clips: int = 16  # held-out clips the loss is measured on (the first ones in manifest order)
+    holdout_fraction: float = 0.0  # share of the training manifest's source videos held out (all their clips), by hash
+    holdout_ids: list[str] = field(default_factory=list)  # clip ids held out, each with every clip of its source video
+    num_clips: int = 16  # held-out clips the loss is measured on (one per source video in turn: spread_over_units)
     batch_size: int = 4  # held-out clips per forward on each rank
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fractions of the schedule
     prompts: list[str] = field(default_factory=list)  # sampled at every pass (empty: no samples)
@@ -169,6 +170,18 @@ def noise_seed(seed: int, clip: int, k: int) -> int:
     return ((seed * 1_000_003 + clip) * 1_000_033 + k) % (2**63 - 1)
 
 
+def spread_over_units(units: list[str], n: int) -> list[int]:
+    """The first ``n`` indices taking one clip of each source video in turn (the first clip of every video in manifest
+    order, then every second clip, ...): a whole video is held out with all its pieces, and the loss of the first
+    ``n`` clips in manifest order would be measured on a few videos only."""
+    turns: dict[str, int] = {}
+    order = []
+    for i, unit in enumerate(units):
+        turns[unit] = turns.get(unit, -1) + 1
+        order.append((turns[unit], i))
+    return [i for _, i in sorted(order)[:n]]
+
+
 def plan_batches(bucket_keys: list, indices: list[int], batch_size: int) -> list[list[int]]:
     """Held-out indices in batches of one bucket each, at most ``batch_size`` long, in a fixed order."""
     by_bucket: dict[Any, list[int]] = {}
@@ -248,7 +261,7 @@ class Validator:
             if len(dataset) == 0:
                 raise ValueError("validation: no held-out clips to measure the loss on (the held-out set is empty: "
                                  "check validation.manifest / holdout_fraction / holdout_ids)")
-            indices = list(range(min(cfg.num_clips, len(dataset))))
+            indices = spread_over_units(dataset.units, cfg.num_clips)
             self.batches = plan_batches(dataset.bucket_keys, indices, cfg.batch_size)
 
     def step_dir(self, step: int) -> Path:
