@@ -14,6 +14,7 @@ from opensora.accounting import stdit_forward_flops
 from opensora.diffusion import RFlow
 from opensora.models import STDiT, stdit_config
 from opensora.models.families import FAMILIES, family_of_size, get_family
+from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder, make_tiny_t5
 from opensora.models.lora import (
     LORA_WEIGHTS_NAME, LoraSettings, apply_lora, lora_parameter_names, lora_state_dict, save_diffusers_lora,
 )
@@ -97,6 +98,25 @@ def test_wan_forward_equals_the_diffusers_module_called_as_wan_pipeline_calls_it
                        return_dict=False)[0]
     assert ours.shape == x.shape and ours.dtype == torch.float32
     torch.testing.assert_close(ours, -theirs, rtol=0, atol=0)  # prediction sign: noise - x_0 -> x_0 - noise
+
+
+def test_wan_text_from_our_umt5_encoder_is_wan_pipelines_prompt_embeds(tmp_path):
+    assert TextEncoderConfig(type=WAN.text.encoder, path="x").type == "umt5"
+    encoder = build_text_encoder(TextEncoderConfig(type="umt5", path=str(make_tiny_t5(tmp_path, encoder_type="umt5")),
+                                                   max_length=16))
+    prompts = ["a red ball rolls left", "two small birds fly over the blue sea at sunset"]
+    model = _tiny(WAN)
+    pipe = WanPipeline(tokenizer=encoder.tokenizer, text_encoder=encoder.model, vae=None, scheduler=None,
+                       transformer=model)
+    with torch.no_grad():
+        text = encoder.encode(prompts)
+        theirs = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=16, device=torch.device("cpu"))
+        x = torch.randn(2, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([10.0, 990.0])
+        ours = WAN.forward(model, x, t, text["y"], text["mask"])
+        ref = model(hidden_states=x, timestep=t, encoder_hidden_states=theirs, return_dict=False)[0]
+    assert text["mask"][0].sum() < 16 and theirs[0, -1].abs().max() == 0  # a padded prompt, zero-padded there
+    torch.testing.assert_close(ours, -ref, rtol=0, atol=0)
 
 
 def test_wan_per_frame_timesteps_are_wan22_ti2v_per_token_timesteps():
