@@ -202,6 +202,14 @@ def test_ltx_dynamic_shift_is_the_diffusers_scheduler_time_shift():
     torch.testing.assert_close(ours, scheduler.time_shift(mu, 1.0, sigmas), rtol=1e-12, atol=1e-12)
 
 
+def test_a_half_given_dynamic_shift_is_an_error():
+    from opensora.models.families import FlowShift
+
+    with pytest.raises(ValueError, match="max_shift"):
+        FlowShift(base_tokens=1024, max_tokens=4096, base_shift=0.95)
+    assert FlowShift(3.0).at(10_000) == 3.0
+
+
 # ---------------------------------------------------------------------------------------------------- FLOPs
 
 

@@ -58,6 +58,13 @@ class FlowShift:
     base_shift: float | None = None
     max_shift: float | None = None
 
+    def __post_init__(self):
+        dynamic = (self.base_tokens, self.max_tokens, self.base_shift, self.max_shift)
+        if any(v is None for v in dynamic) != all(v is None for v in dynamic):
+            raise ValueError(f"a dynamic shift needs base_tokens, max_tokens, base_shift and max_shift, got {dynamic}")
+        if self.shift <= 0 or (self.base_tokens is not None and self.max_tokens <= self.base_tokens):
+            raise ValueError(f"shift must be > 0 and max_tokens > base_tokens, got {self}")
+
     @property
     def dynamic(self) -> bool:
         return self.base_tokens is not None
