@@ -19,23 +19,30 @@ import transformers
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from torch import nn
-from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 # transformers 5 renamed from_pretrained's `torch_dtype` to `dtype` (4.56+ accept both).
 _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
+# text_encoder.type -> (encoder class, its config class). UMT5 is Wan 2.1/2.2's encoder (google/umt5-xxl): T5's
+# layout with relative position biases in every layer; the tokenizer is loaded the same way for both.
+ENCODER_CLASSES: dict[str, tuple[type, type]] = {
+    "t5": (T5EncoderModel, T5Config),
+    "umt5": (UMT5EncoderModel, UMT5Config),
+}
+
 
 @dataclass
 class TextEncoderConfig:
-    type: str = "t5"  # only T5 encoders for now (Open-Sora 1.0: DeepFloyd/t5-v1_1-xxl)
+    type: str = "t5"  # "t5" (Open-Sora 1.0: DeepFloyd/t5-v1_1-xxl; LTX-Video) or "umt5" (Wan 2.1/2.2)
     path: str | None = None  # local dir, or a Hugging Face repo id already in the local cache (never downloaded)
     subfolder: str | None = None  # model sub-directory, e.g. "text_encoder" in a diffusers pipeline repo
     tokenizer_subfolder: str | None = None  # tokenizer sub-directory (default: same as subfolder)
     max_length: int = 120  # prompts are padded / truncated to this many tokens
 
     def __post_init__(self):
-        if self.type != "t5":
-            raise ValueError(f"text_encoder.type must be 't5', got {self.type!r}")
+        if self.type not in ENCODER_CLASSES:
+            raise ValueError(f"text_encoder.type must be one of {', '.join(ENCODER_CLASSES)}, got {self.type!r}")
         if not self.path:
             raise ValueError("text_encoder.path is required (a local dir or a cached repo id)")
         if self.max_length < 1:
@@ -68,6 +75,7 @@ class T5TextEncoder(nn.Module):
         tokenizer_subfolder: str | None = None,
         max_length: int = 120,
         torch_dtype: torch.dtype | None = None,
+        encoder_type: str = "t5",
     ) -> "T5TextEncoder":
         """Loads encoder and tokenizer with transformers' own loaders, from local files only.
 
@@ -78,10 +86,12 @@ class T5TextEncoder(nn.Module):
             tokenizer_subfolder: sub-directory of the tokenizer files (default: ``subfolder``).
             max_length: prompts are padded / truncated to this many tokens.
             torch_dtype: load the weights in this dtype (bf16 or fp32: T5 overflows in fp16).
+            encoder_type: a key of :data:`ENCODER_CLASSES` ("t5" or "umt5").
         """
+        encoder_class = ENCODER_CLASSES[encoder_type][0]
         tokenizer_subfolder = subfolder if tokenizer_subfolder is None else tokenizer_subfolder
         try:
-            model = T5EncoderModel.from_pretrained(
+            model = encoder_class.from_pretrained(
                 str(path), subfolder=subfolder or "", local_files_only=True, **{_DTYPE_KWARG: torch_dtype}
             )
             tokenizer = AutoTokenizer.from_pretrained(
@@ -149,6 +159,7 @@ def build_text_encoder(
         tokenizer_subfolder=cfg.tokenizer_subfolder,
         max_length=cfg.max_length,
         torch_dtype=dtype,
+        encoder_type=cfg.type,
     )
     if device is not None:
         encoder = encoder.to(device)
@@ -229,7 +240,7 @@ def tiny_t5_tokenizer() -> T5TokenizerFast:
     )
 
 
-def make_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_t5(out_dir: str | Path, seed: int = 0, encoder_type: str = "t5") -> Path:
     """Saves a tiny random T5 encoder (d_model 32, 2 layers, 2 heads) and an offline tokenizer to ``out_dir``.
 
     The tokenizer knows a few hundred prompt words whole and spells anything else in suffix and
@@ -238,12 +249,14 @@ def make_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
     Args:
         out_dir: directory to write config.json, model.safetensors and the tokenizer files into.
         seed: weight initialisation seed (same seed -> same weights).
+        encoder_type: "t5" or "umt5" (Wan's encoder class, same sizes and tokenizer).
     Returns:
         ``out_dir`` as a Path, loadable with :meth:`T5TextEncoder.from_pretrained` / ``AutoTokenizer``.
     """
     out_dir = Path(out_dir)
     tokenizer = tiny_t5_tokenizer()
-    config = T5Config(
+    encoder_class, config_class = ENCODER_CLASSES[encoder_type]
+    config = config_class(
         vocab_size=len(tokenizer),
         d_model=32,
         d_kv=16,
@@ -260,7 +273,7 @@ def make_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
     )
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state untouched
         torch.manual_seed(seed)
-        model = T5EncoderModel(config)
+        model = encoder_class(config)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
