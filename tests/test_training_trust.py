@@ -290,3 +290,102 @@ def test_a_startup_killed_before_it_ends_is_billed_up_to_its_last_heartbeat(tmp_
     (seg,) = read_ledger(tmp_path)
     assert seg.crashed and seg.startup_s == seg.wall_s and seg.wall_s >= 1.2
     assert summarize(tmp_path).total.spend.startup_gpu_hours == pytest.approx(seg.wall_s * 8 / 3600)
+
+
+# -- 7. the EMA follows the fp32 masters where the model holds a bf16 working copy ---------------------------------
+def flat_masters(model: torch.nn.Module, pad_to: int = 4):
+    """ZeRO's layout on one rank, built by hand: a flat fp32 master per parameter, padded to ``pad_to``, and the
+    model's parameters turned into its bf16 working copy."""
+    from opensora.training.ema import MasterShards
+
+    params = dict(model.named_parameters())
+    masters = {}
+    for name, p in params.items():
+        flat = p.detach().float().flatten()
+        masters[name] = torch.nn.functional.pad(flat, [0, -flat.numel() % pad_to]).clone()
+        p.data = p.data.to(torch.bfloat16)
+
+    def gather(name, shard):
+        return shard[: params[name].numel()].view(params[name].shape)
+
+    def scatter(name, full, shard):
+        shard.copy_(torch.nn.functional.pad(full.detach().float().flatten(), [0, shard.numel() - full.numel()]))
+
+    return masters, MasterShards(masters, gather, scatter)
+
+
+def test_ema_follows_the_fp32_masters_not_the_bf16_working_copy():
+    """Before: the EMA averaged the model's parameters, under ZeRO the bf16 working copy (rounded to 8 bits of
+    mantissa every step). Now it averages the engine's fp32 masters; its state dict and the validation swap give
+    whole tensors shaped like the parameters."""
+    from opensora.training import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 5)
+    masters, shards = flat_masters(model)
+    ema = EMA(model, decay=0.5, masters=shards)
+    expected = {n: m.clone() for n, m in masters.items()}
+    for step in range(1, 4):  # "optimizer steps": small fp32 updates of the masters, the working copy re-rounded
+        for name, p in model.named_parameters():
+            masters[name] += 1e-3 * torch.randn_like(masters[name])
+            p.data.copy_(shards.gather(name, masters[name]).to(torch.bfloat16))
+            expected[name] = expected[name].lerp(masters[name], 0.5)
+        ema.update(step)
+    state = ema.state_dict()
+    for name, p in model.named_parameters():
+        want = shards.gather(name, expected[name])
+        assert state[name].shape == p.shape and state[name].dtype == torch.float32
+        torch.testing.assert_close(state[name], want, rtol=0, atol=0)
+        rounded = shards.gather(name, masters[name]).to(torch.bfloat16).float()
+        assert not torch.equal(want, rounded), "the test must tell the masters from the working copy"
+    working = [p.detach().clone() for p in model.parameters()]
+    with ema.swapped_in():
+        for (name, p) in model.named_parameters():
+            assert torch.equal(p, state[name].to(torch.bfloat16))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), working))
+    reloaded = EMA(model, decay=0.5, masters=flat_masters(torch.nn.Linear(7, 5))[1])
+    reloaded.masters = shards  # same layout; a fresh average loaded from the state dict lands in the shards
+    reloaded.shadow = [torch.zeros_like(s) for s in ema.shadow]
+    reloaded.load_state_dict(state)
+    assert all(torch.equal(reloaded.whole(i), ema.whole(i)) for i in range(len(ema.names)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_zero2_bf16_ema_tracks_masters_and_a_nan_step_changes_nothing():
+    """ColossalAI ZeRO-2 in bf16 on one GPU: the EMA equals an fp32 average of the gathered masters, and a step
+    with a NaN gradient leaves masters, working copy and AdamW state as they were (colossalai alone would
+    apply it: BF16MixedPrecisionMixin never skips)."""
+    from opensora.distributed import ParallelConfig, build_engine
+    from opensora.training import EMA
+    from tests.dist_workers.engine_worker import loss_fn, make_batch, make_model
+
+    info = init_distributed()
+    try:
+        batch = {k: v.cuda() for k, v in make_batch(2).items()}
+        eng = build_engine(ParallelConfig(engine="colossalai", zero_stage=2), info)
+        model = make_model()
+        model, _ = eng.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        assert next(eng.unwrap().parameters()).dtype == torch.bfloat16, "ZeRO must hold a bf16 working copy"
+        ema = EMA(eng.unwrap(), decay=0.5, masters=eng.master_shards())
+        expected = {k: v.clone() for k, v in eng._gathered_masters().items()}
+        for step in range(1, 3):
+            with eng.autocast():
+                loss, _ = loss_fn(model, batch)
+            eng.backward(loss)
+            assert torch.isfinite(eng.optimizer_step(1.0))
+            ema.update(step)
+            for k, v in eng._gathered_masters().items():
+                expected[k] = expected[k].lerp(v, 0.5)
+        for k, v in ema.state_dict().items():
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+        masters = {k: v.clone() for k, v in eng._gathered_masters().items()}
+        working = [p.detach().clone() for p in eng.unwrap().parameters()]
+        with eng.autocast():
+            loss, _ = loss_fn(model, batch)
+        eng.backward(loss * math.nan)
+        assert not torch.isfinite(eng.optimizer_step(1.0))
+        assert all(torch.equal(v, masters[k]) for k, v in eng._gathered_masters().items())
+        assert all(torch.equal(p, w) for p, w in zip(eng.unwrap().parameters(), working))
+    finally:
+        destroy_distributed()

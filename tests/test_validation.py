@@ -26,8 +26,8 @@ from opensora.data.dataset import DataConfig, Holdout, VideoDataset
 from opensora.data.manifest import read_manifest
 from opensora.distributed import init_distributed
 from opensora.eval.clip_score import ClipScorer, make_tiny_clip
-from opensora.training import load_recipe, run_recipe
-from opensora.training.validation import ema_weights, plan_batches
+from opensora.training import EMA, load_recipe, run_recipe
+from opensora.training.validation import plan_batches
 from tests.test_training import ROOT, env, manifest, train_cmd  # noqa: F401  (manifest is a fixture)
 
 PROMPTS = ["a red square moving left on a white background", "a blue square moving right on a white background"]
@@ -132,10 +132,14 @@ def test_validation_config_errors_name_the_key(tmp_path, manifest):
 def test_plan_batches_and_ema_swap_restore_exactly():
     keys = [(4, 16, 16), (4, 16, 16), (4, 8, 8), (4, 16, 16)]
     assert plan_batches(keys, [0, 1, 2, 3], 2) == [[0, 1], [3], [2]]
-    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    model = torch.nn.Linear(3, 5)
+    params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    shadow = [torch.zeros(5), torch.ones(3)]
-    with ema_weights(params, shadow):
+    ema = EMA(model, decay=0.5)
+    shadow = [torch.zeros(5, 3), torch.ones(5)]
+    for s, v in zip(ema.shadow, shadow):
+        s.copy_(v)
+    with ema.swapped_in():
         assert torch.equal(params[0], shadow[0]) and torch.equal(params[1], shadow[1])
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 

@@ -225,7 +225,7 @@ def build_step(args, info, cfg, dtype, model: STDiT | None = None):
     engine = build_engine(pcfg, info)
     engine.prepare(model, build_optimizer(model, OptimConfig(), 1e-4, device))
     ema_cfg = EMAConfig()
-    ema = EMA(engine.unwrap(), ema_cfg.decay, ema_cfg.warmup)
+    ema = EMA(engine.unwrap(), ema_cfg.decay, ema_cfg.warmup, masters=engine.master_shards())
 
     B, L = args.batch, cfg.model_max_length
     latent = autoencoder_of(args).latent_size((args.frames, args.height, args.width))

@@ -66,6 +66,11 @@ class Engine:
         """The STDiT itself (for its config, EMA updates, ...)."""
         return unwrap(self.model)
 
+    def master_shards(self):
+        """The fp32 master weights the EMA should follow when they are not the parameters
+        (``opensora.training.ema.MasterShards``), else None: FSDP2 shards and DDP keep fp32 parameters."""
+        return None
+
     @property
     def schedule_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer whose param groups' ``lr`` an LR scheduler drives."""
@@ -282,40 +287,55 @@ class ColossalAIEngine(Engine):
             return {}
         return {k: v.detach().cpu() for k, v in state.items()}
 
+    def master_shards(self):
+        """Under ZeRO: this rank's flat fp32 master shards, with the gather / scatter of their layout, so the EMA
+        averages the masters (Open-Sora 1.0's EMA did), not the bf16 working copy the model holds."""
+        if not self.zero:
+            return None
+        from opensora.training.ema import MasterShards
+
+        masters = self.optimizer.get_working_to_master_map()
+        params = dict(self.unwrap().named_parameters())
+        tensors = {n: masters[id(p)] for n, p in params.items() if id(p) in masters}
+        return MasterShards(tensors, lambda name, shard: self._gather_flat(params[name], shard),
+                            lambda name, full, shard: self._scatter_flat(params[name], full, shard))
+
     # -- ZeRO's fp32 masters ------------------------------------------------------------------------------
-    def _gathered_masters(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> the full fp32 master weight, on every rank (all-gathers each master shard)."""
+    def _gather_flat(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """The whole tensor, shaped like working parameter ``p``, of ``shard`` (laid out like ``p``'s flat padded
+        master shard) from every rank of ``p``'s group. Collective."""
         from colossalai.zero.low_level._utils import all_gather_into_flat_tensor_nd, get_nd_world_size
 
-        opt, out = self.optimizer, {}
-        masters = opt.get_working_to_master_map()
-        for name, p in self.unwrap().named_parameters():
-            master = masters.get(id(p))
-            if master is None:  # not trained (requires_grad=False): the working copy is all there is
-                continue
-            pg = opt.param_to_pg[p]
-            full = torch.empty(master.numel() * get_nd_world_size(pg), device=p.device, dtype=master.dtype)
-            all_gather_into_flat_tensor_nd(full, master.detach().to(p.device).flatten(), pg)
-            out[name] = full[: p.numel()].view(p.shape)  # the last shard is padded
-        return out
+        pg = self.optimizer.param_to_pg[p]
+        full = torch.empty(shard.numel() * get_nd_world_size(pg), device=p.device, dtype=shard.dtype)
+        all_gather_into_flat_tensor_nd(full, shard.detach().to(p.device).flatten(), pg)
+        return full[: p.numel()].view(p.shape)  # the last shard is padded
+
+    def _scatter_flat(self, p: torch.Tensor, full: torch.Tensor, shard: torch.Tensor) -> None:
+        """Copies this rank's part of ``full`` (shaped like ``p``) into ``shard`` (laid out like its master shard)."""
+        from colossalai.zero.low_level._utils import get_nd_rank, get_nd_world_size
+
+        pg = self.optimizer.param_to_pg[p]
+        flat = full.detach().to(shard.device, shard.dtype).flatten()
+        pad = self.optimizer.get_param_padding_size(p)
+        if pad:
+            flat = torch.nn.functional.pad(flat, [0, pad])
+        with torch.no_grad():
+            shard.copy_(flat.chunk(get_nd_world_size(pg))[get_nd_rank(pg)].view_as(shard))
+
+    def _gathered_masters(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the full fp32 master weight, on every rank (all-gathers each master shard)."""
+        masters = self.optimizer.get_working_to_master_map()
+        # not trained (requires_grad=False) parameters have no master: the working copy is all there is
+        return {name: self._gather_flat(p, masters[id(p)])
+                for name, p in self.unwrap().named_parameters() if id(p) in masters}
 
     def _load_masters(self, state_dict: dict) -> None:
         """Copies each loaded fp32 weight into this rank's master shard (not the bf16-rounded working copy)."""
-        from colossalai.zero.low_level._utils import get_nd_rank, get_nd_world_size
-
-        opt = self.optimizer
-        masters = opt.get_working_to_master_map()
-        with torch.no_grad():
-            for name, p in self.unwrap().named_parameters():
-                master = masters.get(id(p))
-                if master is None:
-                    continue
-                pg = opt.param_to_pg[p]
-                flat = state_dict[name].detach().to(master.device, master.dtype).flatten()
-                pad = opt.get_param_padding_size(p)
-                if pad:
-                    flat = torch.nn.functional.pad(flat, [0, pad])
-                master.copy_(flat.chunk(get_nd_world_size(pg))[get_nd_rank(pg)])
+        masters = self.optimizer.get_working_to_master_map()
+        for name, p in self.unwrap().named_parameters():
+            if id(p) in masters:
+                self._scatter_flat(p, state_dict[name], masters[id(p)])
 
 
 def nonfinite_flag(norm: torch.Tensor, found_inf: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""Exponential moving average of the model weights, in fp32, sharded like the model.
+"""Exponential moving average of the model weights, in fp32, sharded like the fp32 weights being trained.
 
-The EMA keeps one fp32 copy per parameter, made from the parameter itself: under FSDP2 the parameters are
-sharded DTensors, so each rank keeps only its shard of the average (ZeRO-style), and ``state_dict`` goes to
-``torch.distributed.checkpoint`` as the sharded tensors. Buffers (STDiT's null caption) are not averaged:
+The EMA keeps one fp32 copy per parameter, made from the fp32 weight the optimizer updates: under FSDP2 the
+parameters themselves are sharded fp32 DTensors, so each rank keeps only its shard of the average and
+``state_dict`` goes to ``torch.distributed.checkpoint`` as the sharded tensors. Under ColossalAI's ZeRO the model
+holds a bf16 working copy and the fp32 masters live in the optimizer, sharded flat: the engine hands them over as
+:class:`MasterShards` and the EMA averages the masters (as Open-Sora 1.0 did), not the rounded working copy; its
+state dict and the validation swap gather them to whole tensors. Buffers (STDiT's null caption) are not averaged:
 the export takes them from the model.
 
 Update rule (DiT's ``update_ema``): ``ema = decay * ema + (1 - decay) * param`` after every optimizer step,
@@ -12,9 +15,31 @@ with an optional warm-up ``decay_t = min(decay, (1 + t) / (10 + t))`` (TensorFlo
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+
+@dataclass
+class MasterShards:
+    """fp32 master weights an engine keeps apart from the model's parameters (ZeRO), for the EMA to follow.
+
+    Args:
+        tensors: parameter name -> this rank's fp32 master (any layout, e.g. a flat padded shard); parameters
+            without one (not trained) are averaged from the parameter itself.
+        gather: (name, a tensor laid out like that master) -> the whole tensor, shaped like the parameter.
+            Collective: every rank calls it for the same names in the same order.
+        scatter: (name, a whole tensor, a tensor laid out like that master) -> fills the latter with this rank's
+            part of the former.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    gather: Callable[[str, torch.Tensor], torch.Tensor]
+    scatter: Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
 class EMA:
@@ -24,14 +49,20 @@ class EMA:
         model: the model being trained (after ``parallelize``: its parameters may be DTensors).
         decay: the EMA decay.
         warmup: ramp the decay up as ``(1 + step) / (10 + step)`` until it reaches ``decay``.
+        masters: the engine's fp32 masters when the model holds a lower-precision working copy
+            (``Engine.master_shards()``); None: the parameters are the fp32 weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, masters: MasterShards | None = None):
         self.decay = float(decay)
         self.warmup = warmup
+        self.masters = masters
         self.names = [name for name, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
-        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.params]
+        self.params = [p for _, p in model.named_parameters()]  # what the validation swap writes into
+        held = masters.tensors if masters is not None else {}
+        self.sources = [held.get(n, p) for n, p in zip(self.names, self.params)]  # what the average follows
+        self._sharded = [n in held for n in self.names]
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.sources]
 
     def decay_at(self, step: int) -> float:
         """The decay applied by the update that completes optimizer step ``step`` (1-based)."""
@@ -57,16 +88,23 @@ class EMA:
         weight = 1.0 - self.decay_at(step)
         if keep is not None:
             gated = keep.to(torch.float32) * weight  # 0-dim, on the device
-        for shadow, params in _chunks(self.shadow, self.params, UPDATE_CHUNK):
+        for shadow, params in _chunks(self.shadow, self.sources, UPDATE_CHUNK):
             src = [p.detach().to(torch.float32) for p in params]
             if keep is None:
                 torch._foreach_lerp_(shadow, src, weight)
             else:  # local shards: a device tensor as the weight does not mix with DTensors
                 torch._foreach_lerp_([_local(t) for t in shadow], [_local(t) for t in src], [gated] * len(src))
 
+    def whole(self, i: int) -> torch.Tensor:
+        """The average of parameter ``i``, shaped like it (sharded DTensor under FSDP2; gathered, a collective,
+        from ZeRO master shards)."""
+        if self._sharded[i]:
+            return self.masters.gather(self.names[i], self.shadow[i])
+        return self.shadow[i]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> fp32 average (sharded DTensors under FSDP2)."""
-        return dict(zip(self.names, self.shadow))
+        """Parameter name -> fp32 average (sharded DTensors under FSDP2; whole tensors, gathered, under ZeRO)."""
+        return {name: self.whole(i) for i, name in enumerate(self.names)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copies a saved average in place (DCP loads into the tensors of :meth:`state_dict`)."""
@@ -74,9 +112,27 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
         with torch.no_grad():
-            for name, tensor in zip(self.names, self.shadow):
-                if state[name] is not tensor:
+            for i, (name, tensor) in enumerate(zip(self.names, self.shadow)):
+                if self._sharded[i]:
+                    self.masters.scatter(name, state[name], tensor)
+                elif state[name] is not tensor:
                     tensor.copy_(state[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside: the model's parameters hold the average (cast to their dtype); after: exactly their previous
+        values. Works on FSDP2 shards shard by shard, and on ZeRO's working copy parameter by parameter (each
+        average gathered in turn: collective). The engine's fp32 masters are not touched."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            for i, p in enumerate(self.params):
+                p.copy_(self.whole(i))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's full state with the averaged parameters, unsharded, fp32, on CPU.
@@ -89,8 +145,8 @@ class EMA:
         out = {}
         for name, tensor in model.state_dict().items():
             out[name] = _full(tensor)
-        for name, tensor in zip(self.names, self.shadow):
-            out[name] = _full(tensor).to(torch.float32)
+        for i, name in enumerate(self.names):
+            out[name] = _full(self.whole(i)).to(torch.float32)
         return out
 
 

@@ -154,7 +154,7 @@ class Trainer:
             self.steps = TrainStep(self.engine, self.diffusion, vae=self.vae, text_encoder=self.text_encoder,
                                    accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
                                    grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning)
-            self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup)
+            self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup, masters=self.engine.master_shards())
             self.nonfinite = NonFiniteTracker(self.device, recipe.optim.max_nonfinite_steps)
             self.validator = None
             if self.validation.enabled and stage.steps > 0:

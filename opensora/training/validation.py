@@ -190,27 +190,6 @@ def plan_batches(bucket_keys: list, indices: list[int], batch_size: int) -> list
     return [idx[j:j + batch_size] for idx in by_bucket.values() for j in range(0, len(idx), batch_size)]
 
 
-@contextlib.contextmanager
-def ema_weights(params: list[torch.Tensor], shadow: list[torch.Tensor] | None):
-    """Inside: the parameters hold the EMA average (cast to their dtype); after: exactly their previous values.
-
-    Works on sharded DTensors (FSDP2) shard by shard. ``shadow`` None: the weights are left as they are.
-    """
-    if shadow is None:
-        yield
-        return
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        for p, s in zip(params, shadow):
-            p.copy_(s)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-
-
 @dataclass
 class ValidationResult:
     """One pass: the ``val_*`` numbers, where its files are, and how long it took."""
@@ -283,13 +262,12 @@ class Validator:
             return None
         start = time.perf_counter()
         was_training = self.model.training
-        shadow = self.ema.shadow if (self.cfg.use_ema and self.ema is not None) else None
-        params = self.ema.params if self.ema is not None else [p for p in self.model.parameters()]
+        use_ema = self.cfg.use_ema and self.ema is not None
         row: dict[str, Any] = {"step": step}
         videos = None
         devices = [self.engine.dist.device] if self.engine.dist.device.type == "cuda" else []
         self.engine.reshard()  # the swap below changes the sharded parameters: no gathered copy may outlive it
-        with torch.random.fork_rng(devices=devices), ema_weights(params, shadow):
+        with torch.random.fork_rng(devices=devices), (self.ema.swapped_in() if use_ema else contextlib.nullcontext()):
             self.model.eval()
             try:
                 if self.batches:
@@ -304,7 +282,7 @@ class Validator:
         if videos is not None and self.is_main:
             result.sample_paths, result.grid = self._write_samples(step, videos, row)
         row["val_time_s"] = time.perf_counter() - start
-        row["val_weights"] = "ema" if shadow is not None else "model"
+        row["val_weights"] = "ema" if use_ema else "model"
         if self.is_main:
             with atomic_write_path(self.step_dir(step) / RESULT_FILE) as tmp:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
