@@ -382,9 +382,13 @@ def test_the_loss_is_reported_per_bucket_and_its_mean_weighs_clips_equally():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["fsdp", "ddp", "colossalai"])
-def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, engine):
+def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, engine, monkeypatch):
     """On one GPU in bf16 (FSDP2's mixed precision, DDP's autocast, ZeRO-2's bf16 working copy): validation on or
-    off gives bit-identical trained weights, and its loss and samples are finite (scripts/gpu_smoke.sh runs it)."""
+    off gives bit-identical trained weights, and its loss and samples are finite (scripts/gpu_smoke.sh runs it).
+    Every attention projection of the STDiT computes in bf16: a silent fall-back to fp32 would pass the rest."""
+    import opensora.models.stdit as stdit_mod
+
+    computed_in = compute_dtypes(monkeypatch, stdit_mod.Attention)
     sets = [f"parallel.engine={engine}", "parallel.param_dtype=bf16"]
     on, off = tmp_path / "on", tmp_path / "off"
     assert run_recipe(load_recipe(write_recipe(tmp_path, manifest, every=1, steps=3), sets), on,
@@ -396,6 +400,21 @@ def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, e
     rows = val_rows(on)
     assert sorted(rows) == [0, 1, 2, 3] and all(math.isfinite(r["val_loss"]) for r in rows.values())
     assert len(list((on / "short" / "validation" / "step-00000003").glob("*.mp4"))) == 2
+    assert computed_in == {torch.bfloat16}, f"{engine}: the STDiT computed in {computed_in}"
+
+
+def compute_dtypes(monkeypatch, attention_cls) -> set:
+    """The dtypes the qkv projection of every ``attention_cls`` built from now on computes in (a forward hook on
+    the Linear: under DDP's autocast the activations between ops stay fp32, the matmuls run in bf16)."""
+    seen: set = set()
+    init = attention_cls.__init__
+
+    def hooked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.qkv.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+
+    monkeypatch.setattr(attention_cls, "__init__", hooked_init)
+    return seen
 
 
 def test_a_missing_held_out_manifest_or_prompt_file_is_a_config_error_naming_it(tmp_path, manifest):
