@@ -241,9 +241,14 @@ def test_loading_errors_name_the_input(tiny_dirs, tmp_path):
 
 
 def test_identity_is_an_autoencoder_too():
-    vae = IdentityAutoencoder()
-    assert (vae.compression, vae.causal, vae.out_channels) == ((1, 1, 1), False, 3)
+    vae = build_vae(VAEConfig(type="identity"))
+    assert isinstance(vae, IdentityAutoencoder)
+    assert (vae.compression, vae.causal, vae.out_channels, vae.patch_size) == ((1, 1, 1), False, 3, (1, 1, 1))
     assert vae.describe()["class"] == "identity" and list(vae.state_dict()) == []
+    assert vae.get_latent_size((3, 7, 9)) == (3, 7, 9)
+    x = _video(B=1, T=2, H=7, W=9)
+    torch.testing.assert_close(vae.decode(vae.encode(x)), x)
+    assert vae.decode(x * 3).abs().max() == 1  # decode clamps to [-1, 1] like the real autoencoders
 
 
 @pytest.mark.parametrize("name", list(AUTOENCODER_PRESETS))

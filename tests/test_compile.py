@@ -108,12 +108,17 @@ def test_sequence_parallel_compiled_blocks_have_no_graph_break(tmp_path):
 
 
 def test_compile_keeps_parameter_names_and_checks_the_backend():
-    """Checkpointing for compile replaces ``forward`` on the block (no wrapper module), so checkpoints keep their
-    keys; a misspelt backend fails in ``parallelize``, not at the first forward."""
+    """compile=True compiles every block in place, not the root (lazily: this checks the wiring, the tests above
+    run it); checkpointing for compile replaces ``forward`` on the block (no wrapper module), so checkpoints keep
+    their keys under either engine; a misspelt backend fails in ``parallelize``, not at the first forward."""
     model = STDiT(stdit_config("STDiT-debug"))
     names = list(model.state_dict())
     info = init_distributed()
     try:
+        ddp = parallelize(STDiT(stdit_config("STDiT-debug")), ParallelConfig(engine="ddp", compile=True), info)
+        assert all(b._compiled_call_impl is not None for b in ddp.module.blocks)
+        assert ddp.module._compiled_call_impl is None  # only the blocks
+        assert list(ddp.module.state_dict()) == names
         model = parallelize(model, ParallelConfig(engine="fsdp", grad_ckpt=True, compile=True), info)
         assert list(model.state_dict()) == names
         with pytest.raises(ValueError, match="compile_backend 'inductr'"):

@@ -26,14 +26,22 @@ def _losses(tmp_path, manifest, name, overrides, stage_block=None):
     return [metrics(run, "short")[s]["loss"] for s in (1, 2)]
 
 
+# Conditioning on but never firing: the same draws from the step's generator as any conditioning (a fixed number
+# per step, whatever the probabilities), then no frame given. Plain training draws none, so its timesteps and noise
+# differ and its losses would differ from conditioned ones even if the masks were ignored.
+NEVER = "1.0e-12"
+
+
 def test_recipe_conditioning_reaches_the_step_and_a_stage_block_replaces_it(tmp_path, manifest):
-    plain = _losses(tmp_path, manifest, "plain", [])
+    never = _losses(tmp_path, manifest, "never", [f"conditioning.first_frame={NEVER}"])
     first = _losses(tmp_path, manifest, "first", ["conditioning.first_frame=1.0"])
     # a fresh model predicts zero velocity, so step 1's loss is the mean of (x0 - noise)^2 over the generated
-    # frames: frame 1 of 2 instead of both
-    assert first[0] != pytest.approx(plain[0], rel=1e-4)
-    stage_off = _losses(tmp_path, manifest, "stage_off", ["conditioning.first_frame=1.0"], stage_block="{}")
-    assert stage_off == plain  # the stage's (all-zero) block replaced the recipe's: nothing drawn, same losses
+    # frames: with the same x0 and noise, frame 1 of 2 instead of both
+    assert first[0] != pytest.approx(never[0], rel=1e-4), "the masks changed what the loss measured"
+    # the stage's block replaces the recipe's (not merged key by key: first_frame would stay 1.0)
+    stage_off = _losses(tmp_path, manifest, "stage_off", ["conditioning.first_frame=1.0"],
+                        stage_block=f"{{last_frame: {NEVER}}}")
+    assert stage_off == never
     stage_on = _losses(tmp_path, manifest, "stage_on", [], stage_block="{first_frame: 1.0}")
     assert stage_on == first
 

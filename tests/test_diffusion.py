@@ -138,12 +138,19 @@ def test_learns_and_samples_a_known_distribution(name, steps):
     assert near_mode > 0.85, near_mode
 
 
-def test_sampling_is_deterministic_per_generator():
+def test_iddpm_sampling_follows_its_generator_and_rflow_is_an_ode():
+    """IDDPM adds fresh noise at every step: the same seed gives the same video, another seed another one.
+    Rectified flow integrates an ODE from the given start: the generator must not change its output."""
     net = _ToyNet(out_mult=2)
-    for sched in (IDDPM(num_sampling_steps=5), RFlow(num_sampling_steps=5)):
-        a = sched.sample(net, torch.ones(3, 2, 1), generator=torch.Generator().manual_seed(1))
-        b = sched.sample(net, torch.ones(3, 2, 1), generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def run(sched, seed):
+        return sched.sample(net, torch.ones(3, 2, 1), generator=torch.Generator().manual_seed(seed))
+
+    iddpm = IDDPM(num_sampling_steps=5)
+    torch.testing.assert_close(run(iddpm, 1), run(iddpm, 1), rtol=0, atol=0)
+    assert not torch.allclose(run(iddpm, 1), run(iddpm, 2)), "the generator reaches IDDPM's per-step noise"
+    rflow = RFlow(num_sampling_steps=5)
+    torch.testing.assert_close(run(rflow, 1), run(rflow, 2), rtol=0, atol=0)
 
 
 def test_rflow_interpolation_endpoints_and_unknown_name():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,13 @@ def test_smoke_script_runs_every_check_on_cpu(tmp_path):
 
     assert set(by_check) == set(CHECKS)
     # On a CPU the GPU tests are collected and skipped: each is listed, none is silently missing.
-    assert len(by_check["gpu-tests"]) >= 11 and {r["status"] for r in by_check["gpu-tests"]} == {"SKIP"}
+    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p",
+                              "no:cacheprovider", str(ROOT / "tests")], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    collected = [line.split("::", 1)[1] for line in collect.stdout.splitlines() if "::" in line]
+    assert len(collected) >= 15, collect.stdout[-2000:]
+    assert sorted(r["name"] for r in by_check["gpu-tests"]) == sorted(collected)
+    assert {r["status"] for r in by_check["gpu-tests"]} == {"SKIP"}
     for name in set(CHECKS) - {"gpu-tests"}:
         assert [r["status"] for r in by_check[name]] == ["PASS"] * len(by_check[name]), by_check[name]
     kernels = by_check["attention"][0]["figures"]["kernels"]

@@ -1,5 +1,6 @@
 """probe / split / filter on synthetic videos made here (PyAV, 64x48, a few seconds)."""
 
+import dataclasses
 from fractions import Fraction
 
 import av
@@ -243,27 +244,43 @@ def test_pipeline_run_folder_to_training_manifest(tmp_path):
 
 
 def test_aesthetic_score_from_a_tiny_random_local_model(tmp_path):
+    """A random CLIP tower and a random two-layer head through the real loading path: the score is the mean over
+    the sampled frames of head(normalised image embedding), computed here from the transformers model itself."""
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from data_pipeline.filter import filter_clip
+    from data_pipeline.filter import filter_clip, sample_pairs
+    from data_pipeline.rows import Reject
 
     torch.manual_seed(0)
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=16, projection_dim=16)
-    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "aes")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "aes")
-    # Head: bias 5.0 and zero weights give every clip the score 5.0 through the real loading path.
-    save_file({"layers.0.weight": torch.zeros(8, 16), "layers.0.bias": torch.zeros(8),
-               "layers.1.weight": torch.zeros(1, 8), "layers.1.bias": torch.full((1,), 5.0)},
-              str(tmp_path / "aes" / "aesthetic_head.safetensors"))
+    tower = CLIPVisionModelWithProjection(config).eval()
+    tower.save_pretrained(tmp_path / "aes")
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "aes")
+    head = {"layers.0.weight": torch.randn(8, 16), "layers.0.bias": torch.randn(8),
+            "layers.1.weight": torch.randn(1, 8), "layers.1.bias": torch.full((1,), 5.0)}
+    save_file(head, str(tmp_path / "aes" / "aesthetic_head.safetensors"))
     make_video(tmp_path / "v.mp4", [30])
     row = {"id": "v", "path": str(tmp_path / "v.mp4")}
-    [out] = filter_clip(row, FilterConfig(aesthetic_model=str(tmp_path / "aes"), blank_std=0.0, min_aesthetic=4.0))
-    assert out["aesthetic"] == pytest.approx(5.0)
-    with pytest.raises(Exception, match="aesthetic 5.00 < 6.0"):
-        filter_clip(row, FilterConfig(aesthetic_model=str(tmp_path / "aes"), blank_std=0.0, min_aesthetic=6.0))
+    cfg = FilterConfig(aesthetic_model=str(tmp_path / "aes"), blank_std=0.0, min_aesthetic=-100.0)
+
+    frames = sample_pairs(row["path"], cfg.num_samples, cfg.sample_width)[:, 0]  # what the filter scores
+    with torch.no_grad():
+        embeds = tower(**processor(images=list(frames), return_tensors="pt")).image_embeds  # (N, 16)
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        hidden = embeds @ head["layers.0.weight"].T + head["layers.0.bias"]
+        per_frame = (hidden @ head["layers.1.weight"].T + head["layers.1.bias"])[:, 0]  # (N,)
+    assert len(frames) > 1 and float(per_frame.max() - per_frame.min()) > 1e-3, "the frames score differently"
+    expected = float(per_frame.mean())
+    assert abs(expected - 5.0) > 0.1, "the head's weights, not only its bias, make the score"
+
+    [out] = filter_clip(row, cfg)
+    assert out["aesthetic"] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(Reject, match=f"aesthetic {expected:.2f} < {expected + 0.5}"):
+        filter_clip(row, dataclasses.replace(cfg, min_aesthetic=expected + 0.5))
 
 
 def test_bench_pipeline_reports_split_per_cpu_second(tmp_path):

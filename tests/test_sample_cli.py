@@ -305,5 +305,7 @@ def test_gpu_bf16_generate_keeps_given_frames(pixel_bundle):
     b = load_bundle(pixel_bundle, device="cuda", dtype=torch.bfloat16)
     cond = FrameCondition(start=_frames(3, 1).cuda())
     video = b.generate(PROMPTS[:1], 6, 32, 32, steps=3, cfg_scale=4.0, seed=1, progress=False, cond=cond)
-    assert torch.allclose(video[:, :, :3], cond.start.cpu(), atol=1e-2)
+    # bf16 keeps 8 significant bits: a round trip through it moves a value by at most 2^-9 of itself (a CPU run
+    # in bf16 returns them bit-exact: the latents stay fp32); one sampling step on a given frame moves it far more.
+    torch.testing.assert_close(video[:, :, :3], cond.start.cpu(), rtol=2**-8, atol=1e-6)
     assert torch.isfinite(video).all()

@@ -55,9 +55,20 @@ def test_size_not_divisible_by_patch_names_it():
 
 
 def test_determinism_and_eval_mode():
-    m = randomize(tiny_model()).eval()
+    """In eval mode the output is a function of the inputs: caption dropout (the model's one random draw, from the
+    global generator) is off, so another global seed gives the same output; in train mode it does not."""
+    m = randomize(tiny_model(class_dropout_prob=0.5))
     x, t, y, mask = inputs()
-    torch.testing.assert_close(m(x, t, y, mask), m(x, t, y, mask), rtol=0, atol=0)
+
+    def under_seed(seed):
+        torch.manual_seed(seed)
+        return m(x, t, y, mask)
+
+    m.train()
+    assert any(not torch.equal(under_seed(0), under_seed(s)) for s in range(1, 4)), "dropout draws in train mode"
+    m.eval()
+    torch.testing.assert_close(under_seed(0), under_seed(1), rtol=0, atol=0)
+    torch.testing.assert_close(under_seed(2), m(x, t, y, mask, force_drop_ids=torch.zeros(2, dtype=torch.long)))
 
 
 def test_padding_tokens_are_ignored():

@@ -413,6 +413,16 @@ def test_torchrun_two_processes_fsdp(tmp_path, manifest):
     assert sorted(metrics(run, "short")) == [1, 2]
     bundle = load_bundle(run / "long" / "export", device="cpu")
     assert all(torch.isfinite(v).all() for v in bundle.model.state_dict().values())
+    # One process on the same recipe: the same 4 samples a step, but each rank and micro-step seeds its own noise
+    # and timesteps, so the losses agree only to the spread of a mean over 4 samples' noise (up to 5 % here); a loss
+    # summed over ranks or micro-steps, or averaged twice, is off by 2x.
+    one = tmp_path / "one"
+    assert run_recipe(load_recipe(recipe), one, init_distributed()) == "finished"
+    for stage in ("short", "long"):
+        a, b = metrics(one, stage), metrics(run, stage)
+        assert sorted(a) == sorted(b)
+        for step in a:
+            assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=0.1), (stage, step)
 
 
 def engine_worker(tmp_path: Path, manifest: Path, mode: str) -> list[dict]:

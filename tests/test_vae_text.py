@@ -14,7 +14,6 @@ from tokenizers import Tokenizer
 from opensora.config import ConfigError, load_config
 from opensora.models.text_encoder import TextEncoderConfig, T5TextEncoder, build_text_encoder, make_tiny_t5
 from opensora.models.vae import (
-    IdentityAutoencoder,
     VAEConfig,
     VideoAutoencoderKL,
     build_vae,
@@ -118,15 +117,6 @@ def test_vae_save_load_round_trip_and_subfolder(vae_dir: Path, tmp_path: Path):
         torch.testing.assert_close(again.encode(x, sample_posterior=False), vae.encode(x, sample_posterior=False))
 
 
-def test_vae_dtype_and_hf_cache_repo_id(vae_dir: Path, tmp_path: Path, monkeypatch):
-    _fake_hf_cache(tmp_path / "hub", "tiny-org/tiny-vae", vae_dir)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    vae = build_vae(VAEConfig(path="tiny-org/tiny-vae"), dtype=torch.bfloat16)
-    assert vae.module.dtype == torch.bfloat16
-    with torch.no_grad():
-        assert vae.encode(_video(B=1, T=1)).dtype == torch.bfloat16
-
-
 def test_vae_errors_name_the_input(tmp_path: Path, vae_dir: Path):
     missing = tmp_path / "no_such_vae"
     with pytest.raises(FileNotFoundError, match="no_such_vae"):
@@ -145,16 +135,6 @@ def test_make_tiny_vae_is_deterministic(tmp_path: Path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
-
-
-def test_identity_autoencoder():
-    vae = build_vae(VAEConfig(type="identity"))
-    assert isinstance(vae, IdentityAutoencoder)
-    assert vae.out_channels == 3 and vae.patch_size == (1, 1, 1)
-    assert vae.get_latent_size((3, 7, 9)) == (3, 7, 9)
-    x = _video(B=1, T=2, H=7, W=9)
-    torch.testing.assert_close(vae.decode(vae.encode(x)), x)
-    assert vae.decode(x * 3).abs().max() == 1
 
 
 # ------------------------------------------------------------------------------------------------ T5

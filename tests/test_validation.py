@@ -24,6 +24,7 @@ from opensora.bundle import load_bundle
 from opensora.config import ConfigError
 from opensora.data.dataset import DataConfig, Holdout, VideoDataset
 from opensora.data.manifest import read_manifest
+from opensora.data.video_io import read_video
 from opensora.distributed import init_distributed
 from opensora.eval.clip_score import ClipScorer, make_tiny_clip
 from opensora.training import EMA, load_recipe, run_recipe
@@ -168,7 +169,8 @@ def test_clip_score_is_cosine_similarity_times_100_clamped_at_zero(tmp_path):
 
 # -- in the trainer ---------------------------------------------------------------------------------------------
 def test_validation_runs_at_its_steps_writes_samples_and_is_paid_time(tmp_path, manifest, capsys):
-    clip = make_tiny_clip(tmp_path / "clip")
+    clip = make_tiny_clip(tmp_path / "clip", seed=2)  # seed 2: positive similarities, so the clamp at 0 hides nothing
+    scorer = ClipScorer(clip)
     recipe = load_recipe(write_recipe(tmp_path, manifest, every=2, steps=5,
                                       metrics=("loss", "colour_motion", "clip_score"), clip=str(clip)))
     run = tmp_path / "run"
@@ -178,12 +180,17 @@ def test_validation_runs_at_its_steps_writes_samples_and_is_paid_time(tmp_path, 
     for step, row in rows.items():
         assert math.isfinite(row["val_loss"]) and row["val_clips"] == 2, row
         assert row["val_loss"] == pytest.approx((row["val_loss_t0.2"] + row["val_loss_t0.8"]) / 2)
-        assert 0 <= row["val_colour"] <= 1 and 0 <= row["val_direction"] <= 1 and row["val_clip_score"] >= 0
+        assert 0 <= row["val_colour"] <= 1 and 0 <= row["val_direction"] <= 1
         assert row["val_weights"] == "ema" and row["val_time_s"] > 0
         out = run / "short" / "validation" / f"step-{step:08d}"
-        assert sorted(p.name for p in out.glob("*.mp4")) == [
+        videos = sorted(out.glob("*.mp4"))
+        assert [p.name for p in videos] == [
             "000_a-red-square-moving-left-on-a-white-background.mp4",
             "001_a-blue-square-moving-right-on-a-white-background.mp4"]
+        # the score is CLIP's on these samples and prompts (on the written files: H.264 moves the 16x16 pixels, ~5 %)
+        decoded = [read_video(p) for p in videos]
+        rescored = scorer(decoded, PROMPTS)["val_clip_score"]
+        assert rescored > 0 and row["val_clip_score"] == pytest.approx(rescored, rel=0.1), (row, rescored)
         assert (out / "grid.png").is_file() and (out / "result.json").is_file()
     assert rows[0]["val_loss"] != rows[5]["val_loss"], "the model changed between the first and the last pass"
     train_rows = [json.loads(x) for x in (run / "short" / "metrics.jsonl").read_text().splitlines()]
@@ -223,32 +230,33 @@ def test_the_loss_is_deterministic_and_validation_does_not_touch_training(tmp_pa
 def test_two_ranks_measure_what_one_rank_measures(tmp_path, manifest):
     """FSDP2 on 2 gloo ranks, data-parallel (the batches are dealt to the ranks and the sums all-reduced) and
     sequence-parallel (one SP group of 2: both ranks run every batch, split over frames inside the model, and it is
-    counted once): at step 0 the weights are those of a 1-rank run, so the held-out loss must be the same (up to
-    the order of the float sums), and under SP the sampled videos too."""
+    counted once) measure what the 1-rank run measured with the same weights (up to the order of the float sums):
+    trained weights, not only the zero-output start, under both."""
     recipe = write_recipe(tmp_path, manifest, every=2, steps=2, metrics=("loss",))
     one = tmp_path / "one"
     assert run_recipe(load_recipe(recipe), one, init_distributed()) == "finished"
-    a = val_rows(one)[0]
-    for name, extra in (("dp", ["--set", "stages.0.micro_batch_size=1"]), ("sp", ["--set", "parallel.sp_size=2"])):
+    a0, a2 = val_rows(one)[0], val_rows(one)[2]
+    assert a2["val_loss"] != a0["val_loss"], "the model changed in 2 steps"
+    # At step 0 STDiT's output layer is zero, so the loss depends on the batching and the sums only. So the
+    # data-parallel run starts from the 1-rank run's export (its EMA weights after 2 steps, which its step-2 pass
+    # measured): its step-0 pass must give that number, and the forward matters. Under SP (one data-parallel rank:
+    # the same data and noise as the 1-rank run) the weights after 2 steps differ only by the order of float sums.
+    start_from_export = [f"stages.0.init.bundle={one / 'short' / 'export'}", "stages.0.init.vae=null",
+                         "stages.0.init.text_encoder=null"]
+    for name, sets, expected in (("dp", ["stages.0.micro_batch_size=1", *start_from_export], {0: (a2, 1e-5)}),
+                                 ("sp", ["parallel.sp_size=2"], {0: (a0, 1e-6), 2: (a2, 1e-4)})):
         run = tmp_path / name
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train" / "train.py"), "--config", str(recipe), "--output-dir", str(run),
-               "--set", "validation.num_clips=3", *extra]
+               "--set", "validation.num_clips=3", *(arg for s in sets for arg in ("--set", s))]
         proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        b = val_rows(run)[0]
-        assert b["val_clips"] == 2, (name, "3 asked, 2 held out: each counted once, however many ranks ran it")
-        for key in ("val_loss", "val_loss_t0.2", "val_loss_t0.8"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6), (name, key)
-        # Step 0 checks the batching and the sums (STDiT's output layer starts at zero, so the loss does not depend
-        # on the rest of the model yet). Under SP (one data-parallel rank: the same data and noise as the 1-rank
-        # run) the weights after 2 steps differ only by the order of float sums, and the model's forward matters.
-        if name != "sp":
-            continue
-        a2, b2 = val_rows(one)[2], val_rows(run)[2]
-        assert a2["val_loss"] != a["val_loss"]
-        for key in ("val_loss", "val_loss_t0.2", "val_loss_t0.8"):
-            assert b2[key] == pytest.approx(a2[key], rel=1e-4), (name, key)
+        rows = val_rows(run)
+        for step, (want, rel) in expected.items():
+            got = rows[step]
+            assert got["val_clips"] == 2, (name, "3 asked, 2 held out: each counted once, however many ranks ran it")
+            for key in ("val_loss", "val_loss_t0.2", "val_loss_t0.8"):
+                assert got[key] == pytest.approx(want[key], rel=rel), (name, step, key)
 
 
 @pytest.mark.slow
@@ -386,9 +394,13 @@ def test_the_loss_is_reported_per_bucket_and_its_mean_weighs_clips_equally():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["fsdp", "ddp", "colossalai"])
-def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, engine):
+def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, engine, monkeypatch):
     """On one GPU in bf16 (FSDP2's mixed precision, DDP's autocast, ZeRO-2's bf16 working copy): validation on or
-    off gives bit-identical trained weights, and its loss and samples are finite (scripts/gpu_smoke.sh runs it)."""
+    off gives bit-identical trained weights, and its loss and samples are finite (scripts/gpu_smoke.sh runs it).
+    Every attention projection of the STDiT computes in bf16: a silent fall-back to fp32 would pass the rest."""
+    import opensora.models.stdit as stdit_mod
+
+    computed_in = compute_dtypes(monkeypatch, stdit_mod.Attention)
     sets = [f"parallel.engine={engine}", "parallel.param_dtype=bf16"]
     on, off = tmp_path / "on", tmp_path / "off"
     assert run_recipe(load_recipe(write_recipe(tmp_path, manifest, every=1, steps=3), sets), on,
@@ -400,6 +412,21 @@ def test_gpu_validation_in_bf16_changes_no_training_weight(tmp_path, manifest, e
     rows = val_rows(on)
     assert sorted(rows) == [0, 1, 2, 3] and all(math.isfinite(r["val_loss"]) for r in rows.values())
     assert len(list((on / "short" / "validation" / "step-00000003").glob("*.mp4"))) == 2
+    assert computed_in == {torch.bfloat16}, f"{engine}: the STDiT computed in {computed_in}"
+
+
+def compute_dtypes(monkeypatch, attention_cls) -> set:
+    """The dtypes the qkv projection of every ``attention_cls`` built from now on computes in (a forward hook on
+    the Linear: under DDP's autocast the activations between ops stay fp32, the matmuls run in bf16)."""
+    seen: set = set()
+    init = attention_cls.__init__
+
+    def hooked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.qkv.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+
+    monkeypatch.setattr(attention_cls, "__init__", hooked_init)
+    return seen
 
 
 def test_a_missing_held_out_manifest_or_prompt_file_is_a_config_error_naming_it(tmp_path, manifest):
