@@ -65,7 +65,8 @@ def make_stage(name: str, cfg, output: str | Path) -> Stage:
         out_dir = cfg.out_dir or str(Path(output).resolve().parent / MEDIA_DIRS[name])
         cfg = dataclasses.replace(cfg, out_dir=str(Path(out_dir).resolve()))
         out_dirs = (cfg.out_dir,)
-    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn, out_dirs=out_dirs)
+    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn, out_dirs=out_dirs,
+                 row_timeout_s=cfg.row_timeout_s)
 
 
 def dist_env() -> tuple[int, int]:
