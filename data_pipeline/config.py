@@ -49,6 +49,9 @@ class RunnerConfig:
     progress: bool = _f(True, "show a tqdm progress bar")
     max_failed_share: float = _f(0.5, "a stage that fails more than this share of the rows it ran exits non-zero "
                                  "(status 4; run stops before the next stage); 1 = never")
+    stall_s: float = _f(0.0, "under torchrun: a rank whose heartbeat goes on but which has finished no row for this "
+                        "long is declared stuck and the run stops (0 = derived from the stage's row_timeout_s: "
+                        "(batch_rows + 1) times it, plus 10 minutes; no check when that is 0)")
 
     def __post_init__(self):
         if self.executor not in ("local", "ray"):
@@ -57,6 +60,8 @@ class RunnerConfig:
             raise ValueError("runner.workers must be >= 0 and runner.batch_rows >= 1")
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise ValueError(f"runner.max_failed_share must be in [0, 1], got {self.max_failed_share}")
+        if self.stall_s < 0:
+            raise ValueError(f"runner.stall_s must be >= 0, got {self.stall_s}")
 
 
 @dataclass

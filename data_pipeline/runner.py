@@ -422,8 +422,10 @@ class _Sink:
     """The driver's side of results: journals the finished rows of each batch and notes the first systemic
     failure (:func:`systemic_cause`) in ``stopped``, after which the executors submit nothing more."""
 
-    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm, fingerprints: dict[str, dict]):
+    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm, fingerprints: dict[str, dict],
+                 on_progress: Callable[[int], None] | None = None):
         self.stage, self.journal, self.out_dirs, self.bar = stage, journal, out_dirs, bar
+        self.on_progress = on_progress  # told the rows journaled so far (a sharded rank's heartbeat)
         self.fingerprints = fingerprints  # row id -> {"settings", "row"}, written with its entry
         self.stopped: str | None = None
         self.journaled = 0
@@ -451,6 +453,8 @@ class _Sink:
                                 f"fix the cause and re-run to do the rest") from err
         self.journaled += len(finished)
         self.bar.update(len(finished))
+        if self.on_progress is not None:
+            self.on_progress(self.journaled)
 
 
 def _run_inline(stage: Stage, batches: list[list[Row]], on_result: _Sink) -> None:
@@ -621,7 +625,8 @@ def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_resul
             queue.clear()
 
 
-def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path, cfg: RunnerConfig) -> Summary:
+def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path, cfg: RunnerConfig,
+              on_progress: Callable[[int], None] | None = None) -> Summary:
     """Runs ``stage`` over every row of ``input`` and writes ``output``; resumes from ``output``'s journal.
 
     Args:
@@ -629,6 +634,7 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
         input: a manifest path or a DataFrame (all rows, including earlier failures).
         output: the manifest to write (``.parquet`` / ``.csv``); its journal sits next to it.
         cfg: how to execute (executor, workers, batching, retry of earlier failures, progress bar).
+        on_progress: called with the number of rows journaled in this run so far, after each result.
     Returns:
         the :class:`Summary` (also printed to stderr).
     """
@@ -662,7 +668,7 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
 
     bar = tqdm(total=len(todo), desc=stage.name, unit="row", disable=not cfg.progress, file=sys.stderr)
     out_dirs = [Path(d).resolve() for d in stage.out_dirs] + [Path(output).resolve().parent]
-    on_result = _Sink(stage, journal, out_dirs, bar, fingerprints)
+    on_result = _Sink(stage, journal, out_dirs, bar, fingerprints, on_progress)
     batches = _batches(todo, cfg.batch_rows)
     try:
         if cfg.executor == "ray":
