@@ -288,3 +288,21 @@ def test_every_stage_has_a_row_time_limit_by_default(tmp_path):
     from data_pipeline.config import output_settings
 
     assert "row_timeout_s" not in output_settings(SplitConfig())
+
+
+@pytest.mark.slow
+def test_a_hung_row_on_ray_is_cancelled_and_the_rest_finish(tmp_path):
+    ray = pytest.importorskip("ray")
+    df = read_manifest(_write(tmp_path, _rows(4)), usable_only=False)
+    hang = df["id"].iloc[2]
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # the workers import flaky_stage from data_helpers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        stage = Stage("flaky", flaky_stage, {"hang": [hang]}, row_timeout_s=2.0)
+        summary = run_stage(stage, df, tmp_path / "o.parquet",
+                            RunnerConfig(executor="ray", progress=False, batch_rows=2))
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.failed) == (3, 1)
+    out = read_manifest(tmp_path / "o.parquet", usable_only=False).set_index("id")
+    assert out.loc[hang, "flaky_error"].startswith("RowTimeout: timed out after 4 s")  # twice the limit on Ray
