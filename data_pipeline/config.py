@@ -49,6 +49,9 @@ class RunnerConfig:
     progress: bool = _f(True, "show a tqdm progress bar")
     max_failed_share: float = _f(0.5, "a stage that fails more than this share of the rows it ran exits non-zero "
                                  "(status 4; run stops before the next stage); 1 = never")
+    stall_s: float = _f(0.0, "under torchrun: a rank whose heartbeat goes on but which has finished no row for this "
+                        "long is declared stuck and the run stops (0 = derived from the stage's row_timeout_s: "
+                        "(batch_rows + 1) times it, plus 10 minutes; no check when that is 0)")
 
     def __post_init__(self):
         if self.executor not in ("local", "ray"):
@@ -57,6 +60,8 @@ class RunnerConfig:
             raise ValueError("runner.workers must be >= 0 and runner.batch_rows >= 1")
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise ValueError(f"runner.max_failed_share must be in [0, 1], got {self.max_failed_share}")
+        if self.stall_s < 0:
+            raise ValueError(f"runner.stall_s must be >= 0, got {self.stall_s}")
 
 
 @dataclass
@@ -72,6 +77,8 @@ class DownloadConfig:
     max_bytes: int = _f(4 << 30, "refuse files larger than this (default 4 GiB; 0 = no limit)")
     max_seconds: float = _f(3600.0, "give up a download that takes longer than this in all, retries included "
                             "(a trickling server; 0 = no limit)", output=False)
+    row_timeout_s: float = _f(7200.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a backstop above max_seconds: yt-dlp's merge, a hung call; 0 = no limit)", output=False)
     allow_local: bool = _f(False, "copy file:// URLs and bare paths of a URL list (default: refused; a folder "
                            "input is the way to bring local files)")
     allow_private_hosts: bool = _f(False, "fetch from hosts that resolve to loopback, link-local or private "
@@ -85,6 +92,10 @@ class DownloadConfig:
     def __post_init__(self):
         if self.method not in ("auto", "http", "ytdlp"):
             raise ValueError(f"download.method must be auto, http or ytdlp, got {self.method!r}")
+        if self.row_timeout_s and (not self.max_seconds or self.row_timeout_s <= self.max_seconds):
+            # Otherwise the runner would kill a download its own limit allows, leaving a .part and no reason.
+            raise ValueError(f"download.row_timeout_s ({self.row_timeout_s:g}) must be above download.max_seconds "
+                             f"({self.max_seconds:g}; 0 = none), or 0")
 
 
 @dataclass
@@ -94,6 +105,8 @@ class ProbeConfig:
     decode_check: bool = _f(True, "decode the first frame; a file that demuxes but does not decode fails")
     count_frames: bool = _f(True, "count frames by demuxing every packet (exact; catches truncation)")
     min_frames: int = _f(1, "fewer readable frames than this is a failure")
+    row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a hung demuxer; 0 = no limit)", output=False)
 
 
 @dataclass
@@ -125,6 +138,9 @@ class SplitConfig:
     max_clips: int = _f(0, "at most this many clips per video (0 = all)")
     max_damaged_share: float = _f(0.5, "reject a source when more than this share of its frames is unusable "
                                   "(damaged packets and the frames predicted from them): what is left is scraps")
+    row_timeout_s: float = _f(14400.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a hung decoder or encoder; generous: a 2-hour 1080p source takes ~1 CPU-hour; "
+                              "0 = no limit)", output=False)
 
     def __post_init__(self):
         if not 0.0 <= self.max_damaged_share <= 1.0:
@@ -155,6 +171,8 @@ class FilterConfig:
     aesthetic_model: str = _f("", "local folder with a CLIP vision model + aesthetic_head.safetensors ('' = off)")
     min_aesthetic: float = _f(0.0, "reject clips whose aesthetic score is below (needs aesthetic_model)")
     device: str = _f("cpu", "torch device for model-based scores", output=False)
+    row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a hung decoder or model; 0 = no limit)", output=False)
 
 
 @dataclass
@@ -191,6 +209,9 @@ class CaptionConfig:
     )
     device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), or a torch device", output=False)
     dtype: str = _f("auto", "auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16 or float32")
+    row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a hung model or decoder); a task of N rows gets N times this (0 = no limit)",
+                              output=False)
 
     def __post_init__(self):
         if self.layout not in ("separate", "grid"):

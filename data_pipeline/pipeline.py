@@ -65,7 +65,8 @@ def make_stage(name: str, cfg, output: str | Path) -> Stage:
         out_dir = cfg.out_dir or str(Path(output).resolve().parent / MEDIA_DIRS[name])
         cfg = dataclasses.replace(cfg, out_dir=str(Path(out_dir).resolve()))
         out_dirs = (cfg.out_dir,)
-    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn, out_dirs=out_dirs)
+    return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn, out_dirs=out_dirs,
+                 row_timeout_s=cfg.row_timeout_s)
 
 
 def dist_env() -> tuple[int, int]:
@@ -131,10 +132,11 @@ def seed_journal(name: str, output: str | Path, rank: int, world: int, ids: set[
 
 # Waiting for the other ranks' shards (run_one), in seconds. Ranks may finish hours apart, so the wait is no
 # collective with a timeout: files on the shared output folder say who is done, and a heartbeat file per rank
-# tells a slow rank (it keeps changing) from a dead one.
+# tells a slow rank (it keeps changing) from a dead one, and, by the rows it has finished, from a stuck one.
 SHARD_POLL_S = 5.0  # how often a waiting rank looks at the files
 SHARD_HEARTBEAT_S = 15.0  # how often every rank rewrites its heartbeat file (from a background thread)
-SHARD_STALL_S = 600.0  # a rank whose heartbeat has not changed for this long is taken for dead
+SHARD_STALL_S = 600.0  # a rank whose heartbeat has not changed for this long is taken for dead; also the margin
+# of the derived progress limit (stall_limit)
 SHARD_REPORT_S = 300.0  # how often rank 0 prints what it is waiting for
 
 
@@ -166,21 +168,43 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def stall_limit(stage: Stage, runner: RunnerConfig) -> float:
+    """How long a rank running its shard may go without finishing a row before it counts as stuck (0 = no check).
+
+    ``runner.stall_s``, or else the longest a task may take while all is well: its rows' time limit, then,
+    split row by row, the hung row's again, plus ``SHARD_STALL_S``. Past that a row's limit failed to end it
+    (a call stuck in C with ``workers=0``), or the driver itself hangs."""
+    if runner.stall_s:
+        return runner.stall_s
+    if not stage.row_timeout_s:
+        return 0.0
+    return (runner.batch_rows + 1) * stage.row_timeout_s + SHARD_STALL_S
+
+
 class _Heartbeat:
     """Rewrites ``path`` every ``SHARD_HEARTBEAT_S`` from a daemon thread while the block runs: a rank busy in
-    a long ``generate`` keeps beating, a killed one (segfault, OOM killer, lost node) stops."""
+    a long ``generate`` keeps beating, a killed one (segfault, OOM killer, lost node) stops. Each beat carries
+    the rank's progress: ``state`` (``running`` its shard, or ``waiting`` for the others), ``rows`` finished in
+    this run (:meth:`progress`) and its ``stall_s`` (:func:`stall_limit`), so that a rank hung in a row, whose
+    heartbeat thread beats on, is found too (:class:`_Liveness`)."""
 
-    def __init__(self, path: Path, token: str):
-        self.path, self.token = path, token
+    def __init__(self, path: Path, token: str, stall_s: float = 0.0):
+        self.path, self.token, self.stall_s = path, token, stall_s
+        self.state, self.rows = "running", 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="shard-heartbeat", daemon=True)
+
+    def progress(self, rows: int) -> None:
+        """The runner's ``on_progress``: rows journaled so far."""
+        self.rows = rows
 
     def _beat(self) -> None:
         beat = 0
         while True:
             with contextlib.suppress(OSError):  # a flaky disk: the next beat tries again, waiters allow SHARD_STALL_S
                 _write_json(self.path, {"token": self.token, "beat": beat, "host": socket.gethostname(),
-                                        "pid": os.getpid()})
+                                        "pid": os.getpid(), "state": self.state, "rows": self.rows,
+                                        "stall_s": self.stall_s})
             beat += 1
             if self._stop.wait(SHARD_HEARTBEAT_S):
                 return
@@ -196,24 +220,39 @@ class _Heartbeat:
 
 
 class _Liveness:
-    """When each watched rank's heartbeat last changed, by this process's clock (other hosts' clocks may differ)."""
+    """When each watched rank's heartbeat, and the rows it reports finished, last changed, by this process's
+    clock (other hosts' clocks may differ)."""
 
     def __init__(self, name: str, output: str | Path, world: int):
         self.name, self.output, self.world = name, output, world
         self.seen: dict[int, tuple[dict | None, float]] = {}
+        self.rows: dict[int, tuple[int, float]] = {}
 
     def check(self, ranks: set[int]) -> None:
-        """Raises :class:`ShardError` if one of ``ranks`` has not beaten for ``SHARD_STALL_S``."""
+        """Raises :class:`ShardError` if one of ``ranks`` has not beaten for ``SHARD_STALL_S`` (dead), or beats
+        but, running its shard, has finished no row for its ``stall_s`` (stuck)."""
         now = time.monotonic()
         for r in sorted(ranks):
             path = _alive_path(self.output, r, self.world)
             beat = _read_json(path)
+            where = f" (pid {beat['pid']} on {beat['host']})" if beat else ""
             if r not in self.seen or beat != self.seen[r][0]:
                 self.seen[r] = (beat, now)
             elif now - self.seen[r][1] > SHARD_STALL_S:
-                where = f" (pid {beat['pid']} on {beat['host']})" if beat else ""
                 raise ShardError(f"{self.name}: rank {r}{where} looks dead: its heartbeat {path} has not changed for "
                                  f"{SHARD_STALL_S:.0f}s. A re-run resumes; rows already finished are not redone.")
+            if not beat or beat.get("state") != "running" or not beat.get("stall_s"):
+                self.rows.pop(r, None)  # waiting for the others, or a heartbeat without progress: nothing to judge
+                continue
+            if r not in self.rows or beat["rows"] != self.rows[r][0]:
+                self.rows[r] = (beat["rows"], now)
+            elif now - self.rows[r][1] > beat["stall_s"]:
+                raise ShardError(
+                    f"{self.name}: rank {r}{where} looks stuck: its heartbeat goes on, but it has finished no row for "
+                    f"{beat['stall_s']:.0f}s ({beat['rows']} rows finished in this run; runner.stall_s). A row past "
+                    f"its time limit that nothing could end, e.g. a call stuck in C with workers=0; under torchrun "
+                    f"the launcher ends it with the others, elsewhere end it by hand. A re-run resumes; rows already "
+                    f"finished are not redone.")
 
 
 def _journaled(path: Path) -> int:
@@ -272,7 +311,8 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     then merges and writes ``OUTPUT.merged.json``, which the other ranks poll for. A rank that raises marks
     its shard failed, and the waiting ranks raise :class:`ShardError` naming it; one that dies without a
     word stops its heartbeat file and is declared dead after ``SHARD_STALL_S`` (torchrun ends the others at
-    once anyway). Each shard has its own journal, so a re-run redoes only rows that had not finished (on
+    once anyway). A rank whose heartbeat beats on but which finishes no row for :func:`stall_limit` (hung in
+    a row its time limit could not end) is declared stuck the same way. Each shard has its own journal, so a re-run redoes only rows that had not finished (on
     another number of ranks too: :func:`seed_journal`). The files must be on storage every rank sees, like
     the shards themselves.
 
@@ -302,10 +342,11 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     token = box[0]
     shard_done = False
     part, rows = shard_path(output, rank, world), shard(df, rank, world)
-    with _Heartbeat(_alive_path(output, rank, world), token):
+    with _Heartbeat(_alive_path(output, rank, world), token, stall_limit(stage, runner)) as heartbeat:
         try:
             seed_journal(name, output, rank, world, set(rows["id"]))
-            summary = run_stage(stage, rows, part, runner)
+            summary = run_stage(stage, rows, part, runner, on_progress=heartbeat.progress)
+            heartbeat.state = "waiting"  # no more rows to finish: judged by its beat alone from here on
             _write_json(_done_path(output, rank, world), {"token": token, "status": "done", "summary": str(summary)})
             shard_done = True
             if rank == 0:

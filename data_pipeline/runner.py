@@ -12,14 +12,19 @@ A stage is a plain function ``fn(row, cfg) -> list[row]`` (see :class:`Stage`). 
 2. passes through rows that an earlier stage marked failed/rejected (counted as skipped);
 3. runs the rest on a local process pool (``executor=local``), in this process (``workers=0``) or as
    Ray tasks (``executor=ray``), a batch of ``batch_rows`` rows per task;
-4. turns an exception on a row into a failure record (``<stage>_status=failed``, ``<stage>_error``)
+4. bounds each row's time (:attr:`Stage.row_timeout_s`; a task of N rows gets N times it): a worker process
+   still on a task past it is killed and replaced, a row that ran out of time alone is failed with
+   ``RowTimeout: timed out after N s`` and the rows of a longer task are run again one by one, so only the
+   hung one fails; the rest of the stage goes on. In this process (``workers=0``) a ``SIGALRM`` raises
+   :class:`RowTimeout` in the row instead, which ends Python code and blocking calls but not a call stuck in C;
+5. turns an exception on a row into a failure record (``<stage>_status=failed``, ``<stage>_error``)
    and :class:`~data_pipeline.rows.Reject` into ``rejected``; the run goes on - unless the exception is
    *systemic* (:func:`systemic_cause`: a full disk or quota, a read-only or vanished output folder, an I/O
    error on output) or an error of the set-up (:func:`setup_cause`: a missing model folder, a broken CUDA
    context), which would fail every remaining row the same way: then the stage stops submitting,
    journals what the rows in flight finished, leaves the systemic rows out of the journal (a re-run redoes
    them) and raises :class:`SystemicError`; a failed journal write stops it the same way;
-5. writes the output manifest atomically and prints a summary line
+6. writes the output manifest atomically and prints a summary line
    (done / skipped / failed / rejected, with reasons).
 
 Stages write their media atomically themselves (temp file + ``os.replace``), with names derived from
@@ -29,13 +34,17 @@ the row id, so a redone row overwrites its own half-finished work instead of dup
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
+import contextlib
 import errno
 import json
+import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +92,51 @@ def setup_cause(err: BaseException) -> str | None:
     return None
 
 
+class RowTimeout(BaseException):
+    """A row ran past its stage's ``row_timeout_s``.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: where it is raised inside the row (``workers=0``), a stage's
+    own ``except Exception`` (a download's retry loop) must not swallow it."""
+
+
+def _timed_out(stage: "Stage", seconds: float) -> RowTimeout:
+    return RowTimeout(f"timed out after {seconds:g} s ({stage.name}.row_timeout_s)")
+
+
+@contextlib.contextmanager
+def _alarm(stage: "Stage", seconds: float):
+    """Raises :class:`RowTimeout` in the block after ``seconds`` (0 = never), by ``SIGALRM``: the limit of a row
+    run in the driver process, which nobody can kill for it. Only in the main thread (signals go there); an
+    earlier alarm already set (pytest-timeout's) is kept and re-armed with what is left of it."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer, interval = signal.getitimer(signal.ITIMER_REAL)
+    if outer and outer <= seconds:  # the outer alarm comes first anyway
+        yield
+        return
+    armed = [True]
+
+    def expire(signum, frame):
+        if armed[0]:
+            armed[0] = False
+            raise _timed_out(stage, seconds)
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        try:
+            armed[0] = False  # from here on a late signal is ignored, so the restoring below always runs
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            if outer:
+                signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3), interval)
+
+
 class SystemicError(RuntimeError):
     """A stage stopped on an error of its storage (disk full, read-only, output folder gone) or of its set-up
     (a missing model folder, a broken CUDA context: :func:`setup_cause`), not of a row.
@@ -106,6 +160,11 @@ class Stage:
     cfg: Any
     batch_fn: Callable[[list[Row], Any], list] | None = None
     out_dirs: tuple[str, ...] = ()  # folders the stage writes media to (an ENOENT there is systemic)
+    row_timeout_s: float = 0.0  # a row still running after this long fails (a task of N rows: N times it); 0 = never
+
+    def __post_init__(self):
+        if self.row_timeout_s < 0:
+            raise ValueError(f"{self.name}.row_timeout_s must be >= 0 (0 = no limit), got {self.row_timeout_s}")
 
 
 def _oserror(err: BaseException) -> tuple[int, str | None] | None:
@@ -203,23 +262,26 @@ def _stops(outcome: Any) -> bool:
     return _systemic(_oserror(outcome)) or setup_cause(outcome) is not None
 
 
-def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
+def process_batch(stage: Stage, rows: list[Row], alarm: bool = False) -> BatchResult:
     """Runs ``stage`` on ``rows`` in the current process, catching each row's failure (worker entry point).
 
     A row that fails on a full disk or read-only storage ends the batch: the rows after it are not tried
-    and not in the result (the driver stops the stage; a re-run does them)."""
+    and not in the result (the driver stops the stage; a re-run does them). ``alarm``: time each row here
+    (:func:`_alarm`), for rows run in the driver; a worker process is timed by the driver, which kills it."""
+    limit = stage.row_timeout_s if alarm else 0.0
     if stage.batch_fn is not None:
         try:
-            outcomes = stage.batch_fn(rows, stage.cfg)
+            with _alarm(stage, limit * len(rows)):
+                outcomes = stage.batch_fn(rows, stage.cfg)
             if len(outcomes) != len(rows):
                 raise RuntimeError(f"{stage.name}: batch_fn returned {len(outcomes)} results for {len(rows)} rows")
-        except Exception as err:  # a batch-level failure: retry the rows one by one to find the bad one
+        except (Exception, RowTimeout) as err:  # a batch-level failure: retry the rows one by one to find the bad one
             if len(rows) == 1 or _stops(err):
                 outcomes = [err]
             else:
                 result: BatchResult = []
                 for row in rows:
-                    result += process_batch(stage, [row])
+                    result += process_batch(stage, [row], alarm)
                     if _systemic(result[-1].get("oserror")) or "setup" in result[-1]:
                         break
                 return result
@@ -227,11 +289,13 @@ def process_batch(stage: Stage, rows: list[Row]) -> BatchResult:
         outcomes = []
         for row in rows:
             try:
-                outcomes.append(stage.fn(dict(row), stage.cfg))
-            except Exception as err:
-                outcomes.append(err)
-                if _stops(err):
-                    break
+                with _alarm(stage, limit):
+                    outcome = stage.fn(dict(row), stage.cfg)
+            except (Exception, RowTimeout) as err:
+                outcome = err
+            outcomes.append(outcome)
+            if _stops(outcome):
+                break
     cut = next((i + 1 for i, outcome in enumerate(outcomes) if _stops(outcome)), len(outcomes))
     return [_record(stage.name, row, outcome) for row, outcome in zip(rows[:cut], outcomes[:cut])]
 
@@ -358,8 +422,10 @@ class _Sink:
     """The driver's side of results: journals the finished rows of each batch and notes the first systemic
     failure (:func:`systemic_cause`) in ``stopped``, after which the executors submit nothing more."""
 
-    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm, fingerprints: dict[str, dict]):
+    def __init__(self, stage: Stage, journal: Journal, out_dirs: list[Path], bar: tqdm, fingerprints: dict[str, dict],
+                 on_progress: Callable[[int], None] | None = None):
         self.stage, self.journal, self.out_dirs, self.bar = stage, journal, out_dirs, bar
+        self.on_progress = on_progress  # told the rows journaled so far (a sharded rank's heartbeat)
         self.fingerprints = fingerprints  # row id -> {"settings", "row"}, written with its entry
         self.stopped: str | None = None
         self.journaled = 0
@@ -387,64 +453,138 @@ class _Sink:
                                 f"fix the cause and re-run to do the rest") from err
         self.journaled += len(finished)
         self.bar.update(len(finished))
+        if self.on_progress is not None:
+            self.on_progress(self.journaled)
 
 
 def _run_inline(stage: Stage, batches: list[list[Row]], on_result: _Sink) -> None:
     for batch in batches:
         if on_result.stopped:
             return
-        on_result(process_batch(stage, batch))
+        on_result(process_batch(stage, batch, alarm=True))
+
+
+# A worker process must take the task it is sent within this long (spawn and imports); its row clock starts then.
+WORKER_START_S = 300.0
+
+
+def _serve(conn: mp.connection.Connection, stage: Stage) -> None:
+    """A worker process: runs the batches it is sent one at a time, and says when it starts one (its clock)."""
+    while True:
+        try:
+            batch = conn.recv()
+        except EOFError:  # the driver is gone
+            return
+        if batch is None:
+            return
+        conn.send("started")
+        conn.send(process_batch(stage, batch))
+
+
+class _Worker:
+    """One worker process and its pipe; the driver gives it a batch at a time and can kill it alone."""
+
+    def __init__(self, ctx, stage: Stage):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, stage), name=f"{stage.name}-worker")
+        self.proc.start()
+        child.close()  # so that the driver's end reads EOF when the process dies
+        self.batch: list[Row] = []
+        self.tries, self.limit, self.deadline, self.started = 0, 0.0, math.inf, False
+
+    def give(self, batch: list[Row], tries: int, limit: float) -> None:
+        self.conn.send(batch)
+        self.batch, self.tries, self.limit, self.started = batch, tries, limit, False
+        self.deadline = time.monotonic() + WORKER_START_S  # until it says "started"
+
+    def poll(self) -> BatchResult | str | None:
+        """The batch's result, "crashed", "late" (did not start it in time), "timed out", or None (still on it)."""
+        try:
+            while self.conn.poll():
+                message = self.conn.recv()
+                if message != "started":
+                    return message
+                self.started = True
+                self.deadline = time.monotonic() + self.limit if self.limit else math.inf
+        except (EOFError, OSError):  # the process died (a segfault in a decoder, the OOM killer)
+            return "crashed"
+        if not self.proc.is_alive():
+            return "crashed"
+        if time.monotonic() >= self.deadline:
+            return "timed out" if self.started else "late"
+        return None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
 
 
 def _run_local(stage: Stage, batches: list[list[Row]], workers: int, on_result: _Sink) -> None:
-    """Process pool with a bounded queue. A crashed worker (a segfault in a decoder) breaks the whole
-    pool, so the pool is rebuilt and the rows that were in flight are re-run one at a time, alone in the
-    pool: a row that crashes its pool alone is the culprit and gets a failure record; the others finish.
-    Once ``on_result.stopped``, nothing more is submitted and the batches in flight are collected."""
-    queue = collections.deque(batches)
-    suspects: collections.deque[Row] = collections.deque()
+    """``workers`` processes, each with its own pipe, one batch at a time each; the driver watches each task's
+    clock (:attr:`Stage.row_timeout_s` per row, from the moment the worker takes it).
+
+    A worker that crashes (a segfault in a decoder) or runs past its limit (a hung decoder or model) is killed
+    and replaced, and takes only its own task with it: a one-row task is failed (``RowTimeout: timed out after
+    N s``; a crash is tried once more first, as the OOM killer may have picked it), and the rows of a longer
+    task are run again one at a time, so only the one at fault fails. Once ``on_result.stopped``, nothing
+    more is submitted and the tasks in flight are collected."""
     ctx = mp.get_context("spawn")  # fork after threads (tqdm, pyarrow, torch) can deadlock
-    while (queue or suspects) and not on_result.stopped:
-        broken: list[tuple[list[Row], bool]] = []
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending: dict[cf.Future, tuple[list[Row], bool]] = {}
-            while queue or suspects or pending:
-                if suspects:  # isolate: one suspect at a time, nothing else in flight
-                    if not pending:
-                        batch = [suspects.popleft()]
-                        pending[pool.submit(process_batch, stage, batch)] = (batch, True)
+    queue: collections.deque[tuple[list[Row], int]] = collections.deque((batch, 0) for batch in batches)
+    idle: list[_Worker] = []
+    busy: list[_Worker] = []
+    try:
+        while busy or (queue and not on_result.stopped):
+            while queue and not on_result.stopped and len(busy) < workers:
+                worker = idle.pop() if idle else _Worker(ctx, stage)
+                batch, tries = queue.popleft()
+                worker.give(batch, tries, stage.row_timeout_s * len(batch))
+                busy.append(worker)
+            wait = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            mp.connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                               timeout=None if wait == math.inf else wait)
+            for worker in list(busy):
+                outcome = worker.poll()
+                if outcome is None:
+                    continue
+                busy.remove(worker)
+                if not isinstance(outcome, str):
+                    idle.append(worker)
+                    on_result(outcome)
+                    continue
+                worker.kill()  # replaced by a new process when the next task needs one
+                batch = worker.batch
+                if len(batch) > 1:  # which of its rows? each alone, in its place in the queue
+                    queue.extendleft((row_batch, 1) for row_batch in reversed([[row] for row in batch]))
+                elif outcome == "crashed" and worker.tries == 0:
+                    queue.appendleft((batch, 1))
                 else:
-                    while queue and len(pending) < 2 * workers:
-                        batch = queue.popleft()
-                        pending[pool.submit(process_batch, stage, batch)] = (batch, False)
-                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    batch, alone = pending.pop(fut)
-                    try:
-                        result = fut.result()
-                    except cf.process.BrokenProcessPool:
-                        broken.append((batch, alone))
-                        continue
-                    try:
-                        on_result(result)
-                    except SystemicError:  # the journal cannot be written: nothing more can be kept
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise
-                if on_result.stopped:
-                    queue.clear()
-                    suspects.clear()
-                if broken:
-                    broken += list(pending.values())
-                    pending.clear()
-                    break
-        for batch, alone in broken if not on_result.stopped else ():
-            if alone:
-                on_result([_record(stage.name, batch[0], RuntimeError("worker process crashed on this row"))])
-            else:
-                suspects.extend(batch)
+                    error = {"timed out": lambda: _timed_out(stage, worker.limit),
+                             "crashed": lambda: RuntimeError("worker process crashed on this row"),
+                             "late": lambda: RuntimeError(f"worker process did not start the row within "
+                                                          f"{WORKER_START_S:g} s")}[outcome]()
+                    on_result([_record(stage.name, batch[0], error)])
+            if on_result.stopped:
+                queue.clear()
+    finally:
+        for worker in idle:
+            worker.stop()
+        for worker in busy:  # an error of the driver (the journal cannot be written, Ctrl-C): end their work
+            worker.kill()
+        for worker in idle:
+            worker.proc.join(timeout=10)
+            if worker.proc.is_alive():
+                worker.kill()
 
 
 def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_result: _Sink) -> None:
+    """Ray tasks, at most two per slot in flight. A task's clock starts when it is submitted, and it may first
+    wait for the one before it on its slot, so a task of N rows gets ``2 * N * row_timeout_s``; then it is
+    cancelled (its worker process killed, Ray starts another) and handled as :func:`_run_local` does."""
     import ray
 
     if not ray.is_initialized():
@@ -456,24 +596,37 @@ def _run_ray(stage: Stage, batches: list[list[Row]], cfg: RunnerConfig, on_resul
     stage_ref = ray.put(stage)
     max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / max(cfg.ray_num_cpus, 1e-3)))
     queue = collections.deque(batches)
-    pending: dict[Any, list[Row]] = {}
+    pending: dict[Any, tuple[list[Row], float]] = {}  # ref -> (batch, deadline)
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             batch = queue.popleft()
-            pending[task.remote(stage_ref, batch)] = batch
-        ready, _ = ray.wait(list(pending), num_returns=1)
+            budget = 2 * stage.row_timeout_s * len(batch)
+            pending[task.remote(stage_ref, batch)] = (batch, time.monotonic() + budget if budget else math.inf)
+        wait = max(0.0, min(deadline for _, deadline in pending.values()) - time.monotonic())
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if wait == math.inf else wait)
         for ref in ready:
-            batch = pending.pop(ref)
+            batch, _ = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except Exception as err:  # the task itself died (worker crash, OOM kill)
                 result = [_record(stage.name, row, err) for row in batch]
             on_result(result)
+        now = time.monotonic()
+        for ref, (batch, deadline) in list(pending.items()):
+            if now < deadline:
+                continue
+            del pending[ref]
+            ray.cancel(ref, force=True)  # kills the worker process; Ray replaces it
+            if len(batch) > 1:
+                queue.extendleft([[row] for row in reversed(batch)])
+            else:
+                on_result([_record(stage.name, batch[0], _timed_out(stage, 2 * stage.row_timeout_s))])
         if on_result.stopped:
             queue.clear()
 
 
-def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path, cfg: RunnerConfig) -> Summary:
+def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path, cfg: RunnerConfig,
+              on_progress: Callable[[int], None] | None = None) -> Summary:
     """Runs ``stage`` over every row of ``input`` and writes ``output``; resumes from ``output``'s journal.
 
     Args:
@@ -481,6 +634,7 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
         input: a manifest path or a DataFrame (all rows, including earlier failures).
         output: the manifest to write (``.parquet`` / ``.csv``); its journal sits next to it.
         cfg: how to execute (executor, workers, batching, retry of earlier failures, progress bar).
+        on_progress: called with the number of rows journaled in this run so far, after each result.
     Returns:
         the :class:`Summary` (also printed to stderr).
     """
@@ -514,7 +668,7 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
 
     bar = tqdm(total=len(todo), desc=stage.name, unit="row", disable=not cfg.progress, file=sys.stderr)
     out_dirs = [Path(d).resolve() for d in stage.out_dirs] + [Path(output).resolve().parent]
-    on_result = _Sink(stage, journal, out_dirs, bar, fingerprints)
+    on_result = _Sink(stage, journal, out_dirs, bar, fingerprints, on_progress)
     batches = _batches(todo, cfg.batch_rows)
     try:
         if cfg.executor == "ray":

@@ -67,13 +67,17 @@ def truncate(src: str | Path, dst: str | Path, fraction: float = 0.5) -> None:
 
 
 def flaky_stage(row: dict, cfg: dict) -> list[dict]:
-    """A test stage: fails rows whose id is in ``cfg['fail']``, kills its process for ``cfg['crash']``,
-    sleeps ``cfg['sleep']`` seconds, and otherwise returns the row with ``seen=1``."""
+    """A test stage: fails rows whose id is in ``cfg['fail']``, kills its process for ``cfg['crash']``, never
+    returns for ``cfg['hang']`` (a hung decoder), sleeps ``cfg['sleep']`` seconds, and otherwise returns the row
+    with ``seen=1``."""
     import os
     import time
 
     if row["id"] in cfg.get("crash", ()):
         os._exit(3)
+    if row["id"] in cfg.get("hang", ()):
+        while True:
+            time.sleep(3600)
     time.sleep(cfg.get("sleep", 0.0))
     if row["id"] in cfg.get("fail", ()):
         raise ValueError(f"bad row {row['id']}")

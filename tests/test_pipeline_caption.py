@@ -285,6 +285,21 @@ def test_a_crashed_rank_fails_the_run_and_a_rerun_redoes_only_unfinished_rows(tm
     assert out["id"].tolist() == df["id"].tolist() and (out["caption_status"] == "done").all()
 
 
+@pytest.mark.slow
+def test_a_rank_hung_in_a_row_is_declared_stuck_and_the_run_ends(tmp_path):
+    """Rank 1 never returns from generate, and its row limit cannot end it (SIGALRM blocked, like a call stuck in
+    C); its heartbeat thread beats on. Rank 0 declares it stuck once it has finished no row for runner.stall_s,
+    and torchrun ends the run instead of waiting forever."""
+    df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(8)]}))
+    write_manifest(df, tmp_path / "in.parquet")
+    start = time.monotonic()
+    proc = caption_torchrun(tmp_path, "--hang-rank", "1", "--stall-s", "3")
+    assert proc.returncode != 0 and time.monotonic() - start < 120
+    assert "rank 1 (pid" in proc.stderr and "looks stuck" in proc.stderr, proc.stderr[-6000:]
+    assert not (tmp_path / "cap.parquet").exists()
+    assert len(read_manifest(shard_path(tmp_path / "cap.parquet", 0, 2))) == 4  # rank 0's part is kept
+
+
 @pytest.fixture
 def rank0_of_two(monkeypatch):
     """This process as rank 0 of 2 (a one-process gloo group underneath); the test plays rank 1 with its files."""
@@ -329,6 +344,64 @@ def test_rank0_declares_a_silent_rank_dead_after_the_stall_limit(tmp_path, rank0
         run_one("caption", CaptionConfig(model="m"), rank0_of_two, tmp_path / "cap.parquet", SERIAL)
     assert 1.0 <= time.monotonic() - start < 30
     assert not (tmp_path / "cap.rank0-of-2.parquet.alive.json").exists()  # its own heartbeat ends with it
+
+
+def _rank1_heartbeat(tmp_path, rows, seconds, stall_s=1.0, then_done=False):
+    """Plays rank 1 in a thread: its real heartbeat (still beating: the rank's process lives) reporting
+    ``rows(t)`` rows finished for ``seconds``, then, if ``then_done``, its shard marked done with this run's token.
+    Returns what rank 0's heartbeat said once rank 0 had finished its own shard."""
+    seen = {}
+
+    def rank1():
+        with pipeline._Heartbeat(tmp_path / "cap.rank1-of-2.parquet.alive.json", "t", stall_s) as beat:
+            start = time.monotonic()
+            # at least ``seconds``, and until rank 0 has finished its shard (later on a loaded machine)
+            while time.monotonic() - start < seconds or ("rank0" not in seen and time.monotonic() - start < 60):
+                beat.progress(rows(time.monotonic() - start))
+                done0 = tmp_path / "cap.rank0-of-2.parquet.done.json"
+                if "rank0" not in seen and done0.exists():
+                    seen["token"] = json.loads(done0.read_text())["token"]
+                    time.sleep(0.2)  # a beat or two after its shard
+                    seen["rank0"] = json.loads((tmp_path / "cap.rank0-of-2.parquet.alive.json").read_text())
+                time.sleep(0.02)
+            if then_done:
+                marker = {"token": seen["token"], "status": "done", "summary": ""}
+                (tmp_path / "cap.rank1-of-2.parquet.done.json").write_text(json.dumps(marker))
+
+    thread = threading.Thread(target=rank1, daemon=True)
+    thread.start()
+    return seen, thread
+
+
+def test_a_rank_that_beats_but_finishes_no_row_is_declared_stuck(tmp_path, rank0_of_two):
+    """A rank hung in a row (a call stuck in C that its time limit cannot end) keeps its heartbeat thread going:
+    the heartbeat carries its progress, and a rank whose progress has not moved for its stall limit is stuck."""
+    seen, _ = _rank1_heartbeat(tmp_path, rows=lambda t: 3, seconds=20.0)
+    start = time.monotonic()
+    with pytest.raises(pipeline.ShardError, match=r"rank 1 \(pid \d+ on .*\) looks stuck: .* finished no row for 1s"):
+        run_one("caption", CaptionConfig(model="m"), rank0_of_two, tmp_path / "cap.parquet", SERIAL)
+    assert 1.0 <= time.monotonic() - start < 15
+    assert json.loads((tmp_path / "cap.parquet.merged.json").read_text())["status"] == "failed"  # the others stop
+    # rank 0's own heartbeat said how far it got, and that it was waiting (not to be judged by progress then)
+    assert {k: seen["rank0"][k] for k in ("state", "rows")} == {"state": "waiting", "rows": 2}
+
+
+def test_a_slow_rank_that_finishes_rows_is_not_stuck(tmp_path, rank0_of_two):
+    _, thread = _rank1_heartbeat(tmp_path, rows=lambda t: int(t / 0.4), seconds=3.0, then_done=True)
+    (tmp_path / "cap.rank1-of-2.parquet").parent.mkdir(exist_ok=True)
+    write_manifest(shard(rank0_of_two, 1, 2).assign(text="a cat"), shard_path(tmp_path / "cap.parquet", 1, 2))
+    run_one("caption", CaptionConfig(model="m"), rank0_of_two, tmp_path / "cap.parquet", SERIAL)
+    thread.join()
+    assert len(read_manifest(tmp_path / "cap.parquet")) == 4
+
+
+def test_the_stall_limit_follows_the_row_time_limit(tmp_path):
+    stage = make_stage("filter", pipeline.FilterConfig(row_timeout_s=100.0), tmp_path / "o.parquet")
+    # a task of 4 rows may time out (400 s), then its rows run one by one and the hung one times out again
+    assert pipeline.stall_limit(stage, RunnerConfig(batch_rows=4)) == 5 * 100.0 + pipeline.SHARD_STALL_S
+    assert pipeline.stall_limit(stage, RunnerConfig(batch_rows=4, stall_s=30.0)) == 30.0
+    unbounded = make_stage("filter", pipeline.FilterConfig(row_timeout_s=0.0), tmp_path / "o.parquet")
+    assert pipeline.stall_limit(unbounded, RunnerConfig()) == 0.0  # no limit, no progress check
 
 
 def test_ranks_waiting_for_the_merge_notice_a_dead_rank0(tmp_path, monkeypatch):

@@ -241,3 +241,68 @@ def test_cli_exits_3_on_a_systemic_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_one", full)
     code = cli.main(["split", "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "o.parquet")])
     assert code == 3 and "ENOSPC) at /data/clips/x.mp4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers,batch_rows", [(2, 1), (2, 3), (0, 1), (0, 3)])
+def test_a_row_that_hangs_times_out_and_the_rest_of_the_stage_finishes(tmp_path, workers, batch_rows):
+    """A row that never returns (a hung decoder or model) fails with 'timed out after N s' once it has run for the
+    stage's row_timeout_s; its worker is replaced (the other rows finish on the pool) and the run ends. A task of
+    several rows that times out is split, so only the hung row fails."""
+    df = read_manifest(_write(tmp_path, _rows(6)), usable_only=False)
+    hang = df["id"].iloc[1]
+    stage = Stage("flaky", flaky_stage, {"hang": [hang]}, row_timeout_s=2.0)
+    start = time.monotonic()
+    summary = run_stage(stage, df, tmp_path / "o.parquet",
+                        RunnerConfig(workers=workers, progress=False, batch_rows=batch_rows))
+    assert time.monotonic() - start < 60
+    assert (summary.done, summary.failed) == (5, 1)
+    assert "timed out after N s" in str(summary)
+    out = read_manifest(tmp_path / "o.parquet", usable_only=False).set_index("id")
+    assert out.loc[hang, "flaky_status"] == "failed"
+    assert out.loc[hang, "flaky_error"].startswith("RowTimeout: timed out after 2 s")
+    assert (out.drop(index=hang)["seen"] == 1).all()
+    assert run_stage(stage, df, tmp_path / "o.parquet", RunnerConfig(workers=workers, progress=False)).resumed == 6
+
+
+def test_the_clock_of_a_row_starts_when_its_worker_takes_it(tmp_path):
+    """Rows that queue behind others or wait for a worker to start are not timed out for the wait: 4 rows of 1.2 s
+    on one worker take ~5 s in all, each well within its 2 s."""
+    df = read_manifest(_write(tmp_path, _rows(4)), usable_only=False)
+    stage = Stage("flaky", flaky_stage, {"sleep": 1.2}, row_timeout_s=2.0)
+    summary = run_stage(stage, df, tmp_path / "o.parquet", RunnerConfig(workers=1, progress=False))
+    assert (summary.done, summary.failed) == (4, 0)
+
+
+def test_every_stage_has_a_row_time_limit_by_default(tmp_path):
+    from data_pipeline.config import CaptionConfig, DownloadConfig, FilterConfig, ProbeConfig
+
+    configs = {"download": DownloadConfig(), "probe": ProbeConfig(), "split": SplitConfig(), "filter": FilterConfig(),
+               "caption": CaptionConfig()}
+    limits = {name: make_stage(name, cfg, tmp_path / "o.parquet").row_timeout_s for name, cfg in configs.items()}
+    assert all(limit > 0 for limit in limits.values()), limits
+    assert limits["split"] >= 3600 and limits["caption"] >= 600  # generous where a row is long work
+    assert limits["download"] > DownloadConfig().max_seconds  # the download's own limit ends it first
+    with pytest.raises(ValueError, match="download.row_timeout_s"):
+        DownloadConfig(max_seconds=7200.0, row_timeout_s=3600.0)
+    # a setting of how to run, not of what comes out: changing it redoes nothing
+    from data_pipeline.config import output_settings
+
+    assert "row_timeout_s" not in output_settings(SplitConfig())
+
+
+@pytest.mark.slow
+def test_a_hung_row_on_ray_is_cancelled_and_the_rest_finish(tmp_path):
+    ray = pytest.importorskip("ray")
+    df = read_manifest(_write(tmp_path, _rows(4)), usable_only=False)
+    hang = df["id"].iloc[2]
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # the workers import flaky_stage from data_helpers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        stage = Stage("flaky", flaky_stage, {"hang": [hang]}, row_timeout_s=2.0)
+        summary = run_stage(stage, df, tmp_path / "o.parquet",
+                            RunnerConfig(executor="ray", progress=False, batch_rows=2))
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.failed) == (3, 1)
+    out = read_manifest(tmp_path / "o.parquet", usable_only=False).set_index("id")
+    assert out.loc[hang, "flaky_error"].startswith("RowTimeout: timed out after 4 s")  # twice the limit on Ray

@@ -2,7 +2,7 @@
 ``generate`` replaced by stand-ins so that a rank can be made slow, or crash, on cue.
 
     torchrun --standalone --nproc_per_node 2 tests/dist_workers/caption_worker.py --input M --output O --record DIR \
-        [--pg-timeout-s 3] [--slow-rank 1 --slow-s 4] [--crash-rank 1 --crash-after 1]
+        [--pg-timeout-s 3] [--slow-rank 1 --slow-s 4] [--crash-rank 1 --crash-after 1] [--hang-rank 1 --stall-s 3]
 
 Every decoded row is appended to ``DIR/decoded.rank<R>.jsonl``, so a test can tell which rows a run (re)did.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--slow-s", type=float, default=0.0, help="seconds the slow rank spends in every generate")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--crash-after", type=int, default=0, help="the crash rank dies in generate call N + 1")
+    parser.add_argument("--hang-rank", type=int, default=-1, help="this rank never returns from its first generate")
+    parser.add_argument("--stall-s", type=float, default=0.0, help="runner.stall_s")
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
     calls = 0
@@ -50,6 +53,11 @@ def main() -> None:
         calls += 1
         if rank == args.crash_rank and calls > args.crash_after:
             os._exit(3)  # a hard crash: no exception, no clean-up (a segfault, the OOM killer)
+        if rank == args.hang_rank:
+            # A call stuck in C (a CUDA sync on a wedged GPU): SIGALRM, the row limit of workers=0, cannot end it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            while True:
+                time.sleep(3600)
         if rank == args.slow_rank:
             time.sleep(args.slow_s)
         return [("a cat sits on a mat", False)] * len(images)
@@ -60,7 +68,8 @@ def main() -> None:
     pipeline.SHARD_POLL_S, pipeline.SHARD_HEARTBEAT_S, pipeline.SHARD_STALL_S = 0.1, 0.2, 2.0
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.pg_timeout_s))
     cfg = CaptionConfig(model="stand-in", batch_size=2, task_batches=1)
-    pipeline.run_one("caption", cfg, args.input, args.output, RunnerConfig(workers=0, progress=False))
+    runner = RunnerConfig(workers=0, progress=False, stall_s=args.stall_s)
+    pipeline.run_one("caption", cfg, args.input, args.output, runner)
     exit_process(0)
 
 
