@@ -4,11 +4,14 @@ A bundle is what ``tools/init_checkpoint.py`` writes, what training starts from 
 every stage, and what ``tools/sample.py --ckpt`` reads::
 
     DIR/
-      bundle.yaml          # BundleConfig: which model dir, VAE, text encoder, diffusion objective
-      model/               # STDiT.save_pretrained: config.json + model.safetensors
+      bundle.yaml          # BundleConfig: model family, which model dir, VAE, text encoder, diffusion objective
+      model/               # the model's save_pretrained: config.json + weights (STDiT, or a diffusers transformer)
       vae/, text_encoder/  # only for the tiny built-in ones of debug sizes; real ones are local paths
 
 Relative paths in ``bundle.yaml`` are relative to the bundle directory, so a bundle can be moved or copied.
+``family`` (``opensora.models.families``; default ``stdit``, so bundles written before it existed load) says how
+to build, call and sample the model: the sampler asks the family, never names a model class. ``model_dir`` may
+be a pretrained diffusers folder (a pipeline's root or its ``transformer/``), referenced, never copied.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from omegaconf import MISSING
 
 from opensora.config import ConfigError, load_config, to_yaml
-from opensora.models.stdit import STDiT
+from opensora.models.families import ModelFamily, get_family
 from opensora.models.text_encoder import TextEncoderConfig, build_text_encoder
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.models.vae import VAEConfig, autoencoder_shape, build_vae
@@ -36,7 +39,8 @@ DIFFUSIONS = ("iddpm", "rflow")
 class BundleConfig:
     """What a bundle contains. Paths may be relative to the bundle directory."""
 
-    model_dir: str = "model"  # STDiT.save_pretrained directory
+    family: str = "stdit"  # model family (opensora.models.families.FAMILIES): how the model is built and called
+    model_dir: str = "model"  # the model's save_pretrained directory (or a diffusers folder)
     vae: VAEConfig = field(default_factory=lambda: VAEConfig(type="identity"))  # latent space of the model
     # T5 encoder + tokenizer; required (MISSING) because there is no sensible default path.
     text_encoder: TextEncoderConfig = MISSING
@@ -45,6 +49,10 @@ class BundleConfig:
     def __post_init__(self):
         if self.diffusion not in DIFFUSIONS:
             raise ValueError(f"diffusion must be one of {DIFFUSIONS}, got {self.diffusion!r}")
+        family = get_family(self.family)  # KeyError naming the known families
+        if self.diffusion not in family.objectives:
+            raise ValueError(f"diffusion {self.diffusion!r}: the {self.family} family's output supports "
+                             f"{', '.join(family.objectives)} only")
 
 
 def resolve_path(bundle_dir: str | Path, path: str | None) -> str | None:
@@ -99,7 +107,7 @@ class FrameCondition:
 class Bundle:
     """A loaded bundle: the denoiser, the autoencoder, the text encoder and their config."""
 
-    model: STDiT
+    model: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     config: BundleConfig
@@ -109,12 +117,20 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def family(self) -> ModelFamily:
+        return get_family(self.config.family)
+
     def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Latent (T, H, W) for a video size; raises ValueError naming the size if a factor does not divide it, or
         the nearest valid frame counts if the autoencoder does not take ``num_frames`` (13 and 17 for 16 at 4x
         causal)."""
         size = self.vae.get_latent_size((num_frames, height, width))
-        self.model.check_input_size(size)
+        own_check = getattr(self.model, "check_input_size", None)  # STDiT's own message names its patch size
+        if own_check is not None:
+            own_check(size)
+        else:
+            self.family.check_input_size(self.family.config_of(self.model), size)
         return size
 
     @torch.no_grad()
@@ -139,7 +155,8 @@ class Bundle:
             steps: sampling steps (IDDPM respaced, or rectified-flow Euler steps).
             cfg_scale: classifier-free guidance scale; 1.0 disables guidance (one model call per step).
             seed: the initial noise and every sampling step draw from one generator seeded with this.
-            sampler: "iddpm" or "rflow"; defaults to the objective the bundle was trained with.
+            sampler: "iddpm" or "rflow"; defaults to the objective the bundle was trained with. Rectified flow
+                samples with the family's timestep shift at this latent size (``family.sampler.shift``; STDiT: none).
             cond: given frames (first Ks and / or last Ke of every video): they are encoded with the bundle's
                 autoencoder and kept, with t = 0, at every sampling step, in both guidance branches. With an
                 identity autoencoder they come out bit for bit; with a VAE within its round-trip error.
@@ -151,20 +168,32 @@ class Bundle:
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("every prompt must be non-empty text")
         sampler = sampler or self.config.diffusion
+        family = self.family
+        model_config = family.config_of(self.model)
+        channels = family.in_channels(model_config)
         latent = self.latent_size(num_frames, height, width)
         device = self.device
         text = self.text_encoder.encode(list(prompts), device=device)
         y, mask = text["y"], text["mask"]
         B = len(prompts)
         generator = torch.Generator(device=device).manual_seed(seed)
-        noise = torch.randn((B, self.model.in_channels, *latent), generator=generator, device=device)
-        scheduler = build_scheduler(sampler, num_sampling_steps=steps)
+        noise = torch.randn((B, channels, *latent), generator=generator, device=device)
+        options = {}
+        if sampler == "rflow":  # the family's sampling shift at this size (1.0, none, for STDiT)
+            options["shift"] = family.sampler.shift.at(family.video_tokens(model_config, latent))
+        scheduler = build_scheduler(sampler, num_sampling_steps=steps, **options)
         self.model.eval()
+        model_fn = family.model_fn(self.model)
         if cfg_scale == 1.0:
-            model_fn, kwargs = self.model, dict(y=y, mask=mask)
+            kwargs = dict(y=y, mask=mask)
         else:
-            model_fn = classifier_free_guidance(self.model, cfg_scale, guided_channels=self.model.in_channels)
-            kwargs = dict(y=torch.cat([y, self.model.null_caption(B).to(y.dtype)]), mask=torch.cat([mask, mask]))
+            model_fn = classifier_free_guidance(model_fn, cfg_scale, guided_channels=channels)
+            if hasattr(self.model, "null_caption"):  # a learned null caption (STDiT): what its caption dropout trained
+                null_y, null_mask = self.model.null_caption(B).to(y.dtype), mask
+            else:  # the families trained with the encoded negative prompt ("" by default) in its place
+                null = self.text_encoder.encode([family.sampler.negative_prompt] * B, device=device)
+                null_y, null_mask = null["y"].to(y.dtype), null["mask"]
+            kwargs = dict(y=torch.cat([y, null_y]), mask=torch.cat([mask, null_mask]))
         frames = {} if cond is None else self.encode_condition(cond, B, num_frames, height, width, noise)
         z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator, **frames)
         video = self.vae.decode(z.to(next(self.vae.parameters(), z).dtype)).float().clamp(-1, 1).cpu()
@@ -227,11 +256,18 @@ def load_bundle(directory: str | Path, device: str | torch.device | None = None,
     directory = Path(directory)
     cfg = load_bundle_config(directory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_dir = Path(resolve_path(directory, cfg.model_dir))
-    model = STDiT.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
+    model = load_bundle_model(directory, cfg, dtype=dtype).to(device=device).eval()
     vae, text_encoder = load_encoders(directory, device=device, dtype=dtype, config=cfg)
-    check_compatible(model, vae, text_encoder, source=directory)
+    check_compatible(model, vae, text_encoder, source=directory, family=get_family(cfg.family))
     return Bundle(model=model, vae=vae, text_encoder=text_encoder, config=cfg, path=directory)
+
+
+def load_bundle_model(directory: str | Path, config: BundleConfig | None = None,
+                      dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The bundle's model on the CPU, weights from safetensors, built by its family (``dtype`` None: as saved;
+    diffusers' loader keeps the modules its class holds in fp32 there)."""
+    cfg = load_bundle_config(directory) if config is None else config
+    return get_family(cfg.family).from_pretrained(resolve_path(directory, cfg.model_dir), dtype=dtype)
 
 
 def load_encoders(directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -257,24 +293,32 @@ def load_encoders(directory: str | Path, device: str | torch.device | None = Non
     return vae, text_encoder
 
 
-def check_compatible(model: STDiT, vae, text_encoder, source) -> None:
-    """The three parts must agree on latent channels and text width/length; say which does not."""
-    c = model.config
-    if vae.out_channels != c.in_channels:
-        raise ConfigError(f"{source}: the VAE makes {vae.out_channels}-channel latents but the model takes {c.in_channels}")
-    if text_encoder.output_dim != c.caption_channels:
+def check_compatible(model: torch.nn.Module, vae, text_encoder, source, family: ModelFamily | None = None) -> None:
+    """The three parts must agree on latent channels and text width/length; say which does not.
+
+    Args:
+        family: the model's family (default: STDiT's). A model that declares its text length
+            (STDiT's ``model_max_length``) must get exactly that many tokens.
+    """
+    family = get_family("stdit") if family is None else family
+    c = family.config_of(model)
+    channels, width = family.in_channels(c), family.text_dim(c)
+    if vae.out_channels != channels:
+        raise ConfigError(f"{source}: the VAE makes {vae.out_channels}-channel latents but the model takes {channels}")
+    if text_encoder.output_dim != width:
         raise ConfigError(
-            f"{source}: the text encoder outputs {text_encoder.output_dim} channels but the model expects {c.caption_channels}"
+            f"{source}: the text encoder outputs {text_encoder.output_dim} channels but the model expects {width}"
         )
-    if text_encoder.max_length != c.model_max_length:
+    if hasattr(c, "model_max_length") and text_encoder.max_length != c.model_max_length:
         raise ConfigError(
             f"{source}: the text encoder pads to {text_encoder.max_length} tokens but the model expects {c.model_max_length}"
         )
 
 
-def write_bundle(out_dir: str | Path, model: STDiT | None, config: BundleConfig,
+def write_bundle(out_dir: str | Path, model: torch.nn.Module | None, config: BundleConfig,
                  copy_from: str | Path | None = None, state_dict: dict | None = None) -> Path:
-    """Writes a bundle: ``model/`` (from ``model``, or ``state_dict`` with ``model``'s config), ``bundle.yaml``, and
+    """Writes a bundle: ``model/`` (from ``model``, or ``state_dict`` with ``model``'s config; nothing for
+    ``model=None``, whose ``config.model_dir`` names an existing folder), ``bundle.yaml``, and
     copies of the VAE / text-encoder directories of ``copy_from`` that ``config`` names by a relative path.
 
     ``bundle.yaml`` is written last, so a directory without it is never taken for a finished bundle.
@@ -283,7 +327,8 @@ def write_bundle(out_dir: str | Path, model: STDiT | None, config: BundleConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
         model = _with_state(model, state_dict)
-    model.save_pretrained(out_dir / config.model_dir)
+    if model is not None:  # None: config.model_dir references a model folder (a pretrained diffusers one)
+        model.save_pretrained(out_dir / config.model_dir)
     if copy_from is not None:
         copy_from = Path(copy_from)
         for sub in (config.vae.path, config.text_encoder.path):
@@ -295,8 +340,15 @@ def write_bundle(out_dir: str | Path, model: STDiT | None, config: BundleConfig,
     return out_dir
 
 
-def _with_state(model: STDiT, state_dict: dict) -> STDiT:
+def _with_state(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A model of ``model``'s class and config holding ``state_dict`` (built on the meta device: no copy)."""
     with torch.device("meta"):
-        clone = STDiT(model.config)
+        clone = model_skeleton(model)
     clone.load_state_dict(state_dict, assign=True, strict=True)
     return clone
+
+
+def model_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A new model of ``model``'s class and config (on the current default device; use the meta device)."""
+    from_config = getattr(type(model), "from_config", None)  # diffusers ModelMixin: config.json's fields
+    return from_config(model.config) if from_config is not None else type(model)(model.config)

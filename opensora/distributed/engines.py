@@ -49,16 +49,17 @@ class Engine:
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- set-up -----------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, family=None):
         """Parallelizes ``model`` and returns ``(model, optimizer)`` to train with.
 
         Args:
-            model: the STDiT, on any device.
+            model: the model (an STDiT, or any family's), on any device.
             optimizer: a fresh optimizer (no state yet) over ``model``'s parameters. FSDP2 replaces the
                 parameters, so its param groups are pointed at the new ones (same class and settings).
+            family: the model's ``ModelFamily`` (its blocks, whether it takes sequence parallelism); None: STDiT.
         """
         names = {id(p): n for n, p in model.named_parameters()}
-        self.model = parallelize(model, self.pcfg, self.dist)
+        self.model = parallelize(model, self.pcfg, self.dist, family=family)
         self.optimizer = _rebind_optimizer(optimizer, unwrap(self.model), names)
         return self.model, self.optimizer
 
@@ -174,7 +175,7 @@ class ColossalAIEngine(Engine):
     checkpoints save the masters (gathered), never the rounded working copy, and loading sets both.
     """
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, family=None):
         from colossalai.booster import Booster
         from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
 
@@ -190,7 +191,7 @@ class ColossalAIEngine(Engine):
         self.zero = isinstance(plugin, LowLevelZeroPlugin)
         # SP, checkpointing and compile from parallelize(); the booster does the data-parallel wrapping. The
         # parameters are not replaced, so the optimizer needs no rebinding.
-        model = parallelize(model, self.pcfg, self.dist)
+        model = parallelize(model, self.pcfg, self.dist, family=family)
         self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
         if self.zero:
             self._found_inf = False

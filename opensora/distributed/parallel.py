@@ -109,20 +109,28 @@ def new_sp_group(pcfg: ParallelConfig, dist_info: DistInfo, backend: str | None 
     return mine
 
 
-def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> nn.Module:
-    """Makes ``model`` (an STDiT) distributed, in place where possible, and returns the module to train.
+def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo, family=None) -> nn.Module:
+    """Makes ``model`` distributed, in place where possible, and returns the module to train.
 
     Args:
-        model: the STDiT on any device; it is moved to ``dist_info.device``. Build the optimizer *after* this
+        model: the model on any device; it is moved to ``dist_info.device``. Build the optimizer *after* this
             call (FSDP2 replaces parameters by sharded DTensors), or let ``Engine.prepare`` rebuild it.
         pcfg: which parallelisms to apply. With engine "colossalai" only SP, checkpointing and compile are
             applied here; the booster does the data-parallel part.
         dist_info: from :func:`opensora.distributed.init_distributed` (the process group must exist).
+        family: the model's ``opensora.models.families.ModelFamily``: its ``blocks`` are the units of
+            checkpointing, compile and FSDP2, and ``supports_sequence_parallel`` gates SP. None: an STDiT.
     Returns:
         The same module for FSDP2 / colossalai, a ``DistributedDataParallel`` wrapper for DDP
-        (use :func:`unwrap` to reach the STDiT).
+        (use :func:`unwrap` to reach the model).
+    Raises:
+        ValueError: sequence parallelism for a family that does not support it.
     """
     ParallelDims.build(pcfg, dist_info)  # validates sp_size against the world size
+    blocks = model.blocks if family is None else family.blocks(model)
+    if pcfg.sp_size > 1 and family is not None and not family.supports_sequence_parallel:
+        raise ValueError(f"sp_size {pcfg.sp_size}: the {family.name} family does not support sequence parallelism "
+                         "yet; use sp_size 1")
     model.to(dist_info.device)
 
     # 1. Sequence parallelism (hooks and attention cores; the parameters are untouched).
@@ -133,14 +141,15 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
     if pcfg.grad_ckpt:
         if not getattr(model, "_supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not declare _supports_gradient_checkpointing")
-        if pcfg.compile:
-            checkpoint_blocks(model, pcfg.grad_ckpt_blocks)  # inside what step 3 compiles (torchtitan)
+        if pcfg.compile or not _has_selective_switch(model):
+            # inside what step 3 compiles (torchtitan); and for models whose own switch is all-or-nothing
+            checkpoint_blocks(model, pcfg.grad_ckpt_blocks, blocks)
         else:
-            model.enable_gradient_checkpointing(True, pcfg.grad_ckpt_blocks)  # the model's own switch
+            model.enable_gradient_checkpointing(True, pcfg.grad_ckpt_blocks)  # the model's own switch (STDiT)
 
     # 3. Compile each block in place (parameter names stay the same, so checkpoints are unaffected).
     if pcfg.compile:
-        apply_compile(model, pcfg.compile_backend)
+        apply_compile(model, pcfg.compile_backend, blocks)
 
     # 4. Data parallelism.
     if pcfg.engine == "fsdp":
@@ -149,7 +158,7 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
             mp = MixedPrecisionPolicy(param_dtype=DTYPES[pcfg.param_dtype], reduce_dtype=DTYPES[pcfg.reduce_dtype])
         else:
             mp = MixedPrecisionPolicy()  # fp32 everywhere
-        for block in model.blocks:
+        for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         # The root keeps the embedders and final layer; it need not reshard: the backward needs them at once.
         # It does not cast its inputs: FSDP2 would round the float timesteps of rectified flow to bf16
@@ -165,7 +174,13 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo) -> 
     return model
 
 
-def checkpoint_blocks(model: nn.Module, num_blocks: int | None = None) -> None:
+def _has_selective_switch(model: nn.Module) -> bool:
+    """Whether the model's own ``enable_gradient_checkpointing`` takes a block count (STDiT's; diffusers' does not)."""
+    switch = getattr(model, "enable_gradient_checkpointing", None)
+    return switch is not None and "num_blocks" in inspect.signature(switch).parameters
+
+
+def checkpoint_blocks(model: nn.Module, num_blocks: int | None = None, blocks: nn.ModuleList | None = None) -> None:
     """Activation checkpointing inside each block's ``forward``, for blocks that are then compiled (torchtitan's
     ``apply_ac`` before ``apply_compile``).
 
@@ -176,13 +191,15 @@ def checkpoint_blocks(model: nn.Module, num_blocks: int | None = None) -> None:
     a ``checkpoint_wrapper`` module would rename every parameter (``_checkpoint_wrapped_module.``).
 
     Args:
-        model: an STDiT; its first ``num_blocks`` blocks (None = all) recompute their activations in backward.
+        model: the model; its first ``num_blocks`` blocks (None = all) recompute their activations in backward.
+        blocks: its blocks (its family's ``blocks``); None: ``model.blocks``.
     """
-    depth = len(model.blocks)
+    blocks = model.blocks if blocks is None else blocks
+    depth = len(blocks)
     num_blocks = depth if num_blocks is None else num_blocks
     if not 0 <= num_blocks <= depth:
         raise ValueError(f"grad_ckpt_blocks must be in [0, {depth}] (the model's depth), got {num_blocks}")
-    for block in list(model.blocks)[:num_blocks]:
+    for block in list(blocks)[:num_blocks]:
         block.forward = types.MethodType(_checkpointed_forward, block)
 
 
@@ -190,7 +207,7 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor", blocks: nn.ModuleList | None = None) -> None:
     """Compiles each STDiT block in place with ``fullgraph=True`` (a graph break is an error, as in torchtitan; so
     is a 9th graph of one block, dynamo's ``recompile_limit``, where without it the block would silently run eager).
 
@@ -209,14 +226,23 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
       tests/test_compile.py's recompile count fails instead. T and S (buckets) are left to automatic dynamic
       shapes: the first change of each recompiles once, with that dim dynamic from then on.
 
+    Blocks of other models (a family's ``blocks``, e.g. diffusers' Wan blocks, which all take the same inputs)
+    are compiled the same way, without the pre-hook, which knows STDiT's block inputs only.
+
     Args:
-        model: an STDiT, after sequence parallelism and checkpointing, before FSDP2 / DDP.
+        model: the model, after sequence parallelism and checkpointing, before FSDP2 / DDP.
         backend: the torch.compile backend (``torch._dynamo.list_backends(exclude_tags=())`` lists them).
+        blocks: its blocks (its family's ``blocks``); None: ``model.blocks``.
     """
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:  # torch.compile itself would say so only at the first forward
         raise ValueError(f"compile_backend {backend!r} is not a torch.compile backend; known: {', '.join(known)}")
-    signature = inspect.signature(type(model.blocks[0]).forward)
+    blocks = model.blocks if blocks is None else blocks
+    signature = inspect.signature(type(blocks[0]).forward)
+    if "tpe" not in signature.parameters:  # not STDiT's block
+        for block in blocks:
+            block.compile(backend=backend, fullgraph=True)
+        return
     zeros: dict = {}
 
     @torch.compiler.disable
@@ -233,7 +259,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
                 torch._dynamo.maybe_mark_dynamic(bound.arguments[name], 0)
         return bound.args[1:], bound.kwargs
 
-    for block in model.blocks:
+    for block in blocks:
         block.register_forward_pre_hook(same_inputs_for_every_block, with_kwargs=True)
         block.compile(backend=backend, fullgraph=True)
 

@@ -27,6 +27,7 @@ from opensora.data.dataset import DataConfig, check_sample_shape
 from opensora.diffusion import SCHEDULERS
 from opensora.distributed import ParallelConfig
 from opensora.models.autoencoders import AutoencoderShape
+from opensora.models.families import ModelFamily, family_of_size
 from opensora.models.stdit import STDiT_models, STDiTConfig
 from opensora.training.conditioning import ConditioningConfig
 from opensora.training.validation import ValidationConfig, union_holdout
@@ -80,8 +81,10 @@ class StageConfig:
     """One stage: a data set at one resolution and length, a schedule, and where its weights start."""
 
     name: str = MISSING  # directory name under the output dir; unique in the recipe
-    model: str = MISSING  # named STDiT size (opensora.models.STDiT_models); must match the init weights' shape
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # non-shape STDiTConfig fields, e.g. space_scale
+    # A named size of a model family (opensora.models.families: STDiT-XL/2, STDiT-debug, Wan2.1-T2V-1.3B, tiny-wan2.1,
+    # LTX-Video-2B, tiny-ltx); must be the family and shape of the init weights.
+    model: str = MISSING
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # STDiT only: non-shape STDiTConfig fields, e.g. space_scale
     num_frames: int = MISSING  # frames per sample (1: images)
     image_size: tuple[int, int] = MISSING  # [H, W] in pixels
     batch_size: int = MISSING  # global samples per optimizer step (all ranks, all accumulation steps)
@@ -99,10 +102,16 @@ class StageConfig:
     validation: dict[str, Any] = field(default_factory=dict)  # this stage's overrides of the recipe's `validation`
 
     def __post_init__(self):
-        if self.model not in STDiT_models:
+        try:
+            family = family_of_size(self.model)
+        except KeyError:
             raise ValueError(
-                f"stage '{self.name}': model: unknown STDiT size {self.model!r}; known: {', '.join(STDiT_models)}"
-            )
+                f"stage '{self.name}': model: unknown STDiT size {self.model!r} (nor a size of another family); "
+                f"known: {', '.join(STDiT_models)}; other families: "
+                f"{', '.join(s for s in _other_family_sizes())}"
+            ) from None
+        if family.name != "stdit" and self.model_overrides:
+            raise ValueError(f"stage '{self.name}': model_overrides apply to STDiT sizes only, not {self.model}")
         known = {f.name for f in dataclasses.fields(STDiTConfig)}
         for key in self.model_overrides:
             if key not in known:
@@ -129,6 +138,12 @@ class StageConfig:
         for key in self.data:
             if key in STAGE_DATA_FIELDS:
                 raise ValueError(f"stage '{self.name}': data.{key}: set the stage's own `{key}` instead")
+
+
+def _other_family_sizes() -> list[str]:
+    from opensora.models.families import FAMILIES
+
+    return [size for name, family in FAMILIES.items() if name != "stdit" for size in family.sizes]
 
 
 @dataclass
@@ -227,6 +242,10 @@ class RecipeConfig:
     # Frame conditioning (image-to-video, video extension): how often each mask type is drawn; all 0 = text-to-video.
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     seed: int = 0  # seed of the data order, noise, timesteps and caption dropout
+    # Caption dropout for classifier-free guidance of the families whose model has none of its own (Wan, LTX): the
+    # share of captions the step replaces by the encoded empty prompt. STDiT drops in-model: its config's
+    # class_dropout_prob (model_overrides), and ignores this.
+    caption_dropout: float = 0.1
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, sequence parallelism, checkpointing
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -257,6 +276,14 @@ class RecipeConfig:
             )
         if self.diffusion not in SCHEDULERS:
             raise ValueError(f"diffusion must be one of {sorted(SCHEDULERS)}, got {self.diffusion!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for i, stage in enumerate(self.stages):
+            family = family_of_size(stage.model)
+            if self.diffusion not in family.objectives:
+                raise ValueError(f"stages[{i}] ('{stage.name}'): {stage.model} trains with "
+                                 f"{' or '.join(family.objectives)}, the recipe's diffusion is {self.diffusion!r} "
+                                 f"(set diffusion: {family.objective.name})")
         if self.diffusion != "rflow" and self.rflow != RFlowConfig():
             raise ValueError(f"rflow: timestep options are set but diffusion is {self.diffusion!r} (they apply to rflow only)")
         vae = recipe_autoencoder(self)  # raises on a bad or contradictory declaration
@@ -378,12 +405,37 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig
     return load_config(RecipeConfig, path, overrides)
 
 
-def stage_model_config(stage: StageConfig, init_config: STDiTConfig) -> STDiTConfig:
+# Config fields of a diffusers family's size that a bundle fits to its encoders (training/init.py), and so may
+# differ from the named size.
+FITTED_FIELDS = ("in_channels", "out_channels", "text_dim", "caption_channels")
+
+
+def stage_family(stage: StageConfig) -> ModelFamily:
+    """The family of the stage's named ``model`` size."""
+    return family_of_size(stage.model)
+
+
+def stage_model_config(stage: StageConfig, init_config: Any, family: ModelFamily | None = None) -> Any:
     """The model config a stage trains: the init weights' config with the stage's overrides applied.
 
-    Raises ConfigError if the init weights do not have the shape of the stage's named ``model`` size
-    (the forecast and the reader of the recipe trust that name).
+    Args:
+        stage: the stage (its named ``model`` size and, for STDiT, ``model_overrides``).
+        init_config: the config of the init weights (``STDiTConfig``, or a diffusers model's config).
+        family: the init bundle's family; it must be the named size's.
+    Raises ConfigError if the init weights are not of the family, or not of the shape, of the stage's named
+    ``model`` size (the forecast and the reader of the recipe trust that name).
     """
+    named_family = stage_family(stage)
+    if family is not None and family is not named_family:
+        raise ConfigError(f"stage '{stage.name}': model {stage.model} is a {named_family.name} size but the init "
+                          f"bundle holds a {family.name} model")
+    if named_family.name != "stdit":
+        named = named_family.size_config(stage.model)
+        for key, value in named.items():
+            if key not in FITTED_FIELDS and _as_tuple(init_config[key]) != _as_tuple(value):
+                raise ConfigError(f"stage '{stage.name}': model {stage.model} has {key}={value} but the init "
+                                  f"weights have {key}={init_config[key]}")
+        return init_config
     named = STDiT_models[stage.model]
     for key in SHAPE_FIELDS:
         if tuple(_as_tuple(getattr(named, key))) != tuple(_as_tuple(getattr(init_config, key))):

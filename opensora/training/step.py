@@ -28,8 +28,34 @@ def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
     return x % (2**63 - 1)
 
 
+class ParallelModelView:
+    """What a family's ``forward`` is given under a wrapping engine (DDP, ColossalAI): calls go through the wrapper
+    (DDP's forward prepares its gradient sync), attribute reads (``config``, weights' dtype) reach the model."""
+
+    def __init__(self, wrapper: torch.nn.Module, model: torch.nn.Module):
+        self._wrapper, self._model = wrapper, model
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def training_model_fn(family, engine: Engine):
+    """``f(x, t, y=..., mask=...)`` for the objectives, calling the parallelized model through its family.
+
+    A family whose ``model_fn`` is the model itself (STDiT) gets the engine's module, exactly as before families
+    existed; the others get their ``forward`` around it (through :class:`ParallelModelView` under DDP).
+    """
+    model = engine.unwrap()
+    if family.model_fn(model) is model:
+        return engine.model
+    return family.model_fn(model if engine.model is model else ParallelModelView(engine.model, model))
+
+
 class TrainStep:
-    """Forward, backward and update of the parallelized STDiT, through an :class:`Engine`.
+    """Forward, backward and update of the parallelized model, through an :class:`Engine`.
 
     Args:
         engine: a prepared engine (``engine.prepare`` was called).
@@ -42,10 +68,16 @@ class TrainStep:
         grad_clip: global gradient-norm threshold; None or 0 = no clipping (the norm is still returned).
         conditioning: frame-conditioning mask probabilities (image-to-video, extension, ...); None or all 0:
             plain text-to-video, with the same random draws as before.
+        model_fn: what the objective calls (:func:`training_model_fn`); None: the engine's module (STDiT).
+        caption_dropout, null_text: with ``null_text`` (the encoded empty prompt (1, 1, L, Ct) and its (1, L)
+            mask), each caption is replaced by it with probability ``caption_dropout``, drawn from the step's
+            generator (classifier-free guidance for models without in-model dropout). None: no dropout here.
     """
 
     def __init__(self, engine: Engine, diffusion, *, vae=None, text_encoder=None, accum: int = 1, seed: int = 0,
-                 dp_rank: int = 0, grad_clip: float | None = None, conditioning: ConditioningConfig | None = None):
+                 dp_rank: int = 0, grad_clip: float | None = None, conditioning: ConditioningConfig | None = None,
+                 model_fn=None, caption_dropout: float = 0.0,
+                 null_text: tuple[torch.Tensor, torch.Tensor] | None = None):
         if accum < 1:
             raise ValueError(f"accum must be >= 1, got {accum}")
         self.engine, self.diffusion = engine, diffusion
@@ -54,6 +86,14 @@ class TrainStep:
         self.accum, self.seed, self.dp_rank = accum, seed, dp_rank
         self.max_norm = grad_clip or math.inf
         self.device = engine.dist.device
+        self._model_fn = model_fn
+        self.caption_dropout = caption_dropout if null_text is not None else 0.0
+        self.null_text = null_text
+
+    @property
+    def model_fn(self):
+        """The callable the objective trains (the engine's module unless the trainer gave a family's)."""
+        return self.engine.model if self._model_fn is None else self._model_fn
 
     @torch.no_grad()
     def encode(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,13 +127,26 @@ class TrainStep:
         frames = {}
         if self.conditioning is not None:  # (B, T_latent) given frames, drawn from the step's generator
             frames["cond_mask"] = sample_cond_mask(x.shape[0], x.shape[2], self.conditioning, generator)
+        if self.caption_dropout > 0:
+            y, mask = self.drop_captions(y, mask, generator)
         self.engine.set_grad_sync(micro == self.accum - 1)  # before the forward: DDP decides there
         with self.engine.autocast():
-            terms = self.diffusion.training_losses(self.engine.model, x, dict(y=y, mask=mask), generator=generator,
+            terms = self.diffusion.training_losses(self.model_fn, x, dict(y=y, mask=mask), generator=generator,
                                                    **frames)
         loss = terms["loss"].mean()
         self.engine.backward(loss / self.accum)
         return loss.detach()
+
+    def drop_captions(self, y: torch.Tensor, mask: torch.Tensor,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's caption (B, 1, L, Ct) and mask (B, L) replaced by the empty prompt's with probability
+        ``caption_dropout`` (one uniform draw per sample from the step's ``generator``)."""
+        null_y, null_mask = self.null_text
+        drop = torch.rand(y.shape[0], generator=generator, device=generator.device) < self.caption_dropout  # (B,)
+        drop = drop.to(y.device)
+        y = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null_y.to(y), y)
+        mask = torch.where(drop[:, None], null_mask.to(mask), mask)
+        return y, mask
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Clips, updates and clears the gradients; the update is skipped if the loss or the norm is not finite.

@@ -5,14 +5,19 @@ What one optimizer step does:
 
 1. ``accum`` micro-batches, each: encode the video with the frozen VAE and the caption with the frozen text
    encoder (or take both from the latent cache), draw timesteps and noise, and back-propagate the diffusion
-   loss of ``opensora.diffusion`` through the parallelized model (caption dropout for classifier-free
-   guidance happens inside the model's caption embedder while it is in training mode) — the work of
+   loss of ``opensora.diffusion`` through the parallelized model, called through its family's ``model_fn``
+   (caption dropout for classifier-free guidance happens inside STDiT's caption embedder while it is in training
+   mode; for the other families the step replaces captions by the encoded empty prompt) — the work of
    ``opensora.training.step.TrainStep``, which ``tools/benchmark.py`` times;
 2. clip the gradient norm and AdamW step (through the engine), LR schedule step, fp32 EMA update; a step whose
    loss or gradient norm is not finite changes none of them (``opensora/training/nonfinite.py``);
 3. bookkeeping in Python numbers only (samples, tokens, FLOPs for the ledger); the loss and grad-norm
    tensors stay on the device until the next log step, the only place the loop synchronises
    (``opensora.training.metrics.MetricsLogger`` reduces and writes them).
+
+The trainer never names a model class: the init bundle's ``family`` (``opensora.models.families``) loads the
+model and says how to call it, what its tokens and FLOPs are, which modules are its blocks (checkpointing, compile,
+FSDP2) and whether it takes sequence parallelism.
 
 Randomness: before every micro-step the global generators and the diffusion generator are seeded from
 (recipe seed, step, micro-step, data-parallel rank). A resumed run therefore draws exactly the numbers the
@@ -29,8 +34,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from opensora.accounting import Ledger, check_budget, train_flops_per_sample
-from opensora.bundle import Bundle, BundleConfig, check_compatible, load_bundle_config, load_encoders, resolve_path
+from opensora.accounting import Ledger, check_budget
+from opensora.bundle import (
+    Bundle, BundleConfig, check_compatible, load_bundle_config, load_bundle_model, load_encoders, resolve_path,
+    write_bundle,
+)
 from opensora.checkpoint import CheckpointManager, FnState, RNGState, engine_state, export_bundle
 from opensora.config import ConfigError, to_dict
 from opensora.data.loader import build_dataloader
@@ -38,7 +46,7 @@ from opensora.diffusion import build_scheduler
 from opensora.distributed import DistInfo, ParallelDims, build_engine
 from opensora.distributed.engines import nonfinite_flag
 from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
-from opensora.models.stdit import STDiT
+from opensora.models.families import get_family
 from opensora.training.config import (
     RecipeConfig,
     StageConfig,
@@ -54,7 +62,7 @@ from opensora.training.init import load_init_checkpoint
 from opensora.training.metrics import MetricsLogger
 from opensora.training.nonfinite import NonFiniteError, NonFiniteTracker
 from opensora.training.optim import apply_schedule_config, build_lr_scheduler, build_optimizer, set_schedule_position
-from opensora.training.step import TrainStep
+from opensora.training.step import TrainStep, training_model_fn
 from opensora.training.validation import Validator, colour_motion_scorer, validation_data_config
 
 # Ledger end reasons that stop the recipe early (the stage can be resumed later).
@@ -94,6 +102,7 @@ class Trainer:
         self.is_main = dist_info.rank == 0
         self.step = 0
         self.dims = ParallelDims.build(recipe.parallel, dist_info)
+        null_text = None
         self.micro_batch, self.accum = self._batch_split()
         self.autoencoder = recipe_autoencoder(recipe)  # the loaded VAE is checked against it; latents are counted by it
 
@@ -108,15 +117,21 @@ class Trainer:
         try:
             # 1. Model (fp32 master weights), encoders and the objective.
             bundle = load_bundle_config(self.init_dir)
-            self.bundle_config = BundleConfig(vae=bundle.vae, text_encoder=bundle.text_encoder, diffusion=recipe.diffusion)
-            model_dir = resolve_path(self.init_dir, bundle.model_dir)
-            model = STDiT.from_pretrained(model_dir)
-            self.model_config = stage_model_config(stage, model.config)
-            if self.model_config != model.config:
-                model = STDiT.from_pretrained(model_dir, **stage.model_overrides)
+            self.family = get_family(bundle.family)
+            self.bundle_config = BundleConfig(family=bundle.family, vae=bundle.vae, text_encoder=bundle.text_encoder,
+                                              diffusion=recipe.diffusion)
+            model = load_bundle_model(self.init_dir, bundle)
+            self._model_class = type(model)  # before FSDP2 swaps it for its FSDP subclass (the export's skeleton)
+            self.model_config = stage_model_config(stage, self.family.config_of(model), self.family)
+            if self.model_config != self.family.config_of(model):  # STDiT's model_overrides
+                model = type(model).from_pretrained(resolve_path(self.init_dir, bundle.model_dir),
+                                                    **stage.model_overrides)
             if stage.init.checkpoint is not None:
+                if self.family.name != "stdit":
+                    raise ConfigError(f"stage '{stage.name}': init.checkpoint converts Open-Sora 1.0 / PixArt-α "
+                                      f"weights into an STDiT; {stage.model} starts from its bundle")
                 load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
-            self.diffusion = build_scheduler(recipe.diffusion, **(asdict(recipe.rflow) if recipe.diffusion == "rflow" else {}))
+            self.diffusion = build_scheduler(recipe.diffusion, **self._objective_options())
             self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
             self.validation = stage_validation_config(recipe, stage)
             self._identity = None
@@ -127,6 +142,7 @@ class Trainer:
             self._step_group = dist.new_group(backend="gloo") if self.dims.dp_size > 1 else None
             if stage.steps > 0:  # a 0-step stage (a converted checkpoint) only exports: no encoders, no data
                 self.vae, self.text_encoder = self._build_encoders(bundle, model)
+                null_text = self._null_text(model)  # before a latent cache frees the text encoder
 
                 # 2. Data: this data-parallel rank's loader; its sampler's state is the data position.
                 data_cfg = stage_data_config(recipe, stage)
@@ -147,13 +163,19 @@ class Trainer:
             # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
             self.engine = build_engine(recipe.parallel, dist_info)
             optimizer = build_optimizer(model, recipe.optim, stage.lr, self.device)
-            self.model_fn, self.optimizer = self.engine.prepare(model, optimizer)
+            try:
+                self.model_fn, self.optimizer = self.engine.prepare(model, optimizer, family=self.family)
+            except ValueError as err:  # e.g. sequence parallelism for a family that does not take it
+                raise ConfigError(f"stage '{stage.name}': parallel: {err}") from err
             self.model = self.engine.unwrap()
             self.model.train()
             self.lr_scheduler = build_lr_scheduler(self.engine.schedule_optimizer, stage)
             self.steps = TrainStep(self.engine, self.diffusion, vae=self.vae, text_encoder=self.text_encoder,
                                    accum=self.accum, seed=recipe.seed, dp_rank=self.dims.dp_rank,
-                                   grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning)
+                                   grad_clip=recipe.optim.grad_clip, conditioning=stage.conditioning or recipe.conditioning,
+                                   model_fn=training_model_fn(self.family, self.engine),
+                                   caption_dropout=recipe.caption_dropout if stage.steps > 0 else 0.0,
+                                   null_text=null_text if stage.steps > 0 else None)
             self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup, masters=self.engine.master_shards())
             self.nonfinite = NonFiniteTracker(self.device, recipe.optim.max_nonfinite_steps)
             self.validator = None
@@ -185,11 +207,30 @@ class Trainer:
             )
         return micro, stage.batch_size // (micro * dp)
 
-    def _build_encoders(self, bundle: BundleConfig, model: STDiT):
+    def _objective_options(self) -> dict:
+        """Options of the training objective: rectified flow's timestep distribution, with the family's shift at the
+        stage's latent size (Wan: 2 at 480p; STDiT: none, so its numbers are unchanged)."""
+        if self.recipe.diffusion != "rflow":
+            return {}
+        stage = self.stage
+        latent = self._latent_size((stage.num_frames, *stage.image_size))
+        shift = self.family.objective.shift.at(self.family.video_tokens(self.model_config, latent))
+        return {**asdict(self.recipe.rflow), "shift": shift}
+
+    def _null_text(self, model) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The encoded empty prompt (1, 1, L, Ct) and its mask, which the step puts in place of dropped captions, for
+        a family whose model has no caption dropout of its own; None for one that drops in-model (its model_fn is
+        the model itself: STDiT's caption embedder)."""
+        if self.family.model_fn(model) is model or self.recipe.caption_dropout == 0:
+            return None
+        text = self.text_encoder.encode([self.family.sampler.negative_prompt], device=self.device)
+        return text["y"], text["mask"]
+
+    def _build_encoders(self, bundle: BundleConfig, model):
         """The frozen VAE and text encoder of the init bundle, on the device (bf16 there when training in bf16)."""
         dtype = torch.bfloat16 if uses_mixed_precision(self.recipe.parallel, self.dist) else None
         vae, text_encoder = load_encoders(self.init_dir, device=self.device, dtype=dtype, config=bundle)
-        check_compatible(model, vae, text_encoder, source=self.init_dir)
+        check_compatible(model, vae, text_encoder, source=self.init_dir, family=self.family)
         check_recipe_autoencoder(self.recipe, vae.shape, self.init_dir)  # factors, frame rule (and channels)
         return vae, text_encoder
 
@@ -239,7 +280,8 @@ class Trainer:
 
             scorers["clip_score"] = ClipScorer(cfg.clip_model, device=self.device)
         return Validator(cfg, self.stage_dir / "validation", self.recipe.diffusion, self.diffusion, self.engine,
-                         self.model, self.ema, dataset, self.steps.encode, sampler, dp_rank=self.dims.dp_rank,
+                         self.model, self.ema, dataset, self.steps.encode, sampler, model_fn=self.steps.model_fn,
+                         dp_rank=self.dims.dp_rank,
                          dp_size=self.dims.dp_size, sp_rank=self.dims.sp_rank, is_main=self.is_main, scorers=scorers,
                          agree_group=self._agree_group)
 
@@ -387,13 +429,13 @@ class Trainer:
         return self.autoencoder.latent_size(size)
 
     def _tokens(self, latent: tuple[int, int, int]) -> int:
-        p = self.model_config.patch_size
-        return (latent[0] // p[0]) * (latent[1] // p[1]) * (latent[2] // p[2])
+        return self.family.video_tokens(self.model_config, latent)
 
     def _flops(self, latent: tuple[int, int, int]) -> float:
+        """Training FLOPs of one sample, the family's formula, with the text length the encoder pads to."""
         if latent not in self._flops_cache:
-            cfg = self.model_config
-            self._flops_cache[latent] = train_flops_per_sample(cfg, latent, cfg.model_max_length)
+            text_len = self.bundle_config.text_encoder.max_length
+            self._flops_cache[latent] = self.family.train_flops_per_sample(self.model_config, latent, text_len)
         return self._flops_cache[latent]
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -474,9 +516,28 @@ class Trainer:
         """Writes ``<stage>/export``: a pipeline bundle of the EMA weights (``bundle.yaml`` last). Collective."""
         self._check_finite("export")
         state = {**self.model.state_dict(), **self.ema.state_dict()}  # buffers from the model, weights averaged
-        out = export_bundle(state, self.model_config, self.bundle_config, self.stage_dir / "export",
-                            copy_from=self.init_dir)
+        if self.family.name == "stdit":
+            out = export_bundle(state, self.model_config, self.bundle_config, self.stage_dir / "export",
+                                copy_from=self.init_dir)
+        else:
+            out = self._export_family(state)
         self.metrics.print(f"stage '{self.stage.name}': exported the EMA weights to {out}")
+        return out
+
+    def _export_family(self, state: dict) -> Path:
+        """``export_bundle`` for a model of any family: gather the (possibly sharded) state, rank 0 writes the
+        model's own ``save_pretrained`` layout. Collective."""
+        from torch.distributed.tensor import DTensor
+
+        out = self.stage_dir / "export"
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in state.items()}  # collective
+        if self.is_main:
+            state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
+            with torch.device("meta"):  # only the class and config are used; the weights come from ``state``
+                skeleton = self._model_class.from_config(self.model_config)
+            write_bundle(out, skeleton, self.bundle_config, copy_from=self.init_dir, state_dict=state)
+        if self.dist.world_size > 1:
+            dist.barrier()
         return out
 
     # -- report --------------------------------------------------------------------------------------------

@@ -215,6 +215,8 @@ class Validator:
             None when the loss is not measured.
         encode: ``(batch, generator) -> (x, y, mask)``: the training step's encoder of a batch (``TrainStep.encode``).
         sampler: ``(prompts) -> (B, 3, T, H, W)`` videos in [-1, 1] (the trainer wraps ``Bundle.generate``).
+        model_fn: what the held-out loss calls (the training step's ``model_fn``: the family's forward around the
+            parallelized model); None: ``engine.model`` (STDiT).
         dp_rank, dp_size, sp_rank: this rank's place (the ranks of a sequence-parallel group compute the same).
         is_main: rank 0 writes.
         scorers: metric name -> ``(uint8 videos, prompts) -> dict of val_* numbers``, for the sample metrics.
@@ -223,12 +225,14 @@ class Validator:
     """
 
     def __init__(self, cfg: ValidationConfig, out_dir: Path, diffusion_name: str, diffusion, engine, model, ema,
-                 dataset, encode: Callable, sampler: Callable | None, *, dp_rank: int = 0, dp_size: int = 1,
+                 dataset, encode: Callable, sampler: Callable | None, *, model_fn: Callable | None = None,
+                 dp_rank: int = 0, dp_size: int = 1,
                  sp_rank: int = 0, is_main: bool = True, scorers: dict[str, Callable] | None = None,
                  agree_group=None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.diffusion, self.engine, self.model, self.ema = diffusion, engine, model, ema
         self.dataset, self.encode, self.sampler = dataset, encode, sampler
+        self.model_fn = model_fn
         self.dp_rank, self.dp_size, self.sp_rank, self.is_main = dp_rank, dp_size, sp_rank, is_main
         self.scorers = scorers or {}
         self.agree_group = agree_group
@@ -320,7 +324,8 @@ class Validator:
                 t_batch = torch.full((x.shape[0],), t, device=device,
                                      dtype=torch.float32 if isinstance(t, float) else torch.long)
                 with self.engine.autocast():
-                    terms = self.diffusion.training_losses(self.engine.model, x, dict(y=y, mask=mask), t=t_batch,
+                    model_fn = self.engine.model if self.model_fn is None else self.model_fn
+                    terms = self.diffusion.training_losses(model_fn, x, dict(y=y, mask=mask), t=t_batch,
                                                            noise=noise)
                 sums[k, b] += weight * terms["loss"].double().sum().cpu()
             counts[b] += weight * len(clips)  # broken clips (left out by collate) are not counted

@@ -1,0 +1,131 @@
+"""The staged trainer, validation, the sampler and the ledger on other model families (issue 31): a tiny Wan 2.1
+(diffusers WanTransformer3DModel, 2 blocks, D = 32) with the tiny Wan 2.1 VAE (4x8x8, 4 channels) and a tiny UMT5,
+all random and built in the test; the 6-frame 16x16 clips of tests/test_training.py (5 frames: 4k + 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from opensora.bundle import load_bundle, load_bundle_config
+from opensora.config import ConfigError
+from opensora.distributed import DistInfo, ParallelConfig
+from opensora.distributed.parallel import parallelize
+from opensora.models.families import FAMILIES
+from opensora.training import load_recipe, run_recipe
+from opensora.distributed import init_distributed
+from tests.test_training import manifest  # noqa: F401  (manifest is a fixture)
+
+WAN = FAMILIES["wan"]
+
+RECIPE = """
+vae_compression: [4, 8, 8]
+vae_latent_channels: 4
+diffusion: rflow
+seed: 0
+data: {{manifest: {manifest}, frame_interval: 1, num_workers: 0}}
+parallel: {{engine: {engine}, param_dtype: fp32}}
+ema: {{decay: 0.9, warmup: true}}
+logging: {{log_every: 1, ckpt_every: {ckpt_every}, keep_checkpoints: 2, tensorboard: false, progress: false}}
+accounting: {{price_per_gpu_hour: 1.0, heartbeat_s: 0}}
+validation:
+  every: {steps}
+  prompts: ["a red square moving left"]
+  sample_steps: 2
+  cfg_scale: 3.0
+  metrics: []
+stages:
+  - name: wan
+    model: tiny-wan2.1
+    num_frames: 5
+    image_size: [16, 16]
+    batch_size: 2
+    steps: {steps}
+    lr: 1.0e-3
+    init: {{vae: tiny-wan2.1, text_encoder: tiny}}
+"""
+
+
+def write_recipe(tmp_path: Path, manifest: Path, steps: int = 3, ckpt_every: int = 100, engine: str = "fsdp",
+                 extra: str = "") -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(manifest=manifest, steps=steps, ckpt_every=ckpt_every, engine=engine) + extra)
+    return path
+
+
+def test_a_tiny_wan_stage_trains_and_its_validation_sample_is_sample_clis(tmp_path, manifest, monkeypatch):
+    import opensora.sampling
+    from tools import sample
+
+    written = []  # what validation and tools/sample.py hand to the mp4 writer (the same function for both)
+    real = opensora.sampling.write_samples
+    monkeypatch.setattr(opensora.sampling, "write_samples",
+                        lambda out, videos, prompts, **kw: written.append(videos.clone()) or real(out, videos, prompts, **kw))
+    recipe = load_recipe(write_recipe(tmp_path, manifest, steps=3))
+    run = tmp_path / "run"
+    assert run_recipe(recipe, run, init_distributed()) == "finished"
+
+    rows = [json.loads(x) for x in (run / "wan" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["grad_norm"] > 0 and row["mfu"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
+    export = run / "wan" / "export"
+    assert load_bundle_config(export).family == "wan" and load_bundle_config(export).diffusion == "rflow"
+    init = load_bundle(run / "wan" / "init", device="cpu").model.state_dict()
+    trained = load_bundle(export, device="cpu").model.state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init), "the export holds trained weights"
+
+    # The sample validation drew at the last step (EMA weights) is tools/sample.py's on the export, bit for bit.
+    assert len(written) == 2  # step 0 and step 3
+    assert sample.main(["--ckpt", str(export), "--prompt", "a red square moving left", "--num-frames", "5",
+                        "--height", "16", "--width", "16", "--steps", "2", "--cfg-scale", "3.0", "--seed", "0",
+                        "--out", str(tmp_path / "samples"), "--no-progress"]) == 0
+    assert written[-1].shape == (1, 3, 5, 16, 16)
+    assert torch.equal(written[-1], written[1]), "validation at the last step == tools/sample.py on the export"
+    assert (tmp_path / "samples" / "000_a-red-square-moving-left.mp4").is_file()
+
+
+def test_ledger_tokens_and_flops_are_the_familys(tmp_path, manifest):
+    from opensora.accounting import read_ledger
+
+    recipe = load_recipe(write_recipe(tmp_path, manifest, steps=1), ["validation.every=0"])
+    run = tmp_path / "run"
+    assert run_recipe(recipe, run, init_distributed()) == "finished"
+    mark = read_ledger(run)[0].marks[-1]
+    model = load_bundle(run / "wan" / "init", device="cpu").model
+    latent = (2, 2, 2)  # 5x16x16 through the 4x8x8 causal VAE
+    assert mark.samples == 2
+    assert mark.flops == pytest.approx(2 * WAN.train_flops_per_sample(model.config, latent, 512))
+    assert mark.tokens == 2 * WAN.video_tokens(model.config, latent) == 2 * 2
+
+
+def test_recipe_errors_name_the_family(tmp_path, manifest):
+    path = write_recipe(tmp_path, manifest)
+    with pytest.raises(ConfigError, match=r"tiny-wan2.1 trains with rflow.*diffusion is 'iddpm'"):
+        load_recipe(path, ["diffusion=iddpm"])
+    with pytest.raises(ConfigError, match=r"model_overrides apply to STDiT sizes only"):
+        load_recipe(path, ["stages.0.model_overrides={class_dropout_prob: 0.2}"])
+    with pytest.raises(ConfigError, match=r"unknown STDiT size 'tiny-wan9'.*tiny-wan2.1"):
+        load_recipe(path, ["stages.0.model=tiny-wan9"])
+
+
+def test_sequence_parallelism_is_refused_for_a_family_without_it():
+    model = WAN.build("tiny-wan2.1")
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ValueError, match="wan family does not support sequence parallelism"):
+        parallelize(model, ParallelConfig(sp_size=2), info, family=WAN)
+
+
+def test_bundles_without_a_family_load_as_stdit(tmp_path):
+    from opensora.training.init import write_random_bundle
+
+    write_random_bundle(tmp_path / "b", "STDiT-debug", "identity", "tiny", "iddpm")
+    text = (tmp_path / "b" / "bundle.yaml").read_text()
+    assert "family: stdit" in text
+    (tmp_path / "b" / "bundle.yaml").write_text(text.replace("family: stdit\n", ""))  # written before families
+    bundle = load_bundle(tmp_path / "b", device="cpu")
+    assert bundle.family is FAMILIES["stdit"] and type(bundle.model).__name__ == "STDiT"
