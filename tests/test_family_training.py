@@ -129,3 +129,64 @@ def test_bundles_without_a_family_load_as_stdit(tmp_path):
     (tmp_path / "b" / "bundle.yaml").write_text(text.replace("family: stdit\n", ""))  # written before families
     bundle = load_bundle(tmp_path / "b", device="cpu")
     assert bundle.family is FAMILIES["stdit"] and type(bundle.model).__name__ == "STDiT"
+
+
+# -- entry points -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size, frames", [("tiny-wan2.1", 17), ("tiny-ltx", 9)])
+def test_init_checkpoint_writes_a_tiny_family_bundle_that_sample_cli_samples(tmp_path, size, frames):
+    from opensora.data.video_io import video_info
+    from tools import init_checkpoint, sample
+
+    bundle = tmp_path / "bundle"
+    assert init_checkpoint.main(["--model", size, "--out", str(bundle)]) == 0
+    config = load_bundle_config(bundle)
+    assert (config.family, config.diffusion) == ({"tiny-wan2.1": "wan", "tiny-ltx": "ltx"}[size], "rflow")
+    args = ["--ckpt", str(bundle), "--prompt", "a blue ball", "--height", "16", "--width", "16", "--steps", "1",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    if size == "tiny-ltx":
+        args += ["--num-frames", str(frames)]  # its VAE is 8x causal: 8k + 1
+    assert sample.main(args) == 0  # tiny Wan: the default 16 frames become 17 (4k + 1)
+    assert video_info(tmp_path / "out" / "000_a-blue-ball.mp4")["num_frames"] == frames
+
+
+def test_init_checkpoint_references_a_pretrained_diffusers_folder(tmp_path):
+    from opensora.models.text_encoder import make_tiny_t5, tiny_t5_tokenizer
+    from opensora.models.vae import make_tiny_vae
+    from tools import init_checkpoint
+
+    pipe = tmp_path / "Wan-tiny-Diffusers"  # the layout of Wan2.1-T2V-1.3B-Diffusers
+    WAN.build("tiny-wan2.1").save_pretrained(pipe / "transformer")
+    make_tiny_vae(pipe / "vae", kind="wan2.1")
+    make_tiny_t5(pipe / "text_encoder", encoder_type="umt5")
+    tiny_t5_tokenizer().save_pretrained(pipe / "tokenizer")
+    out = tmp_path / "bundle"
+    assert init_checkpoint.main(["--model", str(pipe), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.yaml"], "nothing is copied"
+    config = load_bundle_config(out)
+    assert (config.family, config.model_dir, config.text_encoder.type) == ("wan", str(pipe), "umt5")
+    bundle = load_bundle(out, device="cpu")
+    saved = WAN.from_pretrained(str(pipe / "transformer")).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in bundle.model.state_dict().items())
+    assert bundle.generate(["a cat"], 5, 16, 16, steps=1, progress=False).shape == (1, 3, 5, 16, 16)
+    with pytest.raises(SystemExit, match="neither a local diffusers folder nor a named size"):
+        init_checkpoint.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="_class_name"):
+        init_checkpoint.main(["--model", str(pipe / "vae"), "--out", str(tmp_path / "y")])
+
+
+def test_caption_dropout_in_the_step_is_the_empty_prompt_drawn_from_the_steps_generator():
+    from types import SimpleNamespace
+
+    from opensora.training.step import TrainStep
+
+    engine = SimpleNamespace(dist=SimpleNamespace(device=torch.device("cpu")), model=None)
+    null_y, null_mask = torch.full((1, 1, 6, 4), 7.0), torch.tensor([[1, 0, 0, 0, 0, 0]])
+    step = TrainStep(engine, None, caption_dropout=0.3, null_text=(null_y, null_mask))
+    y, mask = torch.randn(200, 1, 6, 4), torch.ones(200, 6, dtype=torch.long)
+    y1, m1 = step.drop_captions(y, mask, torch.Generator().manual_seed(5))
+    y2, m2 = step.drop_captions(y, mask, torch.Generator().manual_seed(5))
+    assert torch.equal(y1, y2) and torch.equal(m1, m2), "the step's seeded generator decides"
+    dropped = (y1 == 7.0).flatten(1).all(1)
+    assert torch.equal(dropped, (m1 == null_mask).all(1)) and torch.equal(y1[~dropped], y[~dropped])
+    assert 40 <= int(dropped.sum()) <= 80  # about 30 % of 200
+    assert TrainStep(engine, None, caption_dropout=0.3).caption_dropout == 0, "no empty prompt: no dropout here"
