@@ -190,3 +190,90 @@ def test_caption_dropout_in_the_step_is_the_empty_prompt_drawn_from_the_steps_ge
     assert torch.equal(dropped, (m1 == null_mask).all(1)) and torch.equal(y1[~dropped], y[~dropped])
     assert 40 <= int(dropped.sum()) <= 80  # about 30 % of 200
     assert TrainStep(engine, None, caption_dropout=0.3).caption_dropout == 0, "no empty prompt: no dropout here"
+
+
+# -- LoRA stages ---------------------------------------------------------------------------------------------------
+LORA = """
+  - name: full
+    model: tiny-wan2.1
+    num_frames: 5
+    image_size: [16, 16]
+    batch_size: 2
+    steps: 1
+    lr: 1.0e-4
+"""
+
+
+def lora_recipe(tmp_path: Path, manifest: Path, steps: int = 4, **kw) -> Path:
+    path = write_recipe(tmp_path, manifest, steps=steps, **kw)
+    text = path.read_text().replace("validation:\n  every: {}".format(steps), "validation:\n  every: 0")
+    text = text.replace("    init: {vae: tiny-wan2.1, text_encoder: tiny}",
+                        "    init: {vae: tiny-wan2.1, text_encoder: tiny}\n    lora: {rank: 4, alpha: 8.0}")
+    path.write_text(text)
+    return path
+
+
+def losses(run: Path, stage: str) -> dict[int, tuple[float, float]]:
+    rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "loss" in r}
+
+
+def test_a_lora_stage_trains_only_adapters_checkpoints_them_alone_and_resumes_bit_exactly(tmp_path, manifest):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from opensora.models.lora import LORA_WEIGHTS_NAME
+
+    recipe = load_recipe(lora_recipe(tmp_path, manifest, steps=4, ckpt_every=2))
+    assert recipe.stages[0].lora.rank == 4 and recipe.stages[0].lora.scale == 2.0
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_recipe(recipe, straight, init_distributed()) == "finished"
+    assert run_recipe(recipe, stopped, init_distributed(), max_steps=2) == "max_steps"
+    assert run_recipe(recipe, stopped, init_distributed()) == "finished"  # resumes from step 2
+    assert losses(straight, "wan") == losses(stopped, "wan") and sorted(losses(straight, "wan")) == [1, 2, 3, 4]
+
+    # The checkpoint holds the adapters (model, EMA, AdamW), not the frozen base.
+    meta = FileSystemReader(str(straight / "wan" / "checkpoints" / "step-00000004")).read_metadata()
+    model_keys = [k for k in meta.state_dict_metadata if k.startswith(("model.", "ema."))]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+
+    # The export: the base with the EMA adapters merged (only the adapted layers changed), bit-exact after the
+    # resume, and the adapters as diffusers' pytorch_lora_weights.safetensors.
+    init = load_bundle(straight / "wan" / "init", device="cpu").model.state_dict()
+    a = load_bundle(straight / "wan" / "export", device="cpu").model.state_dict()
+    b = load_bundle(stopped / "wan" / "export", device="cpu").model.state_dict()
+    assert a.keys() == init.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], init[k])}
+    adapted = {k for k in a if WAN_TARGETS.fullmatch(k.rsplit(".", 1)[0]) and k.endswith("weight")}
+    assert changed == adapted and changed, "only the adapted Linears' weights moved"
+    lora_file = straight / "wan" / "export" / LORA_WEIGHTS_NAME
+    assert lora_file.is_file() and lora_file.stat().st_size < 0.2 * sum(v.numel() * 4 for v in a.values())
+
+
+WAN_TARGETS = __import__("re").compile(WAN.lora_targets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_lora_then_full_fine_tune_on_two_gloo_ranks(tmp_path, manifest, engine):
+    """A LoRA stage, then a full fine-tune of its export (the adapters merged), on 2 gloo ranks under torchrun."""
+    import subprocess
+    import sys
+
+    from opensora.accounting import read_ledger
+    from opensora.models.lora import LORA_WEIGHTS_NAME
+    from tests.test_training import ROOT, env
+
+    path = lora_recipe(tmp_path, manifest, steps=2, engine=engine)
+    path.write_text(path.read_text() + LORA)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train" / "train.py"), "--config", str(path), "--output-dir", str(run)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [(s.stage, s.num_gpus, s.end_reason) for s in read_ledger(run)] == [("wan", 2, "finished"),
+                                                                              ("full", 2, "finished")]
+    assert (run / "wan" / "export" / LORA_WEIGHTS_NAME).is_file()
+    assert not (run / "full" / "export" / LORA_WEIGHTS_NAME).exists(), "a full fine-tune exports no adapter"
+    lora, full = (load_bundle(run / s / "export", device="cpu").model.state_dict() for s in ("wan", "full"))
+    assert lora.keys() == full.keys() and all(torch.isfinite(v).all() for v in full.values())
+    assert not torch.equal(lora["patch_embedding.weight"], full["patch_embedding.weight"]), "all weights train"

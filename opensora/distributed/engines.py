@@ -47,6 +47,9 @@ class Engine:
         self.dist = dist_info
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        # A LoRA stage: the frozen base is not state (it is rebuilt from the init bundle); checkpoints hold the
+        # trainable parameters only (megabytes, not gigabytes). Set before the first state dict.
+        self.trainable_only = False
 
     # -- set-up -----------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, family=None):
@@ -149,10 +152,17 @@ class Engine:
 
     # -- state, for torch.distributed.checkpoint ----------------------------------------------------------
     def model_state_dict(self) -> dict:
-        """Sharded (FSDP2: DTensor) or replicated model state, keyed by the STDiT's parameter names."""
+        """Sharded (FSDP2: DTensor) or replicated model state, keyed by the model's parameter names (the trainable
+        ones only, with ``trainable_only``)."""
+        if self.trainable_only:
+            return get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=True))
         return get_model_state_dict(self.model)
 
     def load_model_state_dict(self, state_dict: dict) -> None:
+        if self.trainable_only:  # the frozen base is not in it (DCP has already refused a missing trainable key)
+            set_model_state_dict(self.model, state_dict,
+                                 options=StateDictOptions(ignore_frozen_params=True, strict=False))
+            return
         set_model_state_dict(self.model, state_dict)
 
     def optimizer_state_dict(self) -> dict:

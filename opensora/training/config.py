@@ -28,6 +28,7 @@ from opensora.diffusion import SCHEDULERS
 from opensora.distributed import ParallelConfig
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.models.families import ModelFamily, family_of_size
+from opensora.models.lora import LoraSettings
 from opensora.models.stdit import STDiT_models, STDiTConfig
 from opensora.training.conditioning import ConditioningConfig
 from opensora.training.validation import ValidationConfig, union_holdout
@@ -100,6 +101,9 @@ class StageConfig:
     # This stage's frame-conditioning probabilities; replaces the recipe's `conditioning` whole. None: the recipe's.
     conditioning: ConditioningConfig | None = None
     validation: dict[str, Any] = field(default_factory=dict)  # this stage's overrides of the recipe's `validation`
+    # LoRA (peft): the base frozen, only these adapters train (optimizer, EMA, checkpoints); the export holds the base
+    # with the adapters merged, and their pytorch_lora_weights.safetensors for diffusers. None: a full fine-tune.
+    lora: LoraSettings | None = None
 
     def __post_init__(self):
         try:

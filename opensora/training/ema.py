@@ -51,14 +51,18 @@ class EMA:
         warmup: ramp the decay up as ``(1 + step) / (10 + step)`` until it reaches ``decay``.
         masters: the engine's fp32 masters when the model holds a lower-precision working copy
             (``Engine.master_shards()``); None: the parameters are the fp32 weights.
+        trainable_only: average only the parameters that train (a LoRA stage's adapters; the frozen base is its
+            own average).
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, masters: MasterShards | None = None):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, masters: MasterShards | None = None,
+                 trainable_only: bool = False):
         self.decay = float(decay)
         self.warmup = warmup
         self.masters = masters
-        self.names = [name for name, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]  # what the validation swap writes into
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]  # what the validation swap writes into
         held = masters.tensors if masters is not None else {}
         self.sources = [held.get(n, p) for n, p in zip(self.names, self.params)]  # what the average follows
         self._sharded = [n in held for n in self.names]

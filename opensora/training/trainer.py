@@ -47,6 +47,7 @@ from opensora.distributed import DistInfo, ParallelDims, build_engine
 from opensora.distributed.engines import nonfinite_flag
 from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
 from opensora.models.families import get_family
+from opensora.models.lora import apply_lora, save_diffusers_lora
 from opensora.training.config import (
     RecipeConfig,
     StageConfig,
@@ -74,6 +75,25 @@ class StopFlag:
     """Set asynchronously (a signal handler) to ask the trainer to checkpoint and stop."""
 
     reason: str | None = None
+
+
+def merge_lora_state(state: dict, scale: float) -> dict:
+    """The state dict of the base model with peft's LoRA layers merged: ``X.base_layer.weight`` + ``scale`` *
+    ``X.lora_B.default.weight`` @ ``X.lora_A.default.weight`` becomes ``X.weight`` (``X.base_layer.bias``, ``X.bias``),
+    computed in fp32 as peft's ``merge`` does; the adapters' keys are dropped."""
+    merged = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." not in key:
+            merged[key] = value
+            continue
+        prefix, name = key.split(".base_layer.")
+        if name == "weight":
+            a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+            value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
+        merged[f"{prefix}.{name}"] = value
+    return merged
 
 
 class Trainer:
@@ -131,6 +151,8 @@ class Trainer:
                     raise ConfigError(f"stage '{stage.name}': init.checkpoint converts Open-Sora 1.0 / PixArt-α "
                                       f"weights into an STDiT; {stage.model} starts from its bundle")
                 load_init_checkpoint(model, stage.init.checkpoint, stage.init.checkpoint_format)
+            if stage.lora is not None:
+                model = self._apply_lora(model)
             self.diffusion = build_scheduler(recipe.diffusion, **self._objective_options())
             self.vae = self.text_encoder = self.loader = self.sampler = self._batches = None
             self.validation = stage_validation_config(recipe, stage)
@@ -162,7 +184,8 @@ class Trainer:
 
             # 3. Parallelize; the optimizer, schedule and EMA follow the (possibly re-sharded) parameters.
             self.engine = build_engine(recipe.parallel, dist_info)
-            optimizer = build_optimizer(model, recipe.optim, stage.lr, self.device)
+            self.engine.trainable_only = stage.lora is not None  # checkpoints: the adapters, not the frozen base
+            optimizer = build_optimizer(model, recipe.optim, stage.lr, self.device)  # the trainable parameters
             try:
                 self.model_fn, self.optimizer = self.engine.prepare(model, optimizer, family=self.family)
             except ValueError as err:  # e.g. sequence parallelism for a family that does not take it
@@ -176,7 +199,8 @@ class Trainer:
                                    model_fn=training_model_fn(self.family, self.engine),
                                    caption_dropout=recipe.caption_dropout if stage.steps > 0 else 0.0,
                                    null_text=null_text if stage.steps > 0 else None)
-            self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup, masters=self.engine.master_shards())
+            self.ema = EMA(self.model, recipe.ema.decay, recipe.ema.warmup, masters=self.engine.master_shards(),
+                           trainable_only=stage.lora is not None)
             self.nonfinite = NonFiniteTracker(self.device, recipe.optim.max_nonfinite_steps)
             self.validator = None
             if self.validation.enabled and stage.steps > 0:
@@ -206,6 +230,19 @@ class Trainer:
                 f"{micro} x data-parallel size {dp}"
             )
         return micro, stage.batch_size // (micro * dp)
+
+    def _apply_lora(self, model):
+        """Freezes ``model`` and injects the stage's LoRA adapters, initialised from the recipe seed (a resume
+        rebuilds the same base and adapters, then loads the adapters' checkpoint)."""
+        if self.recipe.parallel.engine == "colossalai":
+            raise ConfigError(f"stage '{self.stage.name}': lora: use engine fsdp or ddp (the ColossalAI booster's ZeRO "
+                              "masters are not set up for a frozen base)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.recipe.seed)  # lora_A's init draws from the global generator
+            try:
+                return apply_lora(model, self.family, self.stage.lora)
+            except ValueError as err:
+                raise ConfigError(f"stage '{self.stage.name}': {err}") from err
 
     def _objective_options(self) -> dict:
         """Options of the training objective: rectified flow's timestep distribution, with the family's shift at the
@@ -516,6 +553,8 @@ class Trainer:
         """Writes ``<stage>/export``: a pipeline bundle of the EMA weights (``bundle.yaml`` last). Collective."""
         self._check_finite("export")
         state = {**self.model.state_dict(), **self.ema.state_dict()}  # buffers from the model, weights averaged
+        if self.stage.lora is not None:
+            state = self._export_lora(state)
         if self.family.name == "stdit":
             out = export_bundle(state, self.model_config, self.bundle_config, self.stage_dir / "export",
                                 copy_from=self.init_dir)
@@ -523,6 +562,19 @@ class Trainer:
             out = self._export_family(state)
         self.metrics.print(f"stage '{self.stage.name}': exported the EMA weights to {out}")
         return out
+
+    def _export_lora(self, state: dict) -> dict:
+        """A LoRA stage's export: writes the EMA adapters as ``pytorch_lora_weights.safetensors`` (families with a
+        diffusers pipeline) and returns the full state with them merged into the base (W + alpha/r B A), so the
+        bundle is a plain model that any tool loads. Collective (gathers FSDP2 shards)."""
+        from torch.distributed.tensor import DTensor
+
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in state.items()}  # collective
+        settings, out = self.stage.lora, self.stage_dir / "export"
+        adapters = {k.replace(".default.", "."): v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+        if self.is_main and self.family.diffusers_pipeline is not None:
+            save_diffusers_lora(adapters, self.family, settings, out)  # before bundle.yaml, which is written last
+        return merge_lora_state(state, settings.scale)
 
     def _export_family(self, state: dict) -> Path:
         """``export_bundle`` for a model of any family: gather the (possibly sharded) state, rank 0 writes the
