@@ -277,3 +277,18 @@ def test_lora_then_full_fine_tune_on_two_gloo_ranks(tmp_path, manifest, engine):
     lora, full = (load_bundle(run / s / "export", device="cpu").model.state_dict() for s in ("wan", "full"))
     assert lora.keys() == full.keys() and all(torch.isfinite(v).all() for v in full.values())
     assert not torch.equal(lora["patch_embedding.weight"], full["patch_embedding.weight"]), "all weights train"
+
+
+def test_shipped_family_recipes_load_and_the_forecast_prices_the_familys_flops():
+    from opensora.accounting.forecast import cost_stages
+    from tests.test_training import ROOT
+
+    tiny = load_recipe(ROOT / "configs/tiny_wan_lora/recipe.yaml")
+    assert tiny.stages[0].model == "tiny-wan2.1" and tiny.stages[0].lora.rank == 8
+    full = load_recipe(ROOT / "configs/wan21_1.3b_full/recipe.yaml")
+    assert full.stages[0].lora is None
+    lora = load_recipe(ROOT / "configs/wan21_1.3b_lora/recipe.yaml")
+    (stage,) = cost_stages(lora)
+    config = WAN.size_config("Wan2.1-T2V-1.3B")
+    assert stage.latent_size == (21, 60, 104)  # 81x480x832 through the Wan 2.1 VAE
+    assert stage.flops_per_sample == WAN.train_flops_per_sample(config, (21, 60, 104)) > 8e14

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opensora.accounting.flops import train_flops_per_sample
 from opensora.config import ConfigError
@@ -32,8 +32,8 @@ class CostStage:
     """The fields of one recipe stage that decide its cost."""
 
     name: str
-    model: STDiTConfig
-    model_name: str  # the named size (opensora.models.STDiT_models)
+    model: Any  # the model's config: an STDiTConfig, or a diffusers family's config fields (a dict)
+    model_name: str  # the named size (opensora.models.families: STDiT-XL/2, Wan2.1-T2V-1.3B, ...)
     num_frames: int
     image_size: tuple[int, int]  # (H, W) pixels
     batch_size: int  # global samples per step
@@ -50,7 +50,12 @@ class CostStage:
 
     @property
     def flops_per_sample(self) -> float:
-        return train_flops_per_sample(self.model, self.latent_size, self.model.model_max_length)
+        """Training FLOPs of one sample: the family's formula (STDiT: ``accounting/flops.py``, unchanged)."""
+        if isinstance(self.model, STDiTConfig):
+            return train_flops_per_sample(self.model, self.latent_size, self.model.model_max_length)
+        from opensora.models.families import family_of_size
+
+        return family_of_size(self.model_name).train_flops_per_sample(self.model, self.latent_size)
 
 
 def recipe_autoencoder(recipe: RecipeConfig) -> AutoencoderShape:
@@ -77,9 +82,16 @@ def cost_stages(recipe: RecipeConfig, source: str = "recipe", vae: AutoencoderSh
     vae = recipe_autoencoder(recipe) if vae is None else vae
     out = []
     for i, st in enumerate(recipe.stages):
-        model = dataclasses.replace(STDiT_models[st.model], **st.model_overrides)
-        if vae.latent_channels is not None and "in_channels" not in st.model_overrides:
-            model = dataclasses.replace(model, in_channels=vae.latent_channels)
+        if st.model in STDiT_models:
+            model = dataclasses.replace(STDiT_models[st.model], **st.model_overrides)
+            if vae.latent_channels is not None and "in_channels" not in st.model_overrides:
+                model = dataclasses.replace(model, in_channels=vae.latent_channels)
+        else:  # another family's named size (Wan, LTX): its config fields, fitted to the declared latent channels
+            from opensora.models.families import family_of_size
+
+            model = family_of_size(st.model).size_config(st.model)
+            if vae.latent_channels is not None:
+                model.update({k: vae.latent_channels for k in ("in_channels", "out_channels") if k in model})
         stage = CostStage(
             name=st.name, model=model, model_name=st.model, num_frames=st.num_frames,
             image_size=(int(st.image_size[0]), int(st.image_size[1])), batch_size=st.batch_size, steps=st.steps,
