@@ -180,11 +180,24 @@ class FilterConfig:
     black_luma: float = _f(16.0, "a frame whose mean luma is below this is black")
     blank_std: float = _f(4.0, "a frame whose luma std is below this is blank (one flat colour)")
     max_bad_frac: float = _f(0.5, "reject clips where more than this fraction of samples is black or blank")
+    max_text_area: float = _f(0.0, "reject clips where detected text (RapidOCR's PP-OCR detector) covers more than "
+                              "this share of the frame, averaged over text_frames frames (0 = off; needs "
+                              "rapidocr-onnxruntime)")
+    text_frames: int = _f(3, "frames (evenly spaced) the text detector looks at")
+    text_width: int = _f(448, "those frames are decoded at this width: the detector needs text a few pixels high, "
+                         "which sample_width's frames are too small for")
+    text_threads: int = _f(1, "onnxruntime threads of the text detector per worker", output=False)
     aesthetic_model: str = _f("", "local folder with a CLIP vision model + aesthetic_head.safetensors ('' = off)")
     min_aesthetic: float = _f(0.0, "reject clips whose aesthetic score is below (needs aesthetic_model)")
     device: str = _f("cpu", "torch device for model-based scores", output=False)
     row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
                               "(a hung decoder or model; 0 = no limit)", output=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_text_area <= 1.0:
+            raise ValueError(f"filter.max_text_area must be in [0, 1], got {self.max_text_area}")
+        if self.text_frames < 1 or self.text_width < 32 or self.text_threads < 1:
+            raise ValueError("filter.text_frames and text_threads must be >= 1, text_width >= 32")
 
 
 @dataclass
