@@ -201,6 +201,24 @@ class FilterConfig:
 
 
 @dataclass
+class DedupConfig:
+    """dedup: near-duplicate clips over the whole manifest (perceptual hashes of sampled frames); one kept per
+    group (the longest, then the largest), the others rejected as ``duplicate of <id>``."""
+
+    num_frames: int = _f(4, "frames hashed per clip, at evenly spaced positions")
+    sample_width: int = _f(128, "those frames are decoded at this width (the hash looks at 32x32)")
+    max_distance: int = _f(10, "clips whose signatures (64 bits per frame) differ in at most this many bits are "
+                           "duplicates; must be below 4 * num_frames (the 16-bit bands that find candidates)")
+
+    def __post_init__(self):
+        if self.num_frames < 1 or self.sample_width < 32:
+            raise ValueError("dedup.num_frames must be >= 1 and dedup.sample_width >= 32")
+        if not 0 <= self.max_distance < 4 * self.num_frames:
+            raise ValueError(f"dedup.max_distance must be in [0, {4 * self.num_frames}) for num_frames "
+                             f"{self.num_frames}, got {self.max_distance}")
+
+
+@dataclass
 class CaptionConfig:
     """caption: LLaVA / LLaVA-NeXT captions from a few frames, or captions the data set already carries."""
 
@@ -256,16 +274,18 @@ class PipelineConfig:
     input: str = _f(MISSING, "a manifest (.parquet/.csv), a folder of videos, or a .txt list of URLs")
     work_dir: str = _f(MISSING, "stage manifests go to WORK_DIR/NN_STAGE.parquet, media under it")
     output: str = _f("", "final manifest of usable rows for training ('' = WORK_DIR/manifest.parquet)")
-    stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order")
+    stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order (dedup: after filter, "
+                      "so that rejected clips are not kept as the copy of a group)")
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self):
-        known = ("download", "probe", "split", "filter", "caption")
+        known = ("download", "probe", "split", "filter", "dedup", "caption")
         for name in self.stages:
             if name not in known:
                 raise ValueError(f"stages: unknown stage {name!r} (known: {', '.join(known)})")
