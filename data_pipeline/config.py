@@ -241,6 +241,9 @@ class CaptionConfig:
     max_new_tokens: int = _f(160, "generation budget; a caption that hits it is truncated")
     retries: int = _f(1, "re-generate an empty or truncated caption this many times with twice the budget")
     min_words: int = _f(3, "a caption with fewer words is treated as empty")
+    repeat_ngram: int = _f(4, "a caption in which some run of this many words occurs max_repeats times or more is "
+                           "repetitive (a model caught in a loop): generated again, and the row fails if it stays so")
+    max_repeats: int = _f(3, "see repeat_ngram (0 = no repetition check)")
     strip_openings: list = _f(
         [
             r"^(?:in|throughout) (?:this|the) (?:video|clip|footage|sequence|images?|frames?),?\s*",
