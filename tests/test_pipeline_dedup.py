@@ -80,3 +80,12 @@ def test_dedup_settings_are_checked():
     with pytest.raises(ValueError, match="max_distance"):
         DedupConfig(num_frames=2, max_distance=8)
     assert "dedup" in PipelineConfig(input="x", work_dir="w", stages=["probe", "split", "filter", "dedup"]).stages
+
+
+def test_bench_times_text_filter_and_dedup_per_clip():
+    pytest.importorskip("rapidocr_onnxruntime")
+    from tools.bench_pipeline import main as bench
+
+    out = bench(["--curation", "--clips", "2"])
+    assert [r["clips"] for r in out["rows"]] == [2, 2, 2]
+    assert all(r["cpu_s_per_clip"] > 0 for r in out["rows"])

@@ -25,6 +25,10 @@ One video per kind of transition (hard cuts, dissolves, fades through black; ``m
 detection (a cut, with the gap before it for TransNetV2) is right when it overlaps a true transition widened by
 ``--tolerance`` frames each side; precision = right detections / detections, recall = transitions found /
 transitions. CPU seconds per source second is ``detect_cuts`` on the video (decode included).
+
+``--curation`` times the per-clip cost of the learned filters instead: filter with and without
+``max_text_area`` (RapidOCR's text detector on ``text_frames`` frames) and dedup's per-clip signature, on
+``--clips`` 2 s 640x360 clips (``make_transition_video``).
 """
 
 from __future__ import annotations
@@ -223,6 +227,38 @@ def bench_transitions(args) -> dict:
     return results
 
 
+def bench_curation(args) -> dict:
+    """CPU seconds per clip of the text filter and of dedup (``--curation``)."""
+    from data_pipeline.config import DedupConfig
+
+    results: dict = {"cpu": cpu_model(), "logical_cpus": len(__import__("os").sched_getaffinity(0)),
+                     "clips": f"{args.clips} x 2 s 640x360 24 fps H.264", "rows": []}
+    runner = RunnerConfig(workers=0, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "c").mkdir()
+        for i in range(args.clips):
+            make_transition_video(tmp / "c" / f"c{i}.mp4", "cut", [48], size=(640, 360), seed=i)
+        inputs = resolve_input(tmp / "c")
+        for label, name, cfg in [("filter (motion, black/blank)", "filter", FilterConfig()),
+                                 ("filter + max_text_area (3 frames at 448 px)", "filter",
+                                  FilterConfig(max_text_area=0.5)),
+                                 ("dedup (4 perceptual hashes per clip, then grouping)", "dedup", DedupConfig())]:
+            def run(name=name, cfg=cfg):
+                out = tmp / f"{name}{time.perf_counter_ns()}.parquet"
+                return run_stage(make_stage(name, cfg, out), inputs, out, runner).rows_out
+
+            if name == "filter" and cfg.max_text_area:
+                run()  # loads the detector once, as a worker does for its first clip
+            row = measure(label, run, 2.0 * args.clips, args.repeat)
+            row["cpu_s_per_clip"] = round(row["cpu_s"] / args.clips, 4)
+            results["rows"].append(row)
+            print(row, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
 def decode_all(path: str) -> int:
     """Decodes every frame on one thread (as split does) and returns the count."""
     with av.open(path) as container:
@@ -315,7 +351,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--transition-frames", type=int, default=20, help="--transitions: frames of a dissolve, "
                         "or of each half of a fade")
     parser.add_argument("--tolerance", type=int, default=2, help="--transitions: frames a detection may miss by")
+    parser.add_argument("--curation", action="store_true", help="time the text filter and dedup per clip (above)")
+    parser.add_argument("--clips", type=int, default=20, help="--curation: clips")
     args = parser.parse_args(argv)
+    if args.curation:
+        return bench_curation(args)
     if args.transitions:
         import torch
 
