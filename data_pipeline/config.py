@@ -209,6 +209,8 @@ class DedupConfig:
     sample_width: int = _f(128, "those frames are decoded at this width (the hash looks at 32x32)")
     max_distance: int = _f(10, "clips whose signatures (64 bits per frame) differ in at most this many bits are "
                            "duplicates; must be below 4 * num_frames (the 16-bit bands that find candidates)")
+    row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a hung decoder; 0 = no limit)", output=False)
 
     def __post_init__(self):
         if self.num_frames < 1 or self.sample_width < 32:
