@@ -7,7 +7,8 @@ taken); otherwise the model. Generation is batched (greedy), frames are read wit
 ``frame_positions`` of the clip - for the next batches in background threads while one batch generates,
 so the GPU does not wait for decoding - and prompts go through the processor's chat template. A caption that
 comes back empty (fewer than ``min_words`` after removing boiler-plate openings) or truncated (no end
-of sequence within the budget) is generated again with twice the budget; after ``retries`` an empty
+of sequence within the budget) or repetitive (a run of ``repeat_ngram`` words occurring ``max_repeats`` times: a
+model caught in a loop) is generated again with twice the budget; after ``retries`` an empty or repetitive
 one fails the row and a truncated one is cut to its last full sentence and flagged
 ``caption_flag=truncated``.
 
@@ -54,6 +55,19 @@ def last_sentence_end(text: str) -> str:
     if text.rstrip().endswith((".", "!", "?")):
         return text.rstrip()
     return text[: cut + 1] if cut > 0 else text
+
+
+def repeated_ngram(text: str, n: int, times: int) -> str | None:
+    """The first run of ``n`` words (lower case, punctuation ignored) that occurs ``times`` times or more in
+    ``text``, or None."""
+    words = re.findall(r"[\w']+", text.lower())
+    counts: collections.Counter = collections.Counter()
+    for k in range(len(words) - n + 1):
+        gram = tuple(words[k : k + n])
+        counts[gram] += 1
+        if counts[gram] >= times:
+            return " ".join(gram)
+    return None
 
 
 def _is_file(path: Path) -> bool:
@@ -249,10 +263,14 @@ def _caption_chunk(rows: list[Row], chunk: dict[int, list[np.ndarray]], cfg: Cap
     for i, (raw, truncated) in zip(chunk, generate(list(chunk.values()), cfg, budget)):
         text = clean_caption(raw, list(cfg.strip_openings))
         empty = len(text.split()) < cfg.min_words
-        if (empty or truncated) and not last_try:
+        loop = repeated_ngram(text, cfg.repeat_ngram, cfg.max_repeats) if cfg.max_repeats else None
+        if (empty or truncated or loop) and not last_try:
             retry[i] = chunk[i]
         elif empty:
             results[i] = RuntimeError(f"empty caption after {cfg.retries + 1} tries: {raw[:80]!r}")
+        elif loop:
+            results[i] = RuntimeError(f"repetitive caption after {cfg.retries + 1} tries ({loop!r} "
+                                      f"{cfg.max_repeats}+ times): {raw[:80]!r}")
         else:
             if truncated:
                 text = last_sentence_end(text)
@@ -266,7 +284,7 @@ def caption_batch(rows: list[Row], cfg: CaptionConfig) -> list[list[Row] | Excep
 
     Rows the model captions go through ``generate`` ``batch_size`` at a time, in input order (a row whose
     frames cannot be read fails alone and is left out of its batch); the frames of the next batches are
-    decoded in the background meanwhile (:func:`decoded_frames`). Rows to try again (empty or truncated)
+    decoded in the background meanwhile (:func:`decoded_frames`). Rows to try again (empty, truncated, repetitive)
     keep their frames and are generated together after the first pass, with twice the budget each time.
     """
     results: list[list[Row] | Exception | None] = [None] * len(rows)

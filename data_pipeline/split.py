@@ -1,11 +1,12 @@
-"""split: shot detection with PySceneDetect and frame-accurate H.264 clips cut at the detected frames.
+"""split: shot detection (PySceneDetect or TransNetV2) and frame-accurate H.264 clips cut at the detected frames.
 
 One decode of the source, no seeking, frames counted from 0 in presentation order. Each frame is
 
 1. shrunk to ~``detect_width`` pixels straight from its YUV planes (strided sampling, far cheaper than
-   swscale at 720p) and fed to ``ContentDetector`` / ``AdaptiveDetector.process_frame``; a cut at frame k
-   means a new shot starts at frame k;
-2. held back for the detector's lag (a few frames), then re-encoded into its clip, so a clip starts and ends
+   swscale at 720p) and fed to the detector (``data_pipeline.shots``: ``ContentDetector``,
+   ``AdaptiveDetector`` or TransNetV2); a cut at frame k means a new shot starts at frame k, and TransNetV2
+   also marks gradual transitions (dissolves, fades) whose frames go into no clip;
+2. held back for the detector's lag (a few frames; TransNetV2: 74 or more), then re-encoded into its clip, so a clip starts and ends
    exactly on the detected frames (stream copy would round to keyframes; Open-Sora 1.0's clips were off
    by up to 0.5 s).
 
@@ -37,17 +38,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import av
 import cv2
 import numpy as np
-from scenedetect import FrameTimecode
-from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
 from data_pipeline.config import SplitConfig
 from data_pipeline.media import even_size, unique_stem
 from data_pipeline.probe import video_stream
+from data_pipeline.shots import make_detector
 from data_pipeline.rows import Reject, Row, is_missing
 from opensora.data.manifest import CONTENT_HASH_COLUMN, SOURCE_FPS_COLUMN, SPLIT_MODE_COLUMN
 from opensora.data.video_io import VideoWriter, plane_view
@@ -67,13 +67,6 @@ def _small_bgr(frame: av.VideoFrame, step: int) -> np.ndarray:
         return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR)
     return frame.to_ndarray(width=max(2, frame.width // step), height=max(2, frame.height // step),
                             format="bgr24", interpolation="AREA")
-
-
-def _detector(cfg: SplitConfig):
-    if cfg.detector == "adaptive":
-        return AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=cfg.min_scene_len,
-                                min_content_val=cfg.min_content_val)
-    return ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_scene_len)
 
 
 def _open(path: str) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
@@ -156,56 +149,63 @@ def _decode(container: av.container.InputContainer, stream: av.video.stream.Vide
         n += 1
 
 
-def detect_cuts(path: str, cfg: SplitConfig) -> tuple[list[int], int, Fraction]:
+class Shots(NamedTuple):
+    """What ``detect_cuts`` found in a video."""
+
+    cuts: list[int]  # first frames of new shots, sorted
+    num_frames: int  # decoded frames, damaged ones included
+    fps: Fraction
+    gaps: list[int]  # first frames of gradual transitions (transnetv2): up to the next cut, in no shot
+
+
+def detect_cuts(path: str, cfg: SplitConfig) -> Shots:
     """Finds shot boundaries.
 
     Args:
         path: the video.
-        cfg: detector kind, thresholds, ``min_scene_len`` (frames) and ``detect_width``.
+        cfg: detector kind and settings, ``min_scene_len`` (frames) and ``detect_width``.
     Returns:
-        (cut frames: each the first frame of a new shot, sorted; total decoded frames, damaged ones included;
-        fps). Damaged stretches (see ``_decode``) are not cuts; the clean stretches around them are detected
-        separately.
+        the cuts and gaps (see :class:`Shots`). Damaged stretches (see ``_decode``) are not cuts; the clean
+        stretches around them are detected separately.
     """
     container, stream = _open(path)
     with container:
         fps = Fraction(stream.average_rate or stream.guessed_rate)
-        detector = _detector(cfg)
+        detector = make_detector(cfg, fps)
         step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
         step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly
-        cuts: list[int] = []
+        found: list[tuple[int, bool]] = []
         total, last, shape = 0, -1, None  # frames seen; the last frame the detector took, and its size
         for n, frame in _decode(container, stream, Damage()):
             total = n + 1
             if frame is None:
                 if last == n - 1 >= 0:  # damage ends the stretch: its pending cuts, then a fresh detector
-                    cuts += _pending_cuts(detector, last, fps, n)
-                    detector = _detector(cfg)
+                    found += detector.flush(last, n)
+                    detector = make_detector(cfg, fps)
                 continue
             if last == n - 1 >= 0 and (frame.width, frame.height) != shape:  # a new picture size: a cut (split_video)
-                cuts += _pending_cuts(detector, last, fps, n) + [n]
-                detector = _detector(cfg)
-            cuts += [c.frame_num for c in detector.process_frame(FrameTimecode(n, fps=fps), _small_bgr(frame, step))]
+                found += detector.flush(last, n) + [(n, False)]
+                detector = make_detector(cfg, fps)
+            found += detector.feed(n, _small_bgr(frame, step))
             last, shape = n, (frame.width, frame.height)
         if last == total - 1 >= 0:
-            cuts += _pending_cuts(detector, last, fps, total)
-    return sorted({c for c in cuts if 0 < c < total}), total, fps
+            found += detector.flush(last, total)
+    cuts = sorted({c for c, gap in found if not gap and 0 < c < total})
+    return Shots(cuts, total, fps, sorted({c for c, gap in found if gap and 0 <= c < total}))
 
 
-def _pending_cuts(detector, last: int, fps: float, below: int) -> list[int]:
-    """The cuts a detector still holds when its stretch of frames ends at frame ``last`` (PySceneDetect's
-    ``post_process``), in order and inside (0, ``below``): ``detect_cuts`` and ``split_video`` flush alike."""
-    return sorted(c.frame_num for c in detector.post_process(FrameTimecode(last, fps=fps)) if 0 < c.frame_num < below)
-
-
-def plan_clips(cuts: list[int], num_frames: int, fps: float, cfg: SplitConfig) -> list[tuple[int, int]]:
+def plan_clips(cuts: list[int], num_frames: int, fps: float, cfg: SplitConfig,
+               gaps: list[int] = ()) -> list[tuple[int, int]]:
     """Turns cuts into clip spans [start, end) (source frames): edges trimmed, short shots dropped,
-    long shots cut into consecutive pieces of ``max_clip_s`` (a remainder shorter than ``min_clip_s`` is dropped)."""
-    bounds = [0, *cuts, num_frames]
+    long shots cut into consecutive pieces of ``max_clip_s`` (a remainder shorter than ``min_clip_s`` is dropped).
+    The frames from each of ``gaps`` to the next boundary (a gradual transition) are no shot."""
+    bounds = sorted({0, *cuts, *gaps, num_frames})
     min_len = max(1, math.ceil(cfg.min_clip_s * fps - 1e-6))
     max_len = math.floor(cfg.max_clip_s * fps + 1e-6) if cfg.max_clip_s else 0
     spans = []
     for start, end in zip(bounds[:-1], bounds[1:]):
+        if start in gaps:
+            continue
         start, end = start + cfg.drop_edge_frames, end - cfg.drop_edge_frames
         piece = max_len or (end - start)
         for s in range(start, end, max(piece, 1)):
@@ -230,6 +230,7 @@ class SplitResult:
     counts: list[int]  # frames written per clip (fewer than end - start when re-timed)
     paths: list[Path | None]  # None in reference mode (nothing written)
     cuts: list[int]  # first frames of new shots
+    gaps: list[int]  # first frames of gradual transitions (transnetv2), which go into no clip
     num_frames: int  # frames decoded (all of them, unless max_clips stopped the decode early)
     fps: Fraction  # source
     out_fps: Fraction
@@ -261,7 +262,8 @@ class _ClipCutter:
         self.span: list[int] | None = None  # [start, end) of the span being written
         self.writer: VideoWriter | None = None
         self.count = 0
-        self.result = SplitResult([], [], [], self.cuts, 0, fps, out_fps, *size)
+        self.gaps: list[int] = []
+        self.result = SplitResult([], [], [], self.cuts, self.gaps, 0, fps, out_fps, *size)
         self.rotation: int | None = None  # known from the first clean frame
         self.first: np.ndarray | None = None  # reference mode: the first frame of the span being counted
 
@@ -269,17 +271,25 @@ class _ClipCutter:
     def full(self) -> bool:
         return bool(self.cfg.max_clips) and len(self.result.spans) >= self.cfg.max_clips
 
-    def add_cut(self, cut: int, is_end: bool = False) -> None:
-        """Registers a cut (or, with ``is_end``, the end of the video) reported by the detector."""
+    def add_cut(self, cut: int, is_end: bool = False, gap: bool = False) -> None:
+        """Registers a cut (or, with ``is_end``, the end of the video; with ``gap``, the start of a gradual
+        transition, whose frames up to the next cut go into no clip) reported by the detector."""
+        if gap and cut not in self.gaps:
+            if cut <= self.committed:
+                raise RuntimeError(f"the detector reported a transition from frame {cut} after frame "
+                                   f"{self.committed} was already encoded (its lag exceeds its declared lag)")
+            bisect.insort(self.gaps, cut)
+            if cut == 0:  # the video opens with a transition: shot_start is 0 already
+                return
         if cut <= 0 or cut in self.ahead or cut in self.cuts:
             return
         if cut - self.cfg.drop_edge_frames <= self.committed:
-            # Cannot happen with scenedetect 0.7's detectors (their lag is event_buffer_length, which the
+            # Cannot happen with the detectors of data_pipeline.shots (they report within their lag, which the
             # caller waits for); failing beats writing a clip that straddles a cut.
             raise RuntimeError(f"the detector reported a cut at frame {cut} after frame {self.committed} was "
-                               "already encoded (its lag exceeds event_buffer_length)")
+                               "already encoded (its lag exceeds its declared lag)")
         bisect.insort(self.ahead, cut)
-        if not is_end:
+        if not is_end and not gap:
             bisect.insort(self.cuts, cut)
 
     def commit(self, index: int, frame: av.VideoFrame) -> None:
@@ -289,7 +299,9 @@ class _ClipCutter:
             return
         while self.ahead and self.ahead[0] <= index:
             self.shot_start = self.ahead.pop(0)
-        if frame is None:  # damaged (see _decode): no span crosses it; cuts at both ends of the damage restart
+        if frame is None or self.shot_start in self.gaps:
+            # Damaged (see _decode): no span crosses it; cuts at both ends of the damage restart. Or a frame of
+            # a gradual transition, which belongs to neither shot.
             self.close_span()
             return
         if self.rotation is None:
@@ -362,10 +374,12 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     """Detects shots and writes frame-accurate clips in ONE decode of ``path``.
 
     Each decoded frame goes to the detector (as a small thumbnail) and waits in a short queue until no cut can
-    still change where it belongs: PySceneDetect reports a cut at most ``event_buffer_length`` frames late
-    (ContentDetector's merge filter: ``min_scene_len``; AdaptiveDetector: ``window_width``), and trimming
-    ``drop_edge_frames`` before a cut needs that many more. Then it is encoded into the current clip. The clips
-    are exactly ``plan_clips(*detect_cuts(path))``, at half the decoding of detecting first and cutting after.
+    still change where it belongs: a detector reports a boundary at most its ``lag`` frames late (PySceneDetect's
+    ``event_buffer_length``: ContentDetector's merge filter ``min_scene_len``, AdaptiveDetector's
+    ``window_width``; TransNetV2: the rest of its 100-frame windows), and trimming ``drop_edge_frames`` before a
+    cut needs that many more. Then it is encoded into the current clip. The clips are exactly
+    ``plan_clips(cuts, num_frames, fps, cfg, gaps)`` of ``detect_cuts(path)``, at half the decoding of detecting
+    first and cutting after.
 
     Damaged packets are decoded past (``_decode``): a damaged stretch ends the shot it falls in like a cut, no
     clip holds a damaged frame, and the clean frames after it start a new shot with a fresh detector (so the
@@ -388,10 +402,10 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
             # Unwanted, not broken: rejected before any decode, and never upscaled to fit.
             raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
         size = even_size(width, height, cfg.short_side)
-        detector = _detector(cfg)
+        detector = make_detector(cfg, fps)
         step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
         step += step % 2 if step > 1 else 0  # even steps sample the half-size chroma planes exactly
-        delay = detector.event_buffer_length + cfg.drop_edge_frames
+        delay = detector.lag + cfg.drop_edge_frames
         cutter = _ClipCutter(cfg, fps, out_fps, size, out_path)
         queue: deque[tuple[int, av.VideoFrame | None]] = deque()  # not yet committed; at most `delay` frames
         damage = cutter.result.damage
@@ -400,22 +414,22 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
             for index, frame in _decode(container, stream, damage):
                 if frame is None:
                     if last == index - 1:  # the first damaged frame: it ends the shot like a cut
-                        for cut in _pending_cuts(detector, last, fps, index) if last >= 0 else []:
-                            cutter.add_cut(cut)
+                        for cut, gap in detector.flush(last, index) if last >= 0 else []:
+                            cutter.add_cut(cut, gap=gap)
                         cutter.add_cut(index, is_end=True)
-                        detector = _detector(cfg)
+                        detector = make_detector(cfg, fps)
                 else:
                     if last < index - 1:  # the first clean frame after damage starts a new shot
                         cutter.add_cut(index, is_end=True)
                     elif last >= 0 and (frame.width, frame.height) != shape:
                         # The picture size changes (files joined, a broadcast switching formats): a cut, and a
                         # fresh detector, which cannot compare pictures of two sizes (PySceneDetect asserts).
-                        for cut in _pending_cuts(detector, last, fps, index):
-                            cutter.add_cut(cut)
+                        for cut, gap in detector.flush(last, index):
+                            cutter.add_cut(cut, gap=gap)
                         cutter.add_cut(index)
-                        detector = _detector(cfg)
-                    for cut in detector.process_frame(FrameTimecode(index, fps=fps), _small_bgr(frame, step)):
-                        cutter.add_cut(cut.frame_num)
+                        detector = make_detector(cfg, fps)
+                    for cut, gap in detector.feed(index, _small_bgr(frame, step)):
+                        cutter.add_cut(cut, gap=gap)
                     last, shape = index, (frame.width, frame.height)
                 queue.append((index, frame))
                 n = index + 1
@@ -427,8 +441,8 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
                     break
             else:
                 if last == n - 1 >= 0:
-                    for cut in _pending_cuts(detector, last, fps, n):
-                        cutter.add_cut(cut)
+                    for cut, gap in detector.flush(last, n):
+                        cutter.add_cut(cut, gap=gap)
                 cutter.add_cut(n, is_end=True)
                 while queue:
                     cutter.commit(*queue.popleft())

@@ -24,7 +24,7 @@ SERIAL = RunnerConfig(workers=0, progress=False)
 @pytest.mark.parametrize("detector", ["content", "adaptive"])
 def test_cuts_found_within_one_frame(tmp_path, detector):
     true_cuts = make_video(tmp_path / "v.mp4", [30, 41, 17, 52], fps=24)
-    cuts, n, fps = detect_cuts(str(tmp_path / "v.mp4"), SplitConfig(detector=detector, min_scene_len=8))
+    cuts, n, fps, _ = detect_cuts(str(tmp_path / "v.mp4"), SplitConfig(detector=detector, min_scene_len=8))
     assert n == 140 and fps == 24
     assert len(cuts) == len(true_cuts)
     assert all(abs(c - t) <= 1 for c, t in zip(cuts, true_cuts)), (cuts, true_cuts)
@@ -94,7 +94,7 @@ def test_one_pass_split_writes_exactly_the_planned_clips(tmp_path, detector, ext
     # A 5-frame shot (shorter than min_clip_s) is written on the fly and must be dropped again.
     make_video(tmp_path / "v.mp4", [30, 41, 5, 52, 17], fps=24, gop=250)
     cfg = SplitConfig(detector=detector, min_scene_len=4, min_clip_s=0.5, **extra)
-    cuts, n, fps = detect_cuts(str(tmp_path / "v.mp4"), cfg)
+    cuts, n, fps, _ = detect_cuts(str(tmp_path / "v.mp4"), cfg)
     res = split_video(str(tmp_path / "v.mp4"), cfg, lambda k: tmp_path / "clips" / f"c{k}.mp4")
     assert len(cuts) == 4
     # max_clips stops the decode once its clips are written, so only the cuts seen so far are known.
