@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from http.server import ThreadingHTTPServer
+
 from pathlib import Path
 
 import av
@@ -104,3 +108,16 @@ def damage(src: str | Path, dst: str | Path, frames: range, seed: int = 0) -> No
     assert end <= data.find(b"moov"), "the damage would hit the index"
     data[start:end] = np.random.default_rng(seed).integers(0, 256, end - start, dtype=np.uint8).tobytes()
     Path(dst).write_bytes(bytes(data))
+
+
+@contextlib.contextmanager
+def local_http_server(handler):
+    """Serves ``handler`` (a BaseHTTPRequestHandler class) on 127.0.0.1 in a thread; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

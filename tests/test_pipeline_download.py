@@ -1,12 +1,12 @@
 """download against a local HTTP server on 127.0.0.1: plain, dropped half-way, 404/500, slow; file:// and yt-dlp."""
 
 import hashlib
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from data_helpers import local_http_server
 
 from data_pipeline.config import DownloadConfig, RunnerConfig
 from data_pipeline.download import DownloadError, download, target_name
@@ -57,13 +57,8 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     Handler.hits, Handler.ranges = {}, []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_http_server(Handler) as url:
+        yield url
 
 
 def _cfg(tmp_path, **kw):

@@ -13,16 +13,13 @@ stopped and with which error.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, when run as a script
 
-from opensora.distributed import destroy_distributed, exit_process, init_distributed  # noqa: E402
+from opensora.distributed import exit_process  # noqa: E402
+from tests.dist_workers.engine_worker import run_mode  # noqa: E402
 
 
 def flaky_trainer(args, info, failing: int):
@@ -83,17 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=["dp-broken", "dp-failing"])
     p.add_argument("--recipe", required=True)
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    info = init_distributed()
-    result = {"dp-broken": cmd_dp_broken, "dp-failing": cmd_dp_failing}[args.mode](args, info)
-    results = [None] * info.world_size
-    dist.all_gather_object(results, result)
-    if info.rank == 0:
-        Path(args.out, "result.json").write_text(json.dumps(results))
-    dist.barrier()
-    destroy_distributed()
-    return 0
+    return run_mode(p.parse_args(argv), {"dp-broken": cmd_dp_broken, "dp-failing": cmd_dp_failing})
 
 
 if __name__ == "__main__":

@@ -269,11 +269,16 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="aot_eager", help="compile: the torch.compile backend")
     p.add_argument("--batch-sizes", default="2,1,3", help="compile: the batch size of each step")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    return run_mode(p.parse_args(argv), {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt,
+                                         "trainer-sync": cmd_trainer_sync, "sp-broken": cmd_sp_broken,
+                                         "compile": cmd_compile})
+
+
+def run_mode(args, modes: dict) -> int:
+    """Runs ``modes[args.mode](args, info)`` on every rank; rank 0 writes all ranks' results to OUT/result.json."""
     torch.set_num_threads(1)
     info = init_distributed()
-    result = {"step": cmd_step, "sp": cmd_sp, "ckpt": cmd_ckpt, "trainer-sync": cmd_trainer_sync,
-              "sp-broken": cmd_sp_broken, "compile": cmd_compile}[args.mode](args, info)
+    result = modes[args.mode](args, info)
     results = [None] * info.world_size
     dist.all_gather_object(results, result)
     if info.rank == 0:
