@@ -224,6 +224,16 @@ class ModelFamily(abc.ABC):
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The repeated transformer blocks: the units of activation checkpointing, compile and FSDP2 wrapping."""
 
+    # -- exports ------------------------------------------------------------------------------------------------
+    def diffusers_scheduler(self):
+        """The scheduler the family's published diffusers pipeline ships with (``scheduler/`` of an export), built
+        from :attr:`sampler`; ValueError for a family without a diffusers pipeline."""
+        raise ValueError(f"the {self.name} family has no diffusers pipeline (diffusers_pipeline is None)")
+
+    def diffusers_pipeline_options(self, config) -> dict[str, Any]:
+        """Extra constructor arguments of the family's diffusers pipeline for a model of ``config`` (none)."""
+        return {}
+
 
 def diffusers_transformer(cls, directory: str, dtype: torch.dtype | None = None) -> nn.Module:
     """``cls.from_pretrained`` on a diffusers model folder or on a pipeline folder (its ``transformer/``), from

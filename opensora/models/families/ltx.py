@@ -135,3 +135,14 @@ class LTXFamily(ModelFamily):
 
     def blocks(self, model: LTXVideoTransformer3DModel) -> nn.ModuleList:
         return model.transformer_blocks
+
+    def diffusers_scheduler(self):
+        """``LTXPipeline``'s scheduler as diffusers' ``convert_ltx_to_diffusers.py`` writes it: Euler with the
+        token-count shift (:data:`_LTX_SHIFT`) and the schedule stretched to end at sigma 0.1."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        s = self.sampler.shift
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=s.base_shift,
+                                               max_shift=s.max_shift, base_image_seq_len=s.base_tokens,
+                                               max_image_seq_len=s.max_tokens,
+                                               shift_terminal=self.sampler.shift_terminal)

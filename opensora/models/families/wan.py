@@ -135,3 +135,16 @@ class WanFamily(ModelFamily):
 
     def blocks(self, model: WanTransformer3DModel) -> nn.ModuleList:
         return model.blocks
+
+    def diffusers_scheduler(self):
+        """``WanPipeline``'s scheduler as the published Wan 2.1 / 2.2 diffusers folders ship it (their
+        ``scheduler_config.json``, made by diffusers' ``convert_wan_to_diffusers.py``): UniPC on flow sigmas with
+        the sampler's shift (3.0, the 480p value)."""
+        from diffusers import UniPCMultistepScheduler
+
+        return UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=self.sampler.shift.shift)
+
+    def diffusers_pipeline_options(self, config) -> dict:
+        # Wan 2.2 TI2V-5B was trained with per-token timesteps; its pipeline must build them (expand_timesteps).
+        return {"expand_timesteps": True} if self.frame_timesteps(config) else {}
