@@ -292,3 +292,44 @@ def test_shipped_family_recipes_load_and_the_forecast_prices_the_familys_flops()
     config = WAN.size_config("Wan2.1-T2V-1.3B")
     assert stage.latent_size == (21, 60, 104)  # 81x480x832 through the Wan 2.1 VAE
     assert stage.flops_per_sample == WAN.train_flops_per_sample(config, (21, 60, 104)) > 8e14
+
+
+# -- bf16 under FSDP2 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["wan", "ltx"])
+def test_a_family_trains_under_fsdp2_bf16_mixed_precision(name, monkeypatch):
+    """FSDP2 with a bf16 MixedPrecisionPolicy (what GPU recipes run; on CPU here, gloo, 1 rank): outside its forward
+    the root's parameters are the sharded fp32 masters, inside it their bf16 copies, so inputs cast to the weights'
+    dtype before the call were fp32 against bf16 weights. The forward must run, agree with fp32 to bf16's precision,
+    and give fp32 gradients to the fp32 masters; Wan's timestep embedding keeps fp32 weights (diffusers'
+    _keep_in_fp32_modules) and the fp32 sinusoid of the float timestep."""
+    import opensora.distributed.parallel as parallel
+    from torch.distributed.tensor import DTensor
+    from tests.test_model_families import TINY, _inputs
+
+    family = FAMILIES[name]
+    monkeypatch.setattr(parallel, "uses_mixed_precision", lambda pcfg, info: pcfg.param_dtype == "bf16")
+    ref = family.build(TINY[name])
+    with torch.no_grad():  # a non-zero output layer, so the gradients reach every block
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    model = family.build(TINY[name])
+    model.load_state_dict(ref.state_dict())
+    x, t, y, mask = _inputs(family, ref, latent=(2, 4, 4))
+    t = t + 0.7  # a fractional timestep, as rectified flow draws them (bf16 would round it)
+    expected = family.forward(ref, x, t, y, mask)
+    model = parallelize(model, ParallelConfig(engine="fsdp", param_dtype="bf16"), init_distributed(), family=family)
+    seen = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda m, args, out, n=n: seen.update({n: (args[0].dtype, m.weight.dtype)}))
+    out = family.forward(model, x, t, y, mask)
+    assert out.dtype == torch.float32
+    for n, dtypes in seen.items():  # (input, weight) dtypes of every Linear inside the forward
+        kept = any(k in n.split(".") for k in getattr(model, "_keep_in_fp32_modules", None) or ())
+        assert dtypes == ((torch.float32,) * 2 if kept and "blocks." not in n else (torch.bfloat16,) * 2), (n, dtypes)
+    assert name != "wan" or "condition_embedder.time_embedder.linear_1" in seen
+    torch.testing.assert_close(out, expected, atol=0.05 * expected.abs().max().item(), rtol=0.05)
+    out.square().mean().backward()
+    for n, p in model.named_parameters():
+        assert isinstance(p, DTensor) and p.dtype == torch.float32 and p.grad is not None, n
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad.full_tensor()).all(), n

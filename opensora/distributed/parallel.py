@@ -160,6 +160,8 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo, fam
             mp = MixedPrecisionPolicy()  # fp32 everywhere
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
+        if uses_mixed_precision(pcfg, dist_info):
+            shard_kept_in_fp32(model, blocks, mesh)
         # The root keeps the embedders and final layer; it need not reshard: the backward needs them at once.
         # It does not cast its inputs: FSDP2 would round the float timesteps of rectified flow to bf16
         # (700.7 -> 700; steps of 4 above 512). STDiT casts the latents and captions to its weights' dtype
@@ -172,6 +174,37 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, dist_info: DistInfo, fam
         # broadcasts it once at construction; re-sending it before every forward is wasted bandwidth.
         model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     return model
+
+
+def shard_kept_in_fp32(model: nn.Module, blocks: nn.ModuleList, mesh) -> list[str]:
+    """Gives the modules a diffusers model keeps in fp32 (``_keep_in_fp32_modules``) their own FSDP2 unit with fp32
+    parameters, where that can be done: modules with parameters outside the blocks. Returns their names.
+
+    A bf16 policy would otherwise compute them from bf16 copies of their weights (the fp32 masters stay fp32 either
+    way). Wan's list is ``time_embedder``, ``scale_shift_table``, ``norm1/2/3`` and ``rope``:
+
+    * ``condition_embedder.time_embedder`` gets an fp32 unit: diffusers feeds it the timestep sinusoid in its
+      weights' dtype (read outside the unit's forward: the fp32 master), so the timestep embedding is computed in
+      fp32 as in diffusers' own bf16 inference. It takes no input cast (``cast_forward_inputs=False``) and its output
+      is cast back to the text states' dtype by diffusers.
+    * inside the blocks (``norm2``'s affine weights, each block's ``scale_shift_table``) the block's bf16 copy is
+      used: a nested unit inside a compiled block would put FSDP2's hooks into the compiled graph (a graph break
+      under ``fullgraph``) and add an all-gather per block. Their compute stays fp32 anyway (``FP32LayerNorm``
+      upcasts; the table is added to ``temb.float()``): only the values are rounded to bf16 (relative 2^-9).
+    * ``scale_shift_table`` of the root and ``rope`` are a parameter and a module without parameters: nothing to
+      wrap (the root's table is rounded as the blocks' are).
+    """
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    inside = {id(m) for block in blocks for m in block.modules()}
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if (id(module) in inside or module is model or name.split(".")[-1] not in keep
+                or any(name.startswith(w + ".") for w in wrapped) or next(module.parameters(), None) is None):
+            continue
+        fully_shard(module, mesh=mesh, mp_policy=fp32)
+        wrapped.append(name)
+    return wrapped
 
 
 def _has_selective_switch(model: nn.Module) -> bool:

@@ -248,6 +248,29 @@ def diffusers_transformer(cls, directory: str, dtype: torch.dtype | None = None)
     return cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
 
 
+def call_in_weight_dtype(model: nn.Module, weight: Callable[[nn.Module], torch.Tensor], cast: tuple[str, ...],
+                         **kwargs) -> Any:
+    """``model(**kwargs)`` with the float inputs named in ``cast`` in the dtype of ``weight(model)`` *as the forward
+    sees it* (diffusers' video transformers do not cast their inputs to their weights).
+
+    Under FSDP2 with a bf16 ``MixedPrecisionPolicy`` the root's parameters are the sharded fp32 masters until its
+    pre-forward hook gathers them as bf16 copies; a dtype read before the call is fp32 against bf16 weights. The cast
+    therefore runs in a forward pre-hook registered after FSDP2's (which is prepended), for this call only. Without
+    FSDP2 it is the weight's own dtype (a bf16 model for inference, fp32 on CPU). The root does not cast its inputs
+    itself (``parallelize``): the timestep must stay fp32 for its sinusoid.
+    """
+
+    def to_weight_dtype(module, args, kw):
+        dtype = weight(module).dtype
+        return args, {**kw, **{k: kw[k].to(dtype) for k in cast}}
+
+    handle = model.register_forward_pre_hook(to_weight_dtype, with_kwargs=True)
+    try:
+        return model(**kwargs)
+    finally:
+        handle.remove()
+
+
 def per_token_timesteps(timestep: torch.Tensor, latent_grid: tuple[int, int, int]) -> torch.Tensor:
     """(B,) stays; (B, T') per latent frame -> (B, T'*H'*W') per token, tokens in (T', H', W') order as the
     diffusers transformers flatten them (Wan 2.2 TI2V's ``expand_timesteps``, LTX's per-token ``timestep``)."""

@@ -23,8 +23,8 @@ from einops import rearrange
 from torch import nn
 
 from opensora.models.families.base import (
-    FlowShift, ModelFamily, SamplerDefaults, TextSpec, TrainingObjective, diffusers_transformer,
-    per_token_timesteps, text_states,
+    FlowShift, ModelFamily, SamplerDefaults, TextSpec, TrainingObjective, call_in_weight_dtype,
+    diffusers_transformer, per_token_timesteps, text_states,
 )
 
 # LTX-Video's own autoencoder compresses 8x in time and 32x in space; its pipeline's default frame rate is 25.
@@ -101,13 +101,13 @@ class LTXFamily(ModelFamily):
         y, mask = text_states(y, mask, B)  # (B, L, Ct), (B, L)
         if mask is None:
             mask = torch.ones(y.shape[:2], device=y.device, dtype=torch.long)
-        dtype = model.proj_in.weight.dtype
         tokens = rearrange(x, "B C (T p) (H q) (W r) -> B (T H W) (C p q r)", p=pt, q=p, r=p)  # (B, N, C*P)
         t = per_token_timesteps(timestep.float(), grid)  # (B,) or (B, N)
         vt, vh, vw = vae_compression
-        out = model(hidden_states=tokens.to(dtype), encoder_hidden_states=y.to(dtype), timestep=t,
-                    encoder_attention_mask=mask, num_frames=grid[0], height=grid[1], width=grid[2],
-                    rope_interpolation_scale=(vt / frame_rate, vh, vw), return_dict=False)[0]  # (B, N, Co*P)
+        out = call_in_weight_dtype(model, lambda m: m.proj_in.weight, ("hidden_states", "encoder_hidden_states"),
+                                   hidden_states=tokens, encoder_hidden_states=y, timestep=t,
+                                   encoder_attention_mask=mask, num_frames=grid[0], height=grid[1], width=grid[2],
+                                   rope_interpolation_scale=(vt / frame_rate, vh, vw), return_dict=False)[0]  # (B, N, Co*P)
         out = rearrange(out, "B (T H W) (C p q r) -> B C (T p) (H q) (W r)", T=grid[0], H=grid[1], W=grid[2],
                         p=pt, q=p, r=p)
         return -out.float()  # noise - x_0 -> x_0 - noise

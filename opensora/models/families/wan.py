@@ -23,8 +23,8 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from opensora.models.families.base import (
-    FlowShift, ModelFamily, SamplerDefaults, TextSpec, TrainingObjective, diffusers_transformer,
-    per_token_timesteps, text_states,
+    FlowShift, ModelFamily, SamplerDefaults, TextSpec, TrainingObjective, call_in_weight_dtype,
+    diffusers_transformer, per_token_timesteps, text_states,
 )
 
 # Published architectures (diffusers scripts/convert_wan_to_diffusers.py; Wan2.2-TI2V-5B's config.json) and tiny
@@ -102,10 +102,11 @@ class WanFamily(ModelFamily):
         y, mask = text_states(y, mask, B)  # (B, L, Ct), (B, L)
         if mask is not None:  # the pipeline's zero padding after the prompt's real length
             y = y * mask[:, :, None].to(y.dtype)
-        # The patch embedding does not cast its input; the timestep stays fp32 (the sinusoid of a bf16 t rounds).
-        dtype = model.patch_embedding.weight.dtype
+        # The latent and text go in the weights' compute dtype; the timestep stays fp32 (the sinusoid of a bf16 t
+        # rounds: 700.7 -> 700), and diffusers casts it after the sinusoid to the time embedder's dtype.
         t = per_token_timesteps(timestep.float(), (T // pt, H // ph, W // pw))  # (B,) or (B, N)
-        out = model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=y.to(dtype), return_dict=False)[0]
+        out = call_in_weight_dtype(model, lambda m: m.patch_embedding.weight, ("hidden_states", "encoder_hidden_states"),
+                                   hidden_states=x, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
         return -out.float()  # (B, C, T, H, W): noise - x_0 -> x_0 - noise
 
     def forward_flops(self, config, latent_size, text_len=None, frame_timesteps=False) -> float:
