@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The training-throughput matrix of docs/benchmarks.md, on one GPU: baseline, then one optimisation at a time.
-# Usage: bash scripts/bench_training_gpu.sh [OUT_DIR]   (needs CUDA; about 10 minutes on one H100)
+# Usage: bash scripts/bench_training_gpu.sh [OUT_DIR]   (needs CUDA; about 12 minutes on one H100, a guess)
 # Each run writes OUT_DIR/<name>.json (tools/benchmark.py); a summary table is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,12 @@ run 256-fsdp-compile-ckpt-b32  $XL --height 256 --width 256 --batch 32 --engine 
 # 16x512x512
 run 512-fsdp-compile-cached    $XL --height 512 --width 512 --batch 2 --engine fsdp --cached-latents --compile
 run 512-fsdp-compile-ckpt-b8   $XL --height 512 --width 512 --batch 8 --engine fsdp --cached-latents --compile --grad-ckpt
+# Wan 2.1 T2V 1.3B (issue 31) at 81x480x832 (Wan 2.1 VAE latent 21x60x104x16: 32,760 tokens, 512 text tokens), random
+# weights of the published architecture, bf16 through FSDP2, every block checkpointed: LoRA rank 32, then full.
+WAN="--model Wan2.1-T2V-1.3B --frames 81 --height 480 --width 832 --batch 1 --cached-latents --vae-compression 4x8x8
+     --latent-channels 16 --engine fsdp --grad-ckpt --steps 5 --warmup 2"
+run wan13b-81x480x832-lora32   $WAN --lora 32
+run wan13b-81x480x832-full     $WAN
 $PY - "$OUT" <<'PY'
 import json, sys, pathlib
 rows = []

@@ -73,3 +73,25 @@ def test_benchmark_json_feeds_the_cost_forecast(tmp_path, capsys):
     assert report["mfu"] == v1["forecast"]["mfu"] == mfu
     # GPU-hours scale inversely with MFU: the reported 2808 h at its implied MFU, rescaled to ours.
     assert v1["forecast"]["gpu_hours"] == pytest.approx(v1["reported_gpu_hours"] * v1["implied_mfu"] / mfu, rel=1e-6)
+
+
+@pytest.mark.parametrize("lora", [None, 4])
+def test_benchmark_of_a_family_full_and_lora(tmp_path, lora):
+    """Any family's size (tiny Wan here, on Wan 2.1's latent layout): the family's FLOPs, tokens and text length;
+    with --lora only the adapters train."""
+    from opensora.models.families import FAMILIES
+
+    wan = FAMILIES["wan"]
+    out = tmp_path / "b.json"
+    argv = ["--model", "tiny-wan2.1", "--frames", "17", "--height", "32", "--width", "32", "--batch", "2", "--steps",
+            "2", "--warmup", "1", "--engine", "fsdp", "--cached-latents", "--vae-compression", "4x8x8",
+            "--latent-channels", "4", "--no-matmul-peak", "--out", str(out)] + (["--lora", str(lora)] if lora else [])
+    assert benchmark.main(argv) == 0
+    r = json.loads(out.read_text())
+    cfg = wan.size_config("tiny-wan2.1")
+    assert (r["family"], r["latent"], r["text_len"], r["depth"], r["lora_rank"]) == ("wan", [5, 4, 4], 512, 2, lora)
+    assert r["train_tflop_per_sample"] == pytest.approx(wan.train_flops_per_sample(cfg, (5, 4, 4), 512) / 1e12)
+    assert r["tokens_per_s_per_device"] == pytest.approx(r["samples_per_s_per_device"] * 20)  # 5 x 2 x 2
+    assert (r["trainable_params"] < 0.2 * r["params"]) == bool(lora) and r["mean_loss"] > 0
+    with pytest.raises(SystemExit, match="cached-latents"):
+        benchmark.main([a for a in argv if a not in ("--cached-latents", "--vae-compression", "4x8x8")])

@@ -1,4 +1,5 @@
-"""Training-step throughput and MFU of an STDiT: samples/s, tokens/s, TFLOP/s, MFU, peak memory, time shares.
+"""Training-step throughput and MFU of a video transformer (STDiT, Wan, LTX-Video; full or LoRA): samples/s,
+tokens/s, TFLOP/s, MFU, peak memory, time shares.
 
 Times the trainer's own step — ``opensora.training.step.TrainStep`` (seeded noise and timesteps, the engine's
 gradient sync and autocast, diffusion loss, backward, clip + AdamW through the engine), then the fp32 EMA
@@ -11,6 +12,12 @@ update — on synthetic inputs of the requested shape, and writes one JSON recor
         --steps 3 --out bench.json                                         # CPU smoke run
     python tools/benchmark.py --model STDiT-XL/2 --frames 17 --height 256 --width 256 --cached-latents \
         --vae-compression 4x8x8 --latent-channels 16 ...                   # on Wan 2.1's latents (5x32x32x16)
+    python tools/benchmark.py --model Wan2.1-T2V-1.3B --frames 81 --height 480 --width 832 --batch 1 \
+        --cached-latents --vae-compression 4x8x8 --grad-ckpt --lora 32 ...  # any family's size; LoRA of rank 32
+
+Other families (``opensora.models.families``: ``tiny-wan2.1``, ``Wan2.1-T2V-1.3B``, ``tiny-ltx``, ...) take cached
+latents (their text states are padded to the family's length: 512 for Wan, 128 for LTX) and their own FLOP count;
+``--lora RANK`` trains only adapters on the family's LoRA targets (alpha = rank), as a stage's ``lora:`` does.
 
 Without torchrun the engine runs on a world of one (DDP of one process is the closest to a bare model).
 
@@ -44,13 +51,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opensora.accounting.flops import train_flops_per_sample, video_tokens  # noqa: E402
 from opensora.accounting.gpu import detect_gpu_type, measure_matmul_tflops, peak_tflops  # noqa: E402
 from opensora.config import ConfigError, merge, parse_overrides  # noqa: E402
 from opensora.diffusion import build_scheduler  # noqa: E402
 from opensora.distributed import exit_process  # noqa: E402
 from opensora.models.autoencoders import AutoencoderShape  # noqa: E402
-from opensora.models.stdit import STDiT, STDiT_models, stdit_config  # noqa: E402
+from opensora.models.families import FAMILIES, ModelFamily, family_of_size  # noqa: E402
+from opensora.models.stdit import STDiT, stdit_config  # noqa: E402
 from opensora.training.metrics import peak_memory_gb  # noqa: E402
 from opensora.utils import atomic_write_path  # noqa: E402
 
@@ -68,14 +75,18 @@ T5_XXL_CONFIG = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="STDiT-XL/2", help=f"one of {', '.join(STDiT_models)}")
+    p.add_argument("--model", default="STDiT-XL/2",
+                   help=f"a named size of any family: {', '.join(s for f in FAMILIES.values() for s in f.sizes)}")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="samples per device per step")
     p.add_argument("--engine", default="fsdp", choices=["fsdp", "ddp", "colossalai"],
                    help="parallel engine, as in training (world of one without torchrun)")
-    p.add_argument("--diffusion", default="iddpm", choices=["iddpm", "rflow"], help="training objective")
+    p.add_argument("--diffusion", default=None, choices=["iddpm", "rflow"],
+                   help="training objective (default: the family's: iddpm for STDiT, rflow for Wan / LTX)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="train LoRA adapters of this rank (alpha = rank) on the family's targets, the base frozen")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, inputs and the step's noise")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every block")
@@ -111,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--vae-compression gives the latent shape of --cached-latents; to encode inline, give --vae DIR")
     if args.latent_channels is not None and args.latent_channels < 1:
         p.error(f"--latent-channels must be >= 1, got {args.latent_channels}")
+    if args.lora is not None and args.lora < 1:
+        p.error(f"--lora must be >= 1, got {args.lora}")
     return args
 
 
@@ -196,44 +209,62 @@ def _attention_backend(step_fn, device: torch.device) -> str:
     return " + ".join(dict.fromkeys(found)) or "none found"
 
 
+def _family_fields(args) -> dict:
+    """Config fields of a diffusers family's named size that the command line sets: the latent channels."""
+    c = args.latent_channels
+    return {} if c is None else {"in_channels": c, "out_channels": c}
+
+
+def text_length(family: ModelFamily, cfg) -> int:
+    """Text tokens L the model is given: STDiT's ``model_max_length``, the family's padded length otherwise."""
+    return cfg.model_max_length if family.name == "stdit" else family.text.max_length
+
+
 def build_step(args, info, cfg, dtype, model: STDiT | None = None):
     """The trainer's step for the benchmark's model and engine, and one synthetic batch.
 
     Args:
         args: the parsed command line (engine, compile, checkpointing, diffusion, seed, sizes, encoders).
         info: from ``init_distributed``.
-        cfg: the STDiT config.
+        cfg: the model's config (``STDiTConfig``, or the diffusers model's config for another family).
         dtype: compute dtype (bf16 on CUDA unless ``--dtype fp32``).
-        model: the STDiT to train (default: a new one with random weights, seeded by ``--seed`` and the rank).
+        model: the model to train (default: a new one of ``--model`` with random weights, seeded by ``--seed`` and
+            the rank; with ``--lora``, adapters injected and the base frozen).
     Returns:
         ``(TrainStep, EMA, batch)``; the batch is what the trainer's loader gives: ``latent`` + ``y`` + ``mask``
         (``--cached-latents``) or ``video`` + ``text``.
     """
     from opensora.distributed import ParallelConfig, build_engine
+    from opensora.models.lora import LoraSettings, apply_lora
     from opensora.training import EMA, EMAConfig, OptimConfig, build_optimizer
-    from opensora.training.step import TrainStep
+    from opensora.training.step import TrainStep, training_model_fn
 
     device = info.device
+    family = family_of_size(args.model)
     if model is None:
         torch.manual_seed(args.seed + info.rank)
-        model = STDiT(cfg)
+        model = STDiT(cfg) if family.name == "stdit" else family.build(args.model, **_family_fields(args))
+        if args.lora is not None:  # before parallelize and the optimizer, as the trainer does
+            apply_lora(model, family, LoraSettings(rank=args.lora, alpha=float(args.lora)))
     model.to(device).train()
     # Parameters stay fp32 (master weights, optimizer state, adaLN tables); the engine decides how bf16 is
     # computed (FSDP2: its param policy; DDP: autocast; ZeRO: bf16 working copies), as in training.
     pcfg = ParallelConfig(engine=args.engine, grad_ckpt=args.grad_ckpt, grad_ckpt_blocks=args.grad_ckpt_blocks,
                           compile=args.compile, param_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     engine = build_engine(pcfg, info)
-    engine.prepare(model, build_optimizer(model, OptimConfig(), 1e-4, device))
+    lora = any(not p.requires_grad for p in model.parameters())
+    engine.trainable_only = lora
+    engine.prepare(model, build_optimizer(model, OptimConfig(), 1e-4, device), family=family)
     ema_cfg = EMAConfig()
-    ema = EMA(engine.unwrap(), ema_cfg.decay, ema_cfg.warmup, masters=engine.master_shards())
+    ema = EMA(engine.unwrap(), ema_cfg.decay, ema_cfg.warmup, masters=engine.master_shards(), trainable_only=lora)
 
-    B, L = args.batch, cfg.model_max_length
+    B, L = args.batch, text_length(family, cfg)
     latent = autoencoder_of(args).latent_size((args.frames, args.height, args.width))
     gen = torch.Generator(device=device).manual_seed(args.seed + info.rank)
     vae = text_encoder = None
     if args.cached_latents:
-        batch = dict(latent=torch.randn(B, cfg.in_channels, *latent, device=device, generator=gen),
-                     y=torch.randn(B, 1, L, cfg.caption_channels, device=device, generator=gen),
+        batch = dict(latent=torch.randn(B, family.in_channels(cfg), *latent, device=device, generator=gen),
+                     y=torch.randn(B, 1, L, family.text_dim(cfg), device=device, generator=gen),
                      mask=torch.ones(B, L, dtype=torch.long, device=device))
     else:
         video = torch.rand(B, 3, args.frames, args.height, args.width, device=device, generator=gen) * 2 - 1
@@ -242,8 +273,9 @@ def build_step(args, info, cfg, dtype, model: STDiT | None = None):
         if vae.out_channels != cfg.in_channels:
             raise SystemExit(f"error: the VAE makes {vae.out_channels}-channel latents, the model takes "
                              f"{cfg.in_channels} (use --set in_channels=...)")
-    steps = TrainStep(engine, build_scheduler(args.diffusion), vae=vae, text_encoder=text_encoder, accum=1,
-                      seed=args.seed, dp_rank=info.rank, grad_clip=OptimConfig().grad_clip)
+    steps = TrainStep(engine, build_scheduler(args.diffusion or family.objective.name), vae=vae,
+                      text_encoder=text_encoder, accum=1, seed=args.seed, dp_rank=info.rank,
+                      grad_clip=OptimConfig().grad_clip, model_fn=training_model_fn(family, engine))
     return steps, ema, batch
 
 
@@ -264,22 +296,36 @@ def _run(args, info) -> dict:
              "fp32": torch.float32}[args.dtype]
     overrides = list(args.overrides)
     vae = autoencoder_of(args)
-    # The model takes the latent channels; first, so that a --set in_channels=... wins.
-    if args.latent_channels is not None or args.vae:
-        overrides.insert(0, f"in_channels={vae.latent_channels}")
-    elif args.vae_downsample == 1 and not args.cached_latents:
-        overrides.insert(0, "in_channels=3")  # pixel space: the identity autoencoder passes RGB through
     try:
-        cfg = merge(stdit_config(args.model), parse_overrides(overrides))
-    except (KeyError, ConfigError) as err:
-        raise SystemExit(f"error: --model/--set: {err}") from err
+        family = family_of_size(args.model)
+    except KeyError as err:
+        raise SystemExit(f"error: --model: {err.args[0]}") from None
+    if family.name == "stdit":
+        # The model takes the latent channels; first, so that a --set in_channels=... wins.
+        if args.latent_channels is not None or args.vae:
+            overrides.insert(0, f"in_channels={vae.latent_channels}")
+        elif args.vae_downsample == 1 and not args.cached_latents:
+            overrides.insert(0, "in_channels=3")  # pixel space: the identity autoencoder passes RGB through
+        try:
+            cfg = merge(stdit_config(args.model), parse_overrides(overrides))
+        except (KeyError, ConfigError) as err:
+            raise SystemExit(f"error: --model/--set: {err}") from err
+    else:
+        if overrides or not args.cached_latents:
+            raise SystemExit(f"error: --model {args.model}: a {family.name} model is benchmarked on --cached-latents "
+                             "(inline encoders are STDiT's) and takes no --set (named sizes; --latent-channels)")
+        with torch.device("meta"):  # the config only
+            cfg = family.config_of(family.build(args.model, **_family_fields(args)))
     try:  # the autoencoder's frame rule and factors, then the patch size, must fit the video
         latent = vae.latent_size((args.frames, args.height, args.width))
-        video_tokens(cfg, latent)
+        tokens = family.video_tokens(cfg, latent)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     steps, ema, batch = build_step(args, info, cfg, dtype)
-    B, L = args.batch, cfg.model_max_length
+    B, L = args.batch, text_length(family, cfg)
+    model = steps.engine.unwrap()
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def step(i: int) -> torch.Tensor:  # what Trainer.train_step does for one micro-batch, minus the bookkeeping
         loss = steps.forward_backward(batch, i, 0)
@@ -332,7 +378,8 @@ def _run(args, info) -> dict:
         shares = {"encoders (VAE + T5)": enc_s / (enc_s + dit_s), "dit step": dit_s / (enc_s + dit_s)}
 
     samples_per_s = B / step_s
-    flops = train_flops_per_sample(cfg, latent, L)
+    depth = len(family.blocks(model))
+    flops = family.train_flops_per_sample(cfg, latent, L)
     achieved = flops * samples_per_s
     gpu = detect_gpu_type(device)
     peak = peak_tflops(gpu)
@@ -343,14 +390,14 @@ def _run(args, info) -> dict:
     memory_gib = peak_memory_gb(device)  # on a CPU: the whole process's peak RSS, the closest analogue
     result = dict(
         model=args.model, frames=args.frames, height=args.height, width=args.width, latent=list(latent),
-        vae_compression=list(vae.compression), vae_causal=vae.causal, latent_channels=cfg.in_channels,
+        vae_compression=list(vae.compression), vae_causal=vae.causal, latent_channels=family.in_channels(cfg),
+        family=family.name, text_len=L, lora_rank=args.lora, params=params, trainable_params=trainable,
         batch_per_device=B, world_size=world, engine=args.engine, compile=args.compile, grad_ckpt=args.grad_ckpt,
-        depth=cfg.depth,
-        grad_ckpt_blocks=(cfg.depth if args.grad_ckpt_blocks is None else args.grad_ckpt_blocks) if args.grad_ckpt else 0,
+        depth=depth,
+        grad_ckpt_blocks=(depth if args.grad_ckpt_blocks is None else args.grad_ckpt_blocks) if args.grad_ckpt else 0,
         cached_latents=args.cached_latents, dtype=str(dtype).replace("torch.", ""), device=gpu,
         device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu", torch=torch.__version__,
-        step_s=step_s, samples_per_s_per_device=samples_per_s, tokens_per_s_per_device=samples_per_s * video_tokens(
-            cfg, latent), train_tflop_per_sample=flops / 1e12, achieved_tflops_per_device=achieved / 1e12,
+        step_s=step_s, samples_per_s_per_device=samples_per_s, tokens_per_s_per_device=samples_per_s * tokens, train_tflop_per_sample=flops / 1e12, achieved_tflops_per_device=achieved / 1e12,
         peak_tflops_datasheet=peak, mfu=achieved / (peak * 1e12) if peak else None,
         matmul_peak_tflops=matmul_peak, mfu_vs_matmul_peak=achieved / (matmul_peak * 1e12) if matmul_peak else None,
         peak_memory_gib=memory_gib, time_shares=shares, mean_loss=last_loss,
@@ -383,7 +430,9 @@ def format_table(r: dict) -> str:
                    f"x {r['world_size']}, {r['engine']}, {r['dtype']}"
                    + (", compile" if r["compile"] else "")
                    + (f", grad-ckpt {r['grad_ckpt_blocks']}/{r['depth']} blocks" if r["grad_ckpt"] else "")
-                   + (", cached latents" if r["cached_latents"] else ", inline VAE+T5")),
+                   + (", cached latents" if r["cached_latents"] else ", inline VAE+T5")
+                   + (f", LoRA rank {r['lora_rank']}" if r["lora_rank"] else "")),
+        ("parameters (trainable)", f"{r['params'] / 1e6:.4g}M ({r['trainable_params'] / 1e6:.4g}M)"),
         ("device", f"{r['device_name']} ({r['device']})"),
         ("step time (s)", fmt(r["step_s"])),
         ("samples/s/device", fmt(r["samples_per_s_per_device"])),
