@@ -1,16 +1,19 @@
-"""caption: LLaVA / LLaVA-NeXT captions from a few frames per clip, or the captions a data set carries.
+"""caption: captions from a vision-language model (LLaVA, LLaVA-OneVision / LLaVA-Video, Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL: :mod:`data_pipeline.captioners`), or the captions a data set carries.
 
 Order of preference for a row: a non-empty ``text`` column; a sidecar ``<video>.txt`` or ``<video>.json``
 next to the clip (or, with ``sidecar_from_source``, next to the video it was cut from - a JSON sidecar
 may list ``shots`` with ``start_frame``/``end_frame``/``text`` and the shot overlapping the clip most is
-taken); otherwise the model. Generation is batched (greedy), frames are read with decord at
-``frame_positions`` of the clip - for the next batches in background threads while one batch generates,
-so the GPU does not wait for decoding - and prompts go through the processor's chat template. A caption that
+taken); otherwise the model. Generation is batched (greedy), frames are read with decord - at
+``frame_positions`` of the clip for an image family, ``video_frames`` frames spread over it as one video for a
+video family - for the next batches in background threads while one batch generates, so the GPU does not wait
+for decoding, and prompts go through the family's chat template (``backend``: transformers or vLLM). A caption that
 comes back empty (fewer than ``min_words`` after removing boiler-plate openings) or truncated (no end
 of sequence within the budget) or repetitive (a run of ``repeat_ngram`` words occurring ``max_repeats`` times: a
 model caught in a loop) is generated again with twice the budget; after ``retries`` an empty or repetitive
 one fails the row and a truncated one is cut to its last full sentence and flagged
-``caption_flag=truncated``.
+``caption_flag=truncated``. ``caption_tokens`` counts the tokens generated for a row (all tries); the stage's
+summary line ends with videos/s and output tokens/s (per process, i.e. per GPU under torchrun).
 
 Multi-GPU: one process per GPU under torchrun; :func:`data_pipeline.pipeline.run_one` shards the rows
 by rank and rank 0 merges. The model is loaded once per process (cached).
@@ -22,7 +25,6 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import errno
-import functools
 import json
 import os
 import re
@@ -31,8 +33,11 @@ from typing import Iterator
 
 import numpy as np
 
+from data_pipeline.captioners import (
+    Generated, Video, family_of, generate_transformers, generate_vllm, load_model, video_positions,
+)
 from data_pipeline.config import CaptionConfig
-from data_pipeline.rows import Row, SetupError, is_missing
+from data_pipeline.rows import Row, is_missing
 from opensora.data.manifest import SourceSpan, source_span
 
 
@@ -129,41 +134,9 @@ def resolve_device(device: str) -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
-@functools.lru_cache(maxsize=1)
-def load_llava(model_dir: str, device: str, dtype: str):
-    """(model, processor) from a local folder; LLaVA-NeXT or LLaVA chosen by the folder's config."""
-    import torch
-    from transformers import (
-        AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-    )
-
-    # A missing or broken model folder fails every row alike: a SetupError stops the stage instead of
-    # journaling each row failed. local_files_only: a typo'd path must not be taken for a model hub id.
-    if not Path(model_dir).is_dir():
-        raise SetupError(f"caption model folder not found: {model_dir}")
-    try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        # Straight onto the device: from_pretrained(...).to(device) first builds the whole model in host memory,
-        # one copy per rank (8 ranks x 14 GB for a 7B model in bf16) before any of it reaches a GPU.
-        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map={"": device},
-                                    local_files_only=True).eval()
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    except Exception as err:
-        raise SetupError(f"caption model {model_dir} could not be loaded: {type(err).__name__}: {err}") from err
-    processor.tokenizer.padding_side = "left"  # decoder-only batched generation continues on the right
-    return model, processor
-
-
-def read_frames(path: str, positions: list[float], layout: str, span: SourceSpan | None = None,
-                num_frames: int = 0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """Frames at relative ``positions`` of the clip, (H, W, 3) uint8 each; ``grid`` joins them side by side.
-
-    For a reference row (``span``: ``path`` is its source video) the positions are within its ``num_frames``
-    clip frames, sought in the source and decoded at the clip's ``size`` (height, width), as the clip would be.
-    """
+def _read_clip(path: str, positions: list[float], span: SourceSpan | None, num_frames: int,
+               size: tuple[int, int] | None) -> tuple[np.ndarray, list[int], int, float]:
+    """(frames (T, H, W, 3) uint8, their indices in the clip, the clip's frame count, its fps) at ``positions``."""
     import decord
 
     if not Path(path).is_file():  # decord says only "Error reading PATH..." for a missing and a corrupt file alike
@@ -174,62 +147,60 @@ def read_frames(path: str, positions: list[float], layout: str, span: SourceSpan
     if n == 0:
         raise RuntimeError(f"{path}: no frames")
     indices = [min(n - 1, max(0, int(p * n))) for p in positions]
-    if span is not None:
-        indices = span.source_indices(indices).tolist()
-    frames = list(reader.get_batch(indices).asnumpy())
+    source = indices if span is None else span.source_indices(indices).tolist()
+    return reader.get_batch(source).asnumpy(), indices, n, float(reader.get_avg_fps())
+
+
+def read_frames(path: str, positions: list[float], layout: str, span: SourceSpan | None = None,
+                num_frames: int = 0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Frames at relative ``positions`` of the clip, (H, W, 3) uint8 each; ``grid`` joins them side by side.
+
+    For a reference row (``span``: ``path`` is its source video) the positions are within its ``num_frames``
+    clip frames, sought in the source and decoded at the clip's ``size`` (height, width), as the clip would be.
+    """
+    frames = list(_read_clip(path, positions, span, num_frames, size)[0])
     return [np.concatenate(frames, axis=1)] if layout == "grid" else frames
 
 
-def generate(images: list[list[np.ndarray]], cfg: CaptionConfig, max_new_tokens: int) -> list[tuple[str, bool]]:
-    """One batched ``generate``: per clip, (raw caption, truncated = no end of sequence within the budget)."""
-    import torch
-
-    device = resolve_device(cfg.device)
-    model, processor = load_llava(cfg.model, device, cfg.dtype)
-    prompts = []
-    for frames in images:
-        content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": cfg.prompt}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-    flat = [frame for frames in images for frame in frames]
-    inputs = processor(images=flat, text=prompts, padding=True, return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    tokenizer = processor.tokenizer
-    # The model's own stop tokens (its generation config): a chat model ends a turn with its own token
-    # (Llama-3-based LLaVA: <|eot_id|>), which the tokenizer's eos_token may not be; the tokenizer's is the
-    # fallback for a folder whose generation config names none.
-    stop = model.generation_config.eos_token_id
-    stop_ids = sorted({stop} if isinstance(stop, int) else set(stop or ()))
-    extra = {} if stop_ids else {"eos_token_id": tokenizer.eos_token_id}
-    stop_ids = stop_ids or [tokenizer.eos_token_id]
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **extra)
-    new = out[:, inputs["input_ids"].shape[1]:]  # (B, L_new)
-    truncated = [not bool(torch.isin(seq, torch.tensor(stop_ids, device=seq.device)).any()) for seq in new]
-    texts = processor.batch_decode(new, skip_special_tokens=True)
-    return list(zip(texts, truncated))
+def read_video(path: str, count: int, span: SourceSpan | None = None, num_frames: int = 0,
+               size: tuple[int, int] | None = None) -> Video:
+    """``count`` frames spread evenly over the clip, as one :class:`Video` (a video family's input); a reference
+    row as in :func:`read_frames`."""
+    frames, indices, total, fps = _read_clip(path, video_positions(count), span, num_frames, size)
+    return Video(frames, indices, total, fps)
 
 
-def read_row_frames(row: Row, cfg: CaptionConfig) -> list[np.ndarray]:
-    """The caption frames of a manifest row: a clip file, or a reference row's span of its source."""
+def generate(visuals: list, cfg: CaptionConfig, max_new_tokens: int) -> list[Generated]:
+    """One generate call of ``cfg.backend`` over the clips' frames (a list of images each, or a :class:`Video`)."""
+    if cfg.backend == "vllm":
+        return generate_vllm(visuals, cfg, max_new_tokens)
+    return generate_transformers(visuals, cfg, max_new_tokens, resolve_device(cfg.device))
+
+
+def read_row_frames(row: Row, cfg: CaptionConfig, video: bool = False) -> list[np.ndarray] | Video:
+    """The caption frames of a manifest row (a clip file, or a reference row's span of its source): images at
+    ``frame_positions``, or with ``video`` one :class:`Video` of ``video_frames`` frames."""
     span = source_span(row)
+    size = None if is_missing(row.get("height")) or is_missing(row.get("width")) else (row["height"], row["width"])
+    num_frames = 0 if span is None else int(row["num_frames"])
+    if video:
+        return read_video(row["path"], cfg.video_frames, span, num_frames, size)
     if span is None:
         return read_frames(row["path"], list(cfg.frame_positions), cfg.layout)
-    size = None if is_missing(row.get("height")) or is_missing(row.get("width")) else (row["height"], row["width"])
-    return read_frames(row["path"], list(cfg.frame_positions), cfg.layout, span, int(row["num_frames"]), size)
+    return read_frames(row["path"], list(cfg.frame_positions), cfg.layout, span, num_frames, size)
 
 
-def _decode(row: Row, cfg: CaptionConfig) -> list[np.ndarray] | Exception:
+def _decode(row: Row, cfg: CaptionConfig, video: bool) -> list[np.ndarray] | Video | Exception:
     """A row's frames, or the exception that fails that row alone (a broken clip)."""
     try:
-        return read_row_frames(row, cfg)
+        return read_row_frames(row, cfg, video)
     except Exception as err:
         return err
 
 
 def decoded_frames(
-    rows: list[Row], indices: list[int], cfg: CaptionConfig
-) -> Iterator[tuple[int, list[np.ndarray] | Exception]]:
+    rows: list[Row], indices: list[int], cfg: CaptionConfig, video: bool = False
+) -> Iterator[tuple[int, list[np.ndarray] | Video | Exception]]:
     """``(i, frames of rows[i] or the exception that failed it)`` for ``indices``, in that order.
 
     With ``prefetch_batches`` > 0 the frames of the next ``prefetch_batches * batch_size`` rows are being
@@ -238,14 +209,14 @@ def decoded_frames(
     """
     if cfg.prefetch_batches == 0:
         for i in indices:
-            yield i, _decode(rows[i], cfg)
+            yield i, _decode(rows[i], cfg, video)
         return
     ahead = cfg.prefetch_batches * cfg.batch_size
     pool = cf.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
     try:
         queue: collections.deque[tuple[int, cf.Future]] = collections.deque()
         for i in indices:
-            queue.append((i, pool.submit(_decode, rows[i], cfg)))
+            queue.append((i, pool.submit(_decode, rows[i], cfg, video)))
             if len(queue) > ahead:
                 j, future = queue.popleft()
                 yield j, future.result()
@@ -256,11 +227,13 @@ def decoded_frames(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _caption_chunk(rows: list[Row], chunk: dict[int, list[np.ndarray]], cfg: CaptionConfig, budget: int,
-                   last_try: bool, results: list) -> dict[int, list[np.ndarray]]:
-    """One ``generate`` call for ``chunk`` (row index -> frames): fills ``results``, returns the rows to try again."""
-    retry: dict[int, list[np.ndarray]] = {}
-    for i, (raw, truncated) in zip(chunk, generate(list(chunk.values()), cfg, budget)):
+def _caption_chunk(rows: list[Row], chunk: dict[int, list[np.ndarray] | Video], cfg: CaptionConfig, budget: int,
+                   last_try: bool, results: list, tokens: collections.Counter) -> dict[int, list[np.ndarray] | Video]:
+    """One ``generate`` call for ``chunk`` (row index -> frames): fills ``results`` and ``tokens`` (generated per
+    row, all tries), returns the rows to try again."""
+    retry: dict[int, list[np.ndarray] | Video] = {}
+    for i, (raw, truncated, n_tokens) in zip(chunk, generate(list(chunk.values()), cfg, budget)):
+        tokens[i] += n_tokens
         text = clean_caption(raw, list(cfg.strip_openings))
         empty = len(text.split()) < cfg.min_words
         loop = repeated_ngram(text, cfg.repeat_ngram, cfg.max_repeats) if cfg.max_repeats else None
@@ -275,7 +248,7 @@ def _caption_chunk(rows: list[Row], chunk: dict[int, list[np.ndarray]], cfg: Cap
             if truncated:
                 text = last_sentence_end(text)
             results[i] = [{**rows[i], "text": text, "caption_source": "model",
-                           "caption_flag": "truncated" if truncated else None}]
+                           "caption_flag": "truncated" if truncated else None, "caption_tokens": tokens[i]}]
     return retry
 
 
@@ -297,28 +270,43 @@ def caption_batch(rows: list[Row], cfg: CaptionConfig) -> list[list[Row] | Excep
             results[i] = RuntimeError("no caption in the data (column or sidecar) and no caption model configured")
         else:
             need_model.append(i)
+    if not need_model:
+        return results  # type: ignore[return-value]
+    # The family decides how frames are read; a folder that is no model of a known family stops the stage here.
+    video = family_of(cfg.model).video
+    tokens: collections.Counter = collections.Counter()
     # 1. First pass, streaming: batch k generates while the frames of batches k+1... are decoded.
-    retry: dict[int, list[np.ndarray]] = {}
-    chunk: dict[int, list[np.ndarray]] = {}
-    with contextlib.closing(decoded_frames(rows, need_model, cfg)) as stream:
+    retry: dict[int, list[np.ndarray] | Video] = {}
+    chunk: dict[int, list[np.ndarray] | Video] = {}
+    with contextlib.closing(decoded_frames(rows, need_model, cfg, video)) as stream:
         for i, frames in stream:
             if isinstance(frames, Exception):
                 results[i] = frames
                 continue
             chunk[i] = frames
             if len(chunk) == cfg.batch_size:
-                retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens, cfg.retries == 0, results)
+                retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens, cfg.retries == 0, results, tokens)
                 chunk = {}
     if chunk:
-        retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens, cfg.retries == 0, results)
+        retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens, cfg.retries == 0, results, tokens)
     # 2. Retries, frames already in memory: twice the budget each time.
     for attempt in range(1, cfg.retries + 1):
         todo, retry = retry, {}
         keys = list(todo)
         for start in range(0, len(keys), cfg.batch_size):
             chunk = {i: todo[i] for i in keys[start : start + cfg.batch_size]}
-            retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens * 2**attempt, attempt == cfg.retries, results)
+            retry |= _caption_chunk(rows, chunk, cfg, cfg.max_new_tokens * 2**attempt, attempt == cfg.retries,
+                                    results, tokens)
     return results  # type: ignore[return-value]
+
+
+def throughput(rows: list[Row], seconds: float) -> str:
+    """The summary's throughput part over the output ``rows`` a run finished in ``seconds`` (its wall time, model
+    loading and decoding included): clips the model captioned per second and tokens it generated per second."""
+    model = [r for r in rows if r.get("caption_source") == "model"]
+    n_tokens = sum(int(r["caption_tokens"]) for r in model)
+    per_s = 1 / seconds if seconds > 0 else 0.0
+    return f"model captioned {len(model)} clips: {len(model) * per_s:.3f} videos/s, {n_tokens * per_s:.1f} tokens/s"
 
 
 def caption_row(row: Row, cfg: CaptionConfig) -> list[Row]:

@@ -222,18 +222,25 @@ class DedupConfig:
 
 @dataclass
 class CaptionConfig:
-    """caption: LLaVA / LLaVA-NeXT captions from a few frames, or captions the data set already carries."""
+    """caption: a vision-language model's captions of a few frames or a short video, or captions the data carries."""
 
-    model: str = _f("", "local folder of a LLaVA / LLaVA-NeXT model ('' = only take captions the data carries)")
+    model: str = _f("", "local folder of a model of a supported family (data_pipeline/captioners.py: LLaVA 1.5/1.6, "
+                    "LLaVA-OneVision / LLaVA-Video, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL, Qwen3-VL; its config.json "
+                    "tells which) ('' = only take captions the data carries)")
+    backend: str = _f("transformers", "transformers (batched generate) or vllm (vLLM's offline engine, continuous "
+                      "batching; GPU only, imported only when chosen)", output=False)
     use_existing: bool = _f(True, "keep a non-empty text column or a sidecar .txt/.json caption as it is")
     sidecar_from_source: bool = _f(True, "also look for a sidecar next to the source video of a clip")
     prompt: str = _f(
         "Describe this video in one detailed paragraph: the subjects, their actions, the setting and the camera.",
         "instruction given with the frames",
     )
-    num_frames: int = _f(3, "frames shown per clip")
+    num_frames: int = _f(3, "frames shown per clip to an image family (LLaVA 1.5/1.6)")
     frame_positions: list = _f([0.2, 0.5, 0.8], "relative positions of the frames in the clip (len = num_frames)")
-    layout: str = _f("separate", "separate (one image per frame) or grid (frames side by side in one image)")
+    layout: str = _f("separate", "image families: separate (one image per frame) or grid (frames side by side in one "
+                     "image)")
+    video_frames: int = _f(8, "video families (OneVision, Qwen-VL): frames spread evenly over the clip, given as one "
+                           "video (Qwen-VL takes them in pairs: keep it even)")
     batch_size: int = _f(8, "clips per generate() call", output=False)
     prefetch_batches: int = _f(2, "generate batches whose frames are decoded in the background while one generates "
                                "(0 = decode each batch just before its generate, the GPU waits meanwhile)", output=False)
@@ -257,6 +264,9 @@ class CaptionConfig:
     )
     device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), or a torch device", output=False)
     dtype: str = _f("auto", "auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16 or float32")
+    vllm_max_model_len: int = _f(0, "vllm: context length the engine reserves KV cache for (0 = the model's own)",
+                                 output=False)
+    vllm_gpu_memory_utilization: float = _f(0.9, "vllm: share of the GPU's memory the engine may take", output=False)
     row_timeout_s: float = _f(600.0, "the runner fails a row still running after this long and replaces its worker "
                               "(a hung model or decoder); a task of N rows gets N times this (0 = no limit)",
                               output=False)
@@ -264,6 +274,10 @@ class CaptionConfig:
     def __post_init__(self):
         if self.layout not in ("separate", "grid"):
             raise ValueError(f"caption.layout must be 'separate' or 'grid', got {self.layout!r}")
+        if self.backend not in ("transformers", "vllm"):
+            raise ValueError(f"caption.backend must be 'transformers' or 'vllm', got {self.backend!r}")
+        if self.video_frames < 1:
+            raise ValueError(f"caption.video_frames must be >= 1, got {self.video_frames}")
         if self.batch_size < 1 or self.decode_workers < 1 or self.task_batches < 1 or self.prefetch_batches < 0:
             raise ValueError("caption.batch_size, decode_workers and task_batches must be >= 1, prefetch_batches >= 0")
         if len(self.frame_positions) != self.num_frames:

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import pandas as pd
 
-from data_pipeline.caption import caption_batch, caption_row
+from data_pipeline.caption import caption_batch, caption_row, throughput
 from data_pipeline.config import (
     CaptionConfig, DedupConfig, DownloadConfig, FilterConfig, PipelineConfig, ProbeConfig, RunnerConfig, SplitConfig,
 )
@@ -41,6 +41,8 @@ class StageSpec(NamedTuple):
     # Once every row is done, ``finish(output, cfg)`` rewrites the whole output manifest (dedup's grouping),
     # on rank 0 after the merge; it runs again on every re-run, the row results come from the journal.
     finish: Callable[..., object] | None = None
+    # ``report(rows done in this run, seconds)`` -> the stage's figures in its summary line (runner.Stage.report)
+    report: Callable[[list, float], str] | None = None
 
 
 # The functions themselves, not their names: a renamed function is an import error here, not a failure at
@@ -51,7 +53,7 @@ STAGES: dict[str, StageSpec] = {
     "split": StageSpec(split, None, SplitConfig),
     "filter": StageSpec(filter_clip, None, FilterConfig),
     "dedup": StageSpec(dedup_signature, None, DedupConfig, group_duplicates),
-    "caption": StageSpec(caption_row, caption_batch, CaptionConfig),
+    "caption": StageSpec(caption_row, caption_batch, CaptionConfig, report=throughput),
 }
 MEDIA_DIRS = {"download": "videos", "split": "clips"}
 
@@ -71,7 +73,7 @@ def make_stage(name: str, cfg, output: str | Path) -> Stage:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(out_dir).resolve()))
         out_dirs = (cfg.out_dir,)
     return Stage(name=name, fn=spec.fn, cfg=cfg, batch_fn=spec.batch_fn, out_dirs=out_dirs,
-                 row_timeout_s=cfg.row_timeout_s)
+                 row_timeout_s=cfg.row_timeout_s, report=spec.report)
 
 
 def dist_env() -> tuple[int, int]:

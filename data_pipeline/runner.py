@@ -161,6 +161,9 @@ class Stage:
     batch_fn: Callable[[list[Row], Any], list] | None = None
     out_dirs: tuple[str, ...] = ()  # folders the stage writes media to (an ENOENT there is systemic)
     row_timeout_s: float = 0.0  # a row still running after this long fails (a task of N rows: N times it); 0 = never
+    # ``report(output rows of the rows done in this run, seconds)`` -> what the summary line adds (caption's
+    # videos/s and tokens/s), or None
+    report: Callable[[list[Row], float], str] | None = None
 
     def __post_init__(self):
         if self.row_timeout_s < 0:
@@ -368,6 +371,7 @@ class Summary:
     rejected: int = 0
     reasons: collections.Counter = field(default_factory=collections.Counter)
     seconds: float = 0.0
+    report: str = ""  # the stage's own figures for this run (Stage.report)
 
     def __str__(self) -> str:
         parts = [
@@ -381,6 +385,8 @@ class Summary:
             f"-> {self.rows_out} output rows",
         ]
         line = ", ".join(parts)
+        if self.report:
+            line += f" | {self.report}"
         if self.reasons:
             line += " | reasons: " + "; ".join(f"{r} x{n}" for r, n in self.reasons.most_common(10))
         return line
@@ -693,12 +699,14 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
         entry = journal.entries[row["id"]]
         out_rows += entry["rows"]
     todo_ids = {r["id"] for r in todo}
+    done_rows: list[Row] = []
     for row in rows:
         if row["id"] not in todo_ids:
             continue
         entry = journal.entries[row["id"]]
         if entry["status"] == OK_STATUS:
             summary.done += 1
+            done_rows += entry["rows"]
         elif entry["status"] == "rejected":
             summary.rejected += 1
             summary.reasons[_reason_key(entry["error"])] += 1
@@ -716,5 +724,7 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
         raise SystemicError(f"{stage.name}: every row is journaled in {journal.path}, but the manifest {output} "
                             f"could not be written: {cause}; fix the cause and re-run to write it") from err
     summary.seconds = time.time() - t0
+    if stage.report is not None:
+        summary.report = stage.report(done_rows, summary.seconds)
     print(str(summary), file=sys.stderr, flush=True)
     return summary

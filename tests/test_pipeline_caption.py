@@ -16,6 +16,7 @@ import pytest
 
 from data_helpers import make_video
 from data_pipeline import caption as cap, pipeline
+from data_pipeline.captioners import FAMILIES
 from data_pipeline.config import CaptionConfig, RunnerConfig
 from data_pipeline.pipeline import make_stage, merge_shards, run_one, shard, shard_path
 from data_pipeline.runner import run_stage
@@ -23,6 +24,14 @@ from opensora.data.manifest import normalize, read_manifest, write_manifest
 
 SERIAL = RunnerConfig(workers=0, progress=False)
 WORKER = Path(__file__).parent / "dist_workers" / "caption_worker.py"
+
+
+@pytest.fixture(autouse=True)
+def stand_in_model_is_an_image_family(monkeypatch):
+    """The stand-in model names ("m", "stand-in": generate is replaced) are LLaVA folders to caption_batch, which
+    asks the folder's family how to read the frames; real folders are read as they are."""
+    real = cap.family_of
+    monkeypatch.setattr(cap, "family_of", lambda model: FAMILIES["llava"] if model in ("m", "stand-in") else real(model))
 
 
 def test_clean_caption_strips_openings():
@@ -70,7 +79,7 @@ def test_empty_and_truncated_captions_are_retried_then_marked(tmp_path, monkeypa
 
     def fake_generate(images, cfg, max_new_tokens):
         calls.append((len(images), max_new_tokens))
-        return [("The video shows", False), ("A cat sits on a mat. It then", True)][: len(images)]
+        return [("The video shows", False, 2), ("A cat sits on a mat. It then", True, 16)][: len(images)]
 
     monkeypatch.setattr(cap, "generate", fake_generate)
     monkeypatch.setattr(cap, "read_frames", lambda path, positions, layout: [None])
@@ -83,7 +92,7 @@ def test_empty_and_truncated_captions_are_retried_then_marked(tmp_path, monkeypa
 
 def _width_captions(images, cfg, max_new_tokens):
     """A stand-in for generate whose caption depends on the frames (their width), so a mix-up shows."""
-    return [(f"a clip {frames[0].shape[1]} pixels wide", False) for frames in images]
+    return [(f"a clip {frames[0].shape[1]} pixels wide", False, 5) for frames in images]
 
 
 def test_prefetch_gives_the_serial_captions_in_order_and_a_broken_clip_fails_alone(tmp_path, monkeypatch):
@@ -145,7 +154,7 @@ def test_frames_of_the_next_batch_decode_while_one_generates(tmp_path, monkeypat
         if n == 0:
             log("next batch decoding during generate", next_batch_decoding.wait(timeout=10 if prefetch else 0.5))
         log("generated", n)
-        return [("a cat on a mat", False)] * len(images)
+        return [("a cat on a mat", False, 5)] * len(images)
 
     monkeypatch.setattr(cap, "read_frames", fake_read)
     monkeypatch.setattr(cap, "generate", fake_generate)
@@ -208,13 +217,13 @@ def test_llava_loads_straight_onto_its_device(tmp_path, monkeypatch):
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", classmethod(spy))
     monkeypatch.setattr(torch.nn.Module, "to", moved)
     monkeypatch.setattr(torch.nn.Module, "cuda", moved)
-    cap.load_llava.cache_clear()
+    cap.load_model.cache_clear()
     try:
-        model, processor = cap.load_llava(str(tmp_path / "llava"), "cpu", "float32")
+        model, processor = cap.load_model(str(tmp_path / "llava"), "cpu", "float32")
         assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
-        cap.load_llava(str(tmp_path / "llava"), "cuda:3", "bfloat16")
+        cap.load_model(str(tmp_path / "llava"), "cuda:3", "bfloat16")
     finally:
-        cap.load_llava.cache_clear()
+        cap.load_model.cache_clear()
     assert [c["device_map"] for c in calls] == [{"": "cpu"}, {"": "cuda:3"}]
     assert [c["dtype"] for c in calls] == [torch.float32, torch.bfloat16]
 
@@ -311,7 +320,7 @@ def rank0_of_two(monkeypatch):
     monkeypatch.setattr(pipeline, "SHARD_HEARTBEAT_S", 0.05)
     monkeypatch.setattr(pipeline, "SHARD_STALL_S", 1.0)
     monkeypatch.setattr(cap, "read_frames", lambda path, positions, layout: [np.zeros((4, 4, 3), np.uint8)])
-    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [("a cat sits on a mat", False)] * len(images))
+    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [("a cat sits on a mat", False, 6)] * len(images))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(4)]}))
     dist.destroy_process_group()
@@ -422,7 +431,7 @@ def test_a_rerun_on_another_number_of_processes_redoes_only_unfinished_rows(tmp_
         return [np.zeros((4, 4, 3), np.uint8)]
 
     monkeypatch.setattr(cap, "read_frames", fake_read)
-    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [("a cat sits on a mat", False)] * len(images))
+    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [("a cat sits on a mat", False, 6)] * len(images))
     df = normalize(pd.DataFrame({"path": [f"/v/{i}.mp4" for i in range(6)]}))
     out, cfg = tmp_path / "cap.parquet", CaptionConfig(model="m", batch_size=1, task_batches=1)
     # A 2-rank run in which rank 1 died after its first row; earlier, a 1-process run had failed row 0.
@@ -455,19 +464,19 @@ def test_generation_stops_at_the_models_own_end_of_turn_token(tmp_path):
     make_video(tmp_path / "c.mp4", [24])
     frames = [cap.read_frames(str(tmp_path / "c.mp4"), [0.5], "separate")]
     cfg = CaptionConfig(model=str(folder), num_frames=1, frame_positions=[0.5], device="cpu")
-    cap.load_llava.cache_clear()
-    model, processor = cap.load_llava(str(folder), "cpu", "auto")
-    [(text, truncated)] = cap.generate(frames, cfg, 8)
+    cap.load_model.cache_clear()
+    model, processor = cap.load_model(str(folder), "cpu", "auto")
+    [(text, truncated, _)] = cap.generate(frames, cfg, 8)
     words = text.split()
     assert truncated and len(words) >= 2, "the random model runs to the budget without its eos"
     end_of_turn = processor.tokenizer.convert_tokens_to_ids(words[1])  # the model's second word ends its turn
     assert end_of_turn != processor.tokenizer.eos_token_id
     config = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [2, end_of_turn]}))
-    cap.load_llava.cache_clear()
+    cap.load_model.cache_clear()
     try:
-        [(text, truncated)] = cap.generate(frames, cfg, 8)
+        [(text, truncated, _)] = cap.generate(frames, cfg, 8)
     finally:
-        cap.load_llava.cache_clear()
+        cap.load_model.cache_clear()
     # (the stop word is an ordinary word here, so it is decoded; a real end-of-turn token is special and skipped)
     assert text.split() == words[:2] and not truncated

@@ -1,8 +1,17 @@
 """The caption quality check: a caption caught in a loop (a repeated n-gram) is generated again, then failed."""
 
 from data_helpers import make_video
+import pytest
+
 from data_pipeline import caption as cap
+from data_pipeline.captioners import FAMILIES
 from data_pipeline.config import CaptionConfig
+
+
+@pytest.fixture(autouse=True)
+def stand_in_model_is_an_image_family(monkeypatch):
+    """The stand-in model "m" (generate is replaced) is a LLaVA folder to caption_batch."""
+    monkeypatch.setattr(cap, "family_of", lambda model: FAMILIES["llava"])
 
 
 def test_repeated_ngram_is_found():
@@ -21,7 +30,7 @@ def test_repetitive_and_empty_captions_are_retried_once_then_fail(tmp_path, monk
 
     def fake_generate(images, cfg, max_new_tokens):
         calls.append((len(images), max_new_tokens))
-        return [(text, False) for text in answers[max_new_tokens][: len(images)]]
+        return [(text, False, len(text.split())) for text in answers[max_new_tokens][: len(images)]]
 
     monkeypatch.setattr(cap, "generate", fake_generate)
     monkeypatch.setattr(cap, "read_frames", lambda path, positions, layout: [None])
@@ -36,7 +45,7 @@ def test_repetitive_and_empty_captions_are_retried_once_then_fail(tmp_path, monk
 def test_a_caption_still_looping_after_the_retries_fails_the_row(tmp_path, monkeypatch):
     make_video(tmp_path / "a.mp4", [20])
     loop = "Waves roll in, waves roll in, waves roll in, waves roll in."
-    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [(loop, False)] * len(images))
+    monkeypatch.setattr(cap, "generate", lambda images, cfg, budget: [(loop, False, len(loop.split()))] * len(images))
     monkeypatch.setattr(cap, "read_frames", lambda path, positions, layout: [None])
     (out,) = cap.caption_batch([{"id": "0", "path": str(tmp_path / "a.mp4")}], CaptionConfig(model="m", retries=1))
     assert isinstance(out, RuntimeError) and "repetitive caption" in str(out) and "waves roll in" in str(out)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, when run as a script
 
 from data_pipeline import caption as cap, pipeline  # noqa: E402
+from data_pipeline.captioners import FAMILIES  # noqa: E402
 from data_pipeline.config import CaptionConfig, RunnerConfig  # noqa: E402
 from opensora.distributed import exit_process  # noqa: E402
 from opensora.utils import append_jsonl  # noqa: E402
@@ -60,9 +61,10 @@ def main() -> None:
                 time.sleep(3600)
         if rank == args.slow_rank:
             time.sleep(args.slow_s)
-        return [("a cat sits on a mat", False)] * len(images)
+        return [("a cat sits on a mat", False, 6)] * len(images)
 
     cap.read_frames, cap.generate = fake_read, fake_generate
+    cap.family_of = lambda model: FAMILIES["llava"]  # the stand-in reads frames as an image family's
     # The shard waits in seconds instead of minutes; a rank busy in generate for longer than the stall limit
     # must still count as alive.
     pipeline.SHARD_POLL_S, pipeline.SHARD_HEARTBEAT_S, pipeline.SHARD_STALL_S = 0.1, 0.2, 2.0
