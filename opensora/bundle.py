@@ -16,6 +16,7 @@ be a pretrained diffusers folder (a pipeline's root or its ``transformer/``), re
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,13 @@ class Bundle:
             self.family.check_input_size(self.family.config_of(self.model), size)
         return size
 
+    def dropped_tokens(self, prompts: list[str]) -> list[int]:
+        """Per prompt, how many tokens the text encoder cuts off (it keeps ``max_length``, the closing ``</s>``
+        included); 0 for a prompt that fits. The model never sees the dropped words, so the CLI warns."""
+        te = self.text_encoder
+        ids = te.tokenizer(list(prompts), add_special_tokens=True, truncation=False)["input_ids"]
+        return [max(0, len(i) - te.max_length) for i in ids]
+
     @torch.no_grad()
     def generate(
         self,
@@ -146,6 +154,9 @@ class Bundle:
         sampler: str | None = None,
         progress: bool = True,
         cond: FrameCondition | None = None,
+        cfg_group=None,
+        decode_group=None,
+        cache=None,
     ) -> torch.Tensor:
         """Samples one video per prompt.
 
@@ -160,6 +171,14 @@ class Bundle:
             cond: given frames (first Ks and / or last Ke of every video): they are encoded with the bundle's
                 autoencoder and kept, with t = 0, at every sampling step, in both guidance branches. With an
                 identity autoencoder they come out bit for bit; with a VAE within its round-trip error.
+            cfg_group: CFG parallelism (``--cfg-parallel``): a process group of 2 ranks; rank 0 of it runs the
+                conditional pass, rank 1 the unconditional one, and both mix the gathered predictions
+                (:func:`opensora.distributed.sequence_parallel.cfg_parallel_guidance`). None: one batch of 2B.
+            decode_group: the ranks that sampled this video together (SP and CFG ranks): a per-frame autoencoder
+                decodes a share of the latent frames on each and gathers them. None: this process decodes all.
+            cache: a :class:`opensora.sampling.StepCache`: steps whose model input barely changed reuse the last
+                prediction (its ``calls`` / ``skipped`` count them). None: every step runs the model.
+        Every rank of a parallel group calls this with the same arguments and gets the same video.
         Returns:
             (B, 3, T, H, W) float video in [-1, 1] on the CPU.
         """
@@ -185,22 +204,53 @@ class Bundle:
         self.model.eval()
         model_fn = family.model_fn(self.model)
         if cfg_scale == 1.0:
+            if cfg_group is not None:
+                raise ValueError("CFG parallelism needs guidance (cfg_scale != 1): there is no second pass to split")
             kwargs = dict(y=y, mask=mask)
         else:
-            model_fn = classifier_free_guidance(model_fn, cfg_scale, guided_channels=channels)
             if hasattr(self.model, "null_caption"):  # a learned null caption (STDiT): what its caption dropout trained
                 null_y, null_mask = self.model.null_caption(B).to(y.dtype), mask
             else:  # the families trained with the encoded negative prompt ("" by default) in its place
                 null = self.text_encoder.encode([family.sampler.negative_prompt] * B, device=device)
                 null_y, null_mask = null["y"].to(y.dtype), null["mask"]
-            kwargs = dict(y=torch.cat([y, null_y]), mask=torch.cat([mask, null_mask]))
+            if cfg_group is None:
+                model_fn = classifier_free_guidance(model_fn, cfg_scale, guided_channels=channels)
+                kwargs = dict(y=torch.cat([y, null_y]), mask=torch.cat([mask, null_mask]))
+            else:
+                from opensora.distributed.sequence_parallel import cfg_parallel_guidance
+
+                branch = torch.distributed.get_rank(cfg_group)  # 0: conditional, 1: unconditional
+                model_fn = cfg_parallel_guidance(model_fn, cfg_scale, channels, cfg_group)
+                kwargs = dict(y=y, mask=mask) if branch == 0 else dict(y=null_y, mask=null_mask)
+        if cache is not None:
+            model_fn = cache.wrap(model_fn, steps)
         frames = {} if cond is None else self.encode_condition(cond, B, num_frames, height, width, noise)
         z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator, **frames)
-        video = self.vae.decode(z.to(next(self.vae.parameters(), z).dtype)).float().clamp(-1, 1).cpu()
+        video = self.decode(z, group=decode_group).float().clamp(-1, 1).cpu()
         if tuple(video.shape[2:]) != (num_frames, height, width):  # a decoder off its frame rule would say so here
             raise RuntimeError(f"{self.vae.name} decoded a {tuple(video.shape[2:])} video for the requested "
                                f"{(num_frames, height, width)}")
         return video
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, group=None) -> torch.Tensor:
+        """(B, C, T', h, w) latents -> (B, 3, T, H, W) video, in the autoencoder's bounded micro-batches.
+
+        With ``group`` (the ranks that hold the same ``z``), a per-frame autoencoder (SD-VAE, identity: each
+        latent frame decodes alone, so a split changes nothing) decodes a contiguous share of the frames on each
+        rank and all of them gather the video; a 3D autoencoder, whose frames depend on each other, decodes whole
+        on every rank (its ``micro_batch_size`` / tiling bound the memory).
+        """
+        z = z.to(next(self.vae.parameters(), z).dtype)
+        per_frame = self.vae.compression[0] == 1 and not self.vae.causal
+        if group is None or not per_frame or torch.distributed.get_world_size(group) == 1:
+            return self.vae.decode(z)
+        P, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        mine = z.tensor_split(P, dim=2)[r]  # (B, C, ~T'/P, h, w); may be empty when T' < P
+        part = self.vae.decode(mine) if mine.shape[2] else mine.new_zeros(0)
+        parts = [None] * P
+        torch.distributed.all_gather_object(parts, part.cpu(), group=group)  # shares differ in length by one
+        return torch.cat([p for p in parts if p.numel()], dim=2).to(z.device)
 
     @torch.no_grad()
     def encode_condition(self, cond: FrameCondition, batch: int, num_frames: int, height: int, width: int,
@@ -251,10 +301,21 @@ def _resolved_vae_config(directory: str | Path, vae_cfg: VAEConfig) -> VAEConfig
 
 
 def load_bundle(directory: str | Path, device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None) -> Bundle:
-    """Loads a bundle written by :func:`write_bundle` (weights from safetensors / ``from_pretrained`` only)."""
+                dtype: torch.dtype | None = None, vae_micro_batch_size: int | None = None,
+                vae_tiling: bool = False) -> Bundle:
+    """Loads a bundle written by :func:`write_bundle` (weights from safetensors / ``from_pretrained`` only).
+
+    Args:
+        vae_micro_batch_size: frames (per-frame VAE) or clips (3D VAE) per decoder call, replacing the bundle's
+            ``vae.micro_batch_size`` (the decoder's peak memory); None: the bundle's.
+        vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling``) even where the bundle does not.
+    """
     directory = Path(directory)
     cfg = load_bundle_config(directory)
+    if vae_micro_batch_size is not None or vae_tiling:
+        vae = dataclasses.replace(cfg.vae, tiling=cfg.vae.tiling or vae_tiling,
+                                  micro_batch_size=vae_micro_batch_size or cfg.vae.micro_batch_size)
+        cfg = dataclasses.replace(cfg, vae=vae)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_bundle_model(directory, cfg, dtype=dtype).to(device=device).eval()
     vae, text_encoder = load_encoders(directory, device=device, dtype=dtype, config=cfg)

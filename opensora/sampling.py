@@ -1,6 +1,6 @@
 """What a set of sampled videos is written as, for every sampler of the project (``tools/sample.py``, validation
 while training, the demo's report): ``NNN_<prompt-slug>.mp4`` files through the one H.264 writer, their prompts in
-``prompts.tsv``, and a PNG grid of their frames.
+``prompts.tsv``, and a PNG grid of their frames; and :class:`StepCache`, the sampler's optional step cache.
 
     videos = bundle.generate(prompts, 8, 32, 32, steps=30, cfg_scale=4.0, seed=0)   # (B, 3, T, H, W)
     paths = write_samples(out_dir, videos, prompts, fps=8.0)
@@ -59,6 +59,13 @@ def write_samples(out_dir: str | Path, videos: torch.Tensor | Sequence[torch.Ten
     return paths
 
 
+def finished_samples(out_dir: str | Path, prompts: Sequence[str]) -> list[bool]:
+    """Per prompt, whether its video ``NNN_<slug>.mp4`` is in ``out_dir`` (files are renamed into place when
+    complete, so one that exists is finished; a changed prompt has another slug and is not taken for one)."""
+    out_dir = Path(out_dir)
+    return [(out_dir / sample_filename(i, p)).is_file() for i, p in enumerate(prompts)]
+
+
 def write_prompts_file(out_dir: str | Path, written: Sequence[tuple[Path, str]]) -> Path:
     """``prompts.tsv``: ``file<TAB>prompt`` per written video (the full prompt; file names hold only a slug)."""
     path = Path(out_dir) / PROMPTS_FILE
@@ -98,3 +105,53 @@ def frame_grid(videos: Sequence[np.ndarray], labels: Sequence[str], path: str | 
     with atomic_write_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+class StepCache:
+    """Reuses the last model prediction on sampling steps whose model input barely changed.
+
+    The idea and its signal are TeaCache's (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video
+    Diffusion Model", CVPR 2025, arXiv:2411.19108): the relative L1 change of the transformer's input between
+    consecutive steps, accumulated since the last computed step, predicts how much its output changes; while the
+    sum stays under a threshold the cached output is used, and the first and last steps always run. Two
+    differences, both to keep it outside the model so that it works for every family and under SP / CFG
+    parallelism unchanged: the signal is the latent x_t the model is called with (TeaCache reads the
+    timestep-modulated input of block 0, and rescales it with a polynomial fitted per model), and what is reused
+    is the whole (guided) prediction (TeaCache reuses the blocks' residual and reruns the embedders and final
+    layer). x_t is the same on every rank of a parallel group, so every rank skips the same steps.
+
+    Args:
+        threshold: the accumulated relative L1 change under which a step is skipped; 0 computes every step.
+            TeaCache's published thresholds for its rescaled signal are 0.1 - 0.3; this signal is not rescaled,
+            so measure (docs/benchmarks.md).
+    """
+
+    def __init__(self, threshold: float):
+        if threshold < 0:
+            raise ValueError(f"cache threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+        self.calls = 0  # model evaluations asked for (all samplings through this cache)
+        self.skipped = 0  # of which served from the cache
+
+    @property
+    def skipped_share(self) -> float:
+        return self.skipped / self.calls if self.calls else 0.0
+
+    def wrap(self, model_fn, steps: int):
+        """``model_fn`` with the cache in front, for one sampling of ``steps`` steps (one call per step)."""
+        state = {"step": 0, "prev_x": None, "out": None, "acc": 0.0}
+
+        def cached(x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
+            i, prev = state["step"], state["prev_x"]
+            state["step"] += 1
+            self.calls += 1
+            if prev is not None:  # mean |dx| / mean |x| between consecutive steps, computed or not
+                state["acc"] += float((x - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+            state["prev_x"] = x
+            if state["out"] is not None and 0 < i < steps - 1 and state["acc"] < self.threshold:
+                self.skipped += 1
+                return state["out"]
+            state["out"], state["acc"] = model_fn(x, t, **model_kwargs), 0.0
+            return state["out"]
+
+        return cached

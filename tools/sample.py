@@ -25,6 +25,24 @@ frames); another count is refused before anything loads, naming the nearest vali
 Videos are named ``NNN_<prompt-slug>.mp4`` and listed with their full prompts in ``OUT/prompts.tsv``.
 The same seed gives the same video for the same prompt batch (``--batch-size 1``, the default, makes each video
 depend only on its prompt and the seed).
+
+Many prompts: ``--prompt-file`` (one per line). A re-run into the same ``--out`` skips every finished mp4 (files
+are renamed into place when complete) and samples the rest; ``OUT/sampling.json`` records the settings and a
+re-run with other ones is refused. A prompt the text encoder truncates is warned about with the tokens dropped;
+the run ends with done / skipped / failed, s/video, GPU-s/video and $/video (the cost ledger's price for the GPU,
+or ``--price``); a prompt that fails (e.g. out of memory) is reported and the list goes on (exit status 1).
+
+Several GPUs (N = prompt groups x CFG split x SP degree; one output folder, each file written by its group's
+first rank; the same seed gives the same video for any split):
+
+    torchrun --standalone --nproc_per_node 8 tools/sample.py --ckpt BUNDLE --prompt-file prompts.txt \
+        --num-frames 16 --height 512 --width 512 --sp-size 4 --cfg-parallel --out samples/   # 1 group of 8
+
+``--sp-size K``: the training's Ulysses sequence parallelism over K ranks per pass (STDiT); ``--cfg-parallel``:
+the conditional and unconditional passes on two ranks; the rest of N takes prompt batches round robin.
+``--vae-micro-batch`` / ``--vae-tiling`` bound the decoder's memory; a per-frame VAE decodes a share of the frames
+on each rank of the group. ``--cache THRESHOLD`` skips model calls on steps whose input barely changed
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -68,7 +86,22 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--price", type=float, default=None,
+                   help="USD per GPU-hour for the summary's $/video; default: the cost ledger's price for the GPU")
+    p.add_argument("--cache", type=float, default=None, metavar="THRESHOLD",
+                   help="step cache: reuse the last prediction while the accumulated relative change of the model "
+                        "input stays under THRESHOLD (TeaCache-like; docs/benchmarks.md measures speed vs quality)")
+    par = p.add_argument_group("parallel sampling (under torchrun: N ranks = prompt groups x CFG split x SP degree)")
+    par.add_argument("--sp-size", type=int, default=1, metavar="K",
+                     help="ranks per video pass: Ulysses sequence parallelism over the latent frames, as in training "
+                          "(STDiT; K must divide the heads and the latent frame count)")
+    par.add_argument("--cfg-parallel", action="store_true",
+                     help="the conditional and unconditional passes on two ranks instead of one batch")
+    par.add_argument("--vae-micro-batch", type=int, default=None, metavar="N",
+                     help="frames (per-frame VAE) or clips (3D VAE) per decoder call: bounds the decoder's memory; "
+                          "default: the bundle's")
+    par.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (bounded memory at large sizes)")
     c = p.add_argument_group("frame conditioning (each flag once for all prompts, or once per prompt)")
     c.add_argument("--cond-image", action="append", default=[], type=Path, metavar="IMAGE",
                    help="image-to-video: this image is the first frame")
@@ -192,58 +225,204 @@ def _stack(frames: list) -> torch.Tensor | None:
     return None if frames[0] is None else torch.stack(frames)
 
 
+SETTINGS_FILE = "sampling.json"  # what the videos in --out were sampled with; a resume must match it
+
+
+def _settings(args, bundle, dtype_name: str, overlap: int) -> dict:
+    """Everything that decides the videos' content (not how many ranks made them: any split gives the same)."""
+    return dict(ckpt=str(args.ckpt.resolve()), num_frames=args.num_frames, height=args.height, width=args.width,
+                steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                sampler=args.sampler or bundle.config.diffusion, fps=args.fps, crf=args.crf,
+                batch_size=args.batch_size, dtype=dtype_name, extend=args.extend,
+                cond_frames=overlap if (args.cond_video or args.extend) else None, cond_from=args.cond_from,
+                cond_image=[str(p) for p in args.cond_image], cond_end_image=[str(p) for p in args.cond_end_image],
+                cond_video=[str(p) for p in args.cond_video], cache=args.cache)
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuses to resume into a folder whose finished videos were sampled with other settings (they would be
+    skipped as done and mixed with the new ones); the first run records them."""
+    import json
+
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise SystemExit(f"error: {out} holds videos sampled with other settings ({what}); a re-run skips "
+                             f"finished videos, so it must use the same ones: use another --out, or delete {path} "
+                             "and the videos")
+
+
+def warn_long_prompts(bundle, prompts: list[str], shown: int = 20) -> None:
+    """One warning line per prompt the text encoder truncates (the first ``shown``), with the tokens dropped."""
+    dropped = [(i, n) for i, n in enumerate(bundle.dropped_tokens(prompts)) if n]
+    limit = bundle.text_encoder.max_length
+    for i, n in dropped[:shown]:
+        print(f"warning: prompt {i} is {limit + n} tokens, the text encoder keeps {limit}: {n} token(s) dropped "
+              f"({prompts[i][:60]!r}...)", file=sys.stderr)
+    if len(dropped) > shown:
+        print(f"warning: {len(dropped) - shown} more prompt(s) are truncated", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from opensora.sampling import write_prompts_file, write_samples
+    import json
+    import os
+
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from opensora.accounting.gpu import default_price, detect_gpu_type
+    from opensora.distributed import init_distributed
+    from opensora.distributed.sequence_parallel import SamplingLayout, apply_sequence_parallel
+    from opensora.sampling import StepCache, finished_samples, sample_filename, write_prompts_file, write_samples
+    from opensora.utils import atomic_write_path
 
     args = parse_args(argv)
     prompts = collect_prompts(args)
-    for name in ("num_frames", "height", "width", "steps", "batch_size"):
+    for name in ("num_frames", "height", "width", "steps", "batch_size", "sp_size", "vae_micro_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.crf <= 51:  # checked here, not by the writer after the first video was sampled
         raise SystemExit(f"error: --crf must be in [0, 51], got {args.crf}")
+    if args.cfg_parallel and args.cfg_scale == 1.0:
+        raise SystemExit("error: --cfg-parallel needs guidance (--cfg-scale != 1): there is no second pass")
+    if args.cache is not None and args.cache < 0:
+        raise SystemExit(f"error: --cache must be >= 0, got {args.cache}")
+    launched = "WORLD_SIZE" in os.environ  # torchrun
+    dist_info = init_distributed() if launched else None
+    world, rank = (dist_info.world_size, dist_info.rank) if launched else (1, 0)
+    try:
+        layout = SamplingLayout.build(world, rank, args.sp_size, args.cfg_parallel)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     try:
         # Cheap (config files only): a bad path, or a size the autoencoder cannot take, fails before anything
         # heavy loads, naming the nearest valid frame counts.
         vae_shape = bundle_autoencoder_shape(args.ckpt, load_bundle_config(args.ckpt))
         if args.num_frames is None:
             args.num_frames = max(vae_shape.nearest_valid_num_frames(DEFAULT_NUM_FRAMES))
-        vae_shape.latent_size((args.num_frames, args.height, args.width))
+        latent = vae_shape.latent_size((args.num_frames, args.height, args.width))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     starts, ends, overlap = read_conditions(args, len(prompts), vae_shape)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else (
+        dist_info.device if launched else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    bundle = load_bundle(args.ckpt, device=device, dtype=dtype)
+    bundle = load_bundle(args.ckpt, device=device, dtype=dtype, vae_micro_batch_size=args.vae_micro_batch,
+                         vae_tiling=args.vae_tiling)
     try:
         bundle.latent_size(args.num_frames, args.height, args.width)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
+    groups = layout.new_groups() if launched else {"sp": None, "cfg": None, "video": None}
+    if args.sp_size > 1:  # the training's Ulysses SP over the latent frames
+        if not bundle.family.supports_sequence_parallel:
+            raise SystemExit(f"error: --sp-size {args.sp_size}: the {bundle.config.family} family does not support "
+                             "sequence parallelism; use --sp-size 1 (prompts and --cfg-parallel still split)")
+        if latent[0] % args.sp_size:
+            raise SystemExit(f"error: --sp-size {args.sp_size} must divide the latent frame count {latent[0]} "
+                             f"(--num-frames {args.num_frames})")
+        try:
+            apply_sequence_parallel(bundle.model, groups["sp"])
+        except ValueError as err:
+            raise SystemExit(f"error: --sp-size {args.sp_size}: {err}") from err
 
     args.out.mkdir(parents=True, exist_ok=True)
-    written, t_start = [], time.perf_counter()
-    for start in range(0, len(prompts), args.batch_size):
+    settings = _settings(args, bundle, dtype_name, overlap)
+    check_settings(args.out, settings)  # every rank reads it before rank 0 may write it: all stop alike
+    finished = [finished_samples(args.out, prompts)]  # decided once, so every rank of a group skips alike
+    if launched:
+        dist.barrier()
+        dist.broadcast_object_list(finished, src=0)
+    finished = finished[0]
+    if rank == 0:
+        if not (args.out / SETTINGS_FILE).is_file():
+            with atomic_write_path(args.out / SETTINGS_FILE) as tmp:
+                tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        warn_long_prompts(bundle, prompts)
+
+    # Batches are cut from the whole list, so a video's batch (and so its noise) does not depend on what a
+    # previous run finished; video groups take them round robin.
+    batches = list(range(0, len(prompts), args.batch_size))[layout.dp_rank::layout.dp_size]
+    show = not args.no_progress and rank == 0
+    bar = tqdm(total=sum(min(args.batch_size, len(prompts) - b) for b in batches), desc="prompts", unit="prompt",
+               disable=not show, dynamic_ncols=True)
+    cache = StepCache(args.cache) if args.cache is not None else None
+    options = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, progress=show,
+                   cfg_group=groups["cfg"], decode_group=groups["video"], cache=cache)
+    done, skipped, failed, t_start = 0, 0, [], time.perf_counter()
+    for start in batches:
         batch = prompts[start : start + args.batch_size]
-        given = slice(start, start + len(batch))
-        cond = FrameCondition(start=_stack(starts[given]), end=_stack(ends[given]))
-        options = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, progress=not args.no_progress)
-        videos = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed,
-                                 cond=cond if cond.counts != (0, 0) else None, **options)  # (B, 3, T, H, W)
-        for chunk in range(1, args.extend + 1):  # each chunk continues the last `overlap` frames of the video so far
-            more = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed + chunk,
-                                   cond=FrameCondition(start=videos[:, :, -overlap:]), **options)
-            videos = torch.cat([videos, more[:, :, overlap:]], dim=2)  # the given frames are already there
-        paths = write_samples(args.out, videos, batch, fps=args.fps, crf=args.crf, start=start)
-        written += list(zip(paths, batch))
+        todo = [j for j in range(len(batch)) if not finished[start + j]]
+        skipped += len(batch) - len(todo)
+        if todo:
+            given = slice(start, start + len(batch))
+            cond = FrameCondition(start=_stack(starts[given]), end=_stack(ends[given]))
+            try:
+                videos = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed,
+                                         cond=cond if cond.counts != (0, 0) else None, **options)  # (B, 3, T, H, W)
+                for chunk in range(1, args.extend + 1):  # each chunk continues the last `overlap` frames so far
+                    more = bundle.generate(batch, args.num_frames, args.height, args.width, seed=args.seed + chunk,
+                                           cond=FrameCondition(start=videos[:, :, -overlap:]), **options)
+                    videos = torch.cat([videos, more[:, :, overlap:]], dim=2)  # the given frames are already there
+                if layout.is_owner:  # finished videos of a partly done batch stay as they are
+                    for j in todo:
+                        write_samples(args.out, videos[j : j + 1], [batch[j]], fps=args.fps, crf=args.crf,
+                                      start=start + j)
+                done += len(todo)
+            except (RuntimeError, ValueError, OSError) as err:  # e.g. out of memory: the rest of the list goes on
+                failed += [(start + j, f"{type(err).__name__}: {err}") for j in todo]
+                print(f"error: prompt(s) {[start + j for j in todo]} failed: {type(err).__name__}: {err}",
+                      file=sys.stderr)
+        bar.update(len(batch))
+    bar.close()
     elapsed = time.perf_counter() - t_start
-    write_prompts_file(args.out, written)
-    frames = args.num_frames + args.extend * (args.num_frames - overlap)
-    print(f"wrote {len(written)} video(s) to {args.out} in {elapsed:.1f} s "
-          f"({elapsed / len(written):.2f} s/video; {frames}x{args.height}x{args.width}, "
-          f"{args.steps} steps, {args.sampler or bundle.config.diffusion}, cfg {args.cfg_scale}, seed {args.seed})")
-    return 0
+
+    mine = dict(done=done, skipped=skipped, failed=failed,
+                calls=cache.calls if cache else 0, cached=cache.skipped if cache else 0) if layout.is_owner else None
+    reports = [mine]
+    if launched:
+        reports = [None] * world
+        dist.all_gather_object(reports, mine)  # also the barrier: every owner has written its files
+    reports = [r for r in reports if r is not None]
+    if rank == 0:
+        write_prompts_file(args.out, [(args.out / sample_filename(i, p), p)
+                                      for i, (p, ok) in enumerate(zip(prompts, finished_samples(args.out, prompts)))
+                                      if ok])
+        done, skipped = sum(r["done"] for r in reports), sum(r["skipped"] for r in reports)
+        failed = [f for r in reports for f in r["failed"]]
+        gpu_type = detect_gpu_type(device)
+        price = args.price if args.price is not None else default_price(gpu_type)
+        frames = args.num_frames + args.extend * (args.num_frames - overlap)
+        print(f"wrote {done} video(s) to {args.out} in {elapsed:.2f} s; skipped {skipped} finished, failed "
+              f"{len(failed)} ({frames}x{args.height}x{args.width}, {args.steps} steps, "
+              f"{args.sampler or bundle.config.diffusion}, cfg {args.cfg_scale}, seed {args.seed}; {world} rank(s): "
+              f"{layout.dp_size} prompt group(s) x cfg {layout.cfg_size} x sp {layout.sp_size})")
+        if done:
+            gpu_s = elapsed * world / done  # every rank is held for the whole job
+            cost = (f"${gpu_s / 3600 * price:.4f}/video at ${price:.2f}/GPU-hour ({gpu_type})" if price is not None
+                    else f"no price for {gpu_type!r}: give --price")
+            print(f"{elapsed / done:.2f} s/video, {gpu_s:.2f} {'GPU' if device.type == 'cuda' else 'CPU'}-s/video, "
+                  f"{cost}")
+        if cache is not None:
+            calls, cached = sum(r["calls"] for r in reports), sum(r["cached"] for r in reports)
+            print(f"step cache (threshold {args.cache}): {cached} of {calls} model calls skipped "
+                  f"({cached / max(calls, 1):.0%})")
+        for i, why in failed:
+            print(f"failed: prompt {i} ({prompts[i][:60]!r}): {why}", file=sys.stderr)
+    if launched:
+        failed_any = [bool(failed)]
+        dist.broadcast_object_list(failed_any, src=0)
+        return 1 if failed_any[0] else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    if "WORLD_SIZE" in __import__("os").environ:  # torchrun: leave without the interpreter's teardown
+        from opensora.distributed import exit_process
+
+        exit_process(main())
     raise SystemExit(main())

@@ -24,7 +24,13 @@ def classifier_free_guidance(model_fn: Callable[..., torch.Tensor], cfg_scale: f
     def guided(x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         out = model_fn(torch.cat([x, x]), torch.cat([t, t]), **model_kwargs)
         cond, uncond = out.chunk(2, dim=0)
-        mixed = uncond[:, :guided_channels] + cfg_scale * (cond[:, :guided_channels] - uncond[:, :guided_channels])
-        return torch.cat([mixed, cond[:, guided_channels:]], dim=1)
+        return mix_guidance(cond, uncond, cfg_scale, guided_channels)
 
     return guided
+
+
+def mix_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, guided_channels: int) -> torch.Tensor:
+    """(B, C_out, ...) from the two branches' predictions: the guided channels mixed, the rest conditional (the
+    one formula of batched and CFG-parallel guidance, so both give the same numbers)."""
+    mixed = uncond[:, :guided_channels] + cfg_scale * (cond[:, :guided_channels] - uncond[:, :guided_channels])
+    return torch.cat([mixed, cond[:, guided_channels:]], dim=1)

@@ -33,6 +33,7 @@ The trainer must feed the ranks of one SP group the same batch, timesteps, noise
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -167,3 +168,87 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     for block in blocks[1:]:
         block.register_forward_pre_hook(shard_t0, with_kwargs=True)
     blocks[-1].register_forward_hook(gather_output, with_kwargs=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parallel sampling (tools/sample.py under torchrun): prompt groups x CFG split x SP degree
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingLayout:
+    """Where a rank sits when N = dp x cfg x sp ranks sample videos.
+
+    Rank ``r = (dp_rank * cfg + cfg_rank) * sp + sp_rank``: the ``cfg * sp`` ranks of one *video group* are
+    consecutive and sample the same videos (same prompts, seed and noise); inside it the ``sp`` ranks of one
+    branch shard the frames (Ulysses, as training) and the ``cfg`` (1 or 2) branches run the conditional and the
+    unconditional pass. Video groups take the prompt batches round robin. The group's first rank owns (writes)
+    its videos.
+    """
+
+    dp_size: int  # video groups: prompt batches sampled at once
+    dp_rank: int
+    cfg_size: int  # 2 with --cfg-parallel, else 1
+    cfg_rank: int  # 0: conditional pass, 1: unconditional
+    sp_size: int  # ranks sharding the frames of one pass
+    sp_rank: int
+
+    @staticmethod
+    def build(world_size: int, rank: int, sp_size: int = 1, cfg_parallel: bool = False) -> "SamplingLayout":
+        """Splits the world; ValueError naming the sizes when ``sp_size * (2 if cfg_parallel)`` does not divide it."""
+        cfg = 2 if cfg_parallel else 1
+        if sp_size < 1 or world_size % (sp_size * cfg):
+            raise ValueError(f"--sp-size {sp_size}{' x 2 (--cfg-parallel)' if cfg_parallel else ''} must divide the "
+                             f"number of ranks ({world_size})")
+        return SamplingLayout(dp_size=world_size // (sp_size * cfg), dp_rank=rank // (sp_size * cfg),
+                              cfg_size=cfg, cfg_rank=rank // sp_size % cfg, sp_size=sp_size, sp_rank=rank % sp_size)
+
+    @property
+    def is_owner(self) -> bool:
+        """Whether this rank writes its video group's files."""
+        return self.cfg_rank == 0 and self.sp_rank == 0
+
+    def _rank(self, dp: int, c: int, s: int) -> int:
+        return (dp * self.cfg_size + c) * self.sp_size + s
+
+    def new_groups(self) -> dict:
+        """This rank's ``sp``, ``cfg`` and ``video`` process groups (None where of size 1). Collective: every rank
+        creates every group, in the same order."""
+        mine: dict = {"sp": None, "cfg": None, "video": None}
+        for dp in range(self.dp_size):
+            for c in range(self.cfg_size):
+                ranks = [self._rank(dp, c, s) for s in range(self.sp_size)]
+                group = dist.new_group(ranks) if self.sp_size > 1 else None
+                if (dp, c) == (self.dp_rank, self.cfg_rank):
+                    mine["sp"] = group
+            for s in range(self.sp_size):
+                ranks = [self._rank(dp, c, s) for c in range(self.cfg_size)]
+                group = dist.new_group(ranks) if self.cfg_size > 1 else None
+                if (dp, s) == (self.dp_rank, self.sp_rank):
+                    mine["cfg"] = group
+            ranks = [self._rank(dp, 0, 0) + i for i in range(self.cfg_size * self.sp_size)]
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if dp == self.dp_rank:
+                mine["video"] = group
+        return mine
+
+
+def cfg_parallel_guidance(model_fn, cfg_scale: float, guided_channels: int, group):
+    """Classifier-free guidance with the two passes on the two ranks of ``group`` (xDiT's "CFG parallel").
+
+    Rank 0 of ``group`` calls ``model_fn`` with the conditional ``model_kwargs``, rank 1 with the unconditional
+    ones, each on B rows instead of 2B; the predictions are all-gathered and mixed by the same formula as the
+    batched guidance (:func:`opensora.diffusion.guidance.mix_guidance`), so both ranks continue with the same x.
+    """
+    from opensora.diffusion.guidance import mix_guidance
+
+    if dist.get_world_size(group) != 2:
+        raise ValueError(f"CFG parallelism needs a group of 2 ranks, got {dist.get_world_size(group)}")
+
+    def guided(x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        out = model_fn(x, t, **model_kwargs).contiguous()  # (B, C_out, ...): this rank's branch
+        parts = [torch.empty_like(out) for _ in range(2)]
+        dist.all_gather(parts, out, group=group)
+        return mix_guidance(parts[0], parts[1], cfg_scale, guided_channels)
+
+    return guided
