@@ -287,11 +287,32 @@ class CaptionConfig:
 
 
 @dataclass
+class SelectConfig:
+    """select: which clips of a dataset's metadata (input_format) to take, before anything is downloaded."""
+
+    min_score: float = _f(0.0, "drop clips whose score is below this (panda70m matching_score, internvid UMT_Score, "
+                          "openvid aesthetic score; 0 = off)")
+    max_clip_s: float = _f(0.0, "drop clips longer than this many seconds (their span, or a whole video's published "
+                           "duration; 0 = off)")
+    max_rows: int = _f(0, "then keep at most this many clips, a random subset drawn with seed (0 = all)")
+    seed: int = _f(0, "seed of the max_rows subset: the same seed picks the same clips")
+
+    def __post_init__(self):
+        if self.max_rows < 0 or self.max_clip_s < 0:
+            raise ValueError("select.max_rows and select.max_clip_s must be >= 0")
+
+
+@dataclass
 class PipelineConfig:
     """``python -m data_pipeline run --config FILE``: the stages in order, each with its own section."""
 
     input: str = _f(MISSING, "a manifest (.parquet/.csv), a folder of videos, or a .txt list of URLs")
     work_dir: str = _f(MISSING, "stage manifests go to WORK_DIR/NN_STAGE.parquet, media under it")
+    input_format: str = _f("", "'' (a manifest, folder, URL list or source file), or a dataset's metadata file: "
+                           "panda70m, hdvg, internvid, webvid, openvid, ucf101, or auto (told by its columns)")
+    dataset_root: str = _f("", "folder that a dataset's local files (openvid, ucf101) are relative to "
+                           "('' = the metadata file's folder)")
+    select: SelectConfig = field(default_factory=SelectConfig)
     output: str = _f("", "final manifest of usable rows for training ('' = WORK_DIR/manifest.parquet)")
     stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order (dedup: after filter, "
                       "so that rejected clips are not kept as the copy of a group)")
@@ -304,6 +325,9 @@ class PipelineConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self):
+        formats = ("", "auto", "panda70m", "hdvg", "internvid", "webvid", "openvid", "ucf101")
+        if self.input_format not in formats:
+            raise ValueError(f"input_format: unknown {self.input_format!r} (known: {', '.join(formats[1:])})")
         known = ("download", "probe", "split", "filter", "dedup", "caption")
         for name in self.stages:
             if name not in known:

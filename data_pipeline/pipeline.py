@@ -21,6 +21,7 @@ from data_pipeline.caption import caption_batch, caption_row, throughput
 from data_pipeline.config import (
     CaptionConfig, DedupConfig, DownloadConfig, FilterConfig, PipelineConfig, ProbeConfig, RunnerConfig, SplitConfig,
 )
+from data_pipeline.datasets import dataset_input
 from data_pipeline.dedup import dedup_signature, group_duplicates
 from data_pipeline.download import download
 from data_pipeline.filter import filter_clip
@@ -390,9 +391,14 @@ def run_pipeline(cfg: PipelineConfig) -> list[Summary]:
     """
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    current: str | Path = cfg.input
+    current: str | Path | pd.DataFrame = cfg.input
+    stages = list(cfg.stages)
+    if cfg.input_format:
+        current = dataset_input(cfg.input, cfg.input_format, cfg.select, cfg.dataset_root)
+        if "download" not in stages and current["url"].notna().any():
+            stages.insert(0, "download")  # a dataset's sources are URLs: fetched once each, before anything else
     summaries = []
-    for i, name in enumerate(cfg.stages):
+    for i, name in enumerate(stages):
         output = work / f"{i:02d}_{name}.parquet"
         stage_cfg = getattr(cfg, name)
         if name in MEDIA_DIRS and not stage_cfg.out_dir:
