@@ -32,6 +32,7 @@ counts the frames as split did and gives the first frame of the first and the la
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import re
 from collections import deque
@@ -454,6 +455,92 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     return cutter.result
 
 
+def span_frames(spans_s: list[dict], fps: Fraction) -> list[tuple[int, int]]:
+    """A dataset's spans in seconds -> [start, end) frames: frame k is shown from k / fps, so a span starts on the
+    frame nearest its start time and ends before the frame nearest its end time (within half a frame)."""
+    return [(max(0, round(float(s["start"]) * fps)), round(float(s["end"]) * fps)) for s in spans_s]
+
+
+def cut_at_spans(path: str, spans: list[tuple[int, int]], cfg: SplitConfig,
+                 out_path: Callable[[int], Path]) -> tuple[SplitResult, list[int], dict[int, str]]:
+    """Cuts the given frame spans out of ``path`` in one decode, with no shot detection (a dataset's clips), frame
+    accurately: encoded as ``split_video`` encodes a clip (``mode: encode``, re-timed and shrunk the same way), or
+    only counted (``mode: reference``). Spans may overlap. A span that holds a damaged frame or reaches past the
+    source's end is not cut.
+
+    Returns:
+        the result (its entries in span order), the index in ``spans`` of each entry, and why each other span was not cut.
+    """
+    container, stream = _open(path)
+    reference = cfg.mode == "reference"
+    with container:
+        fps = Fraction(stream.average_rate or stream.guessed_rate)
+        out_fps = min(fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else fps
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if cfg.min_short_side and min(width, height) < cfg.min_short_side:
+            raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
+        res = SplitResult([], [], [], [], [], 0, fps, out_fps, *even_size(width, height, cfg.short_side))
+        writers: dict[int, VideoWriter] = {}
+        counts, firsts, lost = [0] * len(spans), {}, {}
+        last_end = max((e for _, e in spans), default=0)
+        n = 0
+        try:
+            for index, frame in _decode(container, stream, res.damage):
+                n = index + 1
+                if frame is not None and index == 0:
+                    res.rotation = int(frame.rotation) % 360
+                for k, (start, end) in enumerate(spans):
+                    if not start <= index < end or k in lost:
+                        continue
+                    if frame is None:
+                        lost[k] = f"damaged frame {index}"
+                        if k in writers:
+                            writers.pop(k).abort()
+                        continue
+                    if index == start:
+                        firsts[k] = frame.to_ndarray(format="rgb24") if reference else None
+                    if not _keep(index - start, fps, out_fps):
+                        continue
+                    counts[k] += 1
+                    if reference:
+                        continue
+                    turned = res.rotation % 180 != 0
+                    if k not in writers:
+                        shown = (frame.height, frame.width) if turned else (frame.width, frame.height)
+                        writers[k] = VideoWriter(out_path(k), out_fps, *even_size(*shown, cfg.short_side), cfg.codec,
+                                                 cfg.crf, cfg.preset, threads=1)
+                    writers[k].write(np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"),
+                                                                   res.rotation // 90)) if res.rotation else frame)
+                if n >= last_end:  # nothing asked for lies further on
+                    res.complete = n == stream.frames
+                    break
+            paths = {k: w.close() for k, w in writers.items()}
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+    res.num_frames = n
+    kept = []
+    for k, (start, end) in enumerate(spans):
+        if k not in lost and end > n:
+            lost[k] = f"span ends at frame {end}, the source has {n}"
+            if k in paths:
+                Path(paths.pop(k)).unlink(missing_ok=True)
+        elif k not in lost and end <= start:
+            lost[k] = "empty span"
+        if k in lost:
+            continue
+        kept.append(k)
+        res.spans.append((start, end))
+        res.counts.append(counts[k])
+        res.paths.append(paths.get(k))
+        turned = res.rotation % 180 != 0
+        res.sizes.append(even_size(*((height, width) if turned else (width, height)), cfg.short_side))
+    if reference and kept:
+        res.check_frames = [(0, firsts[kept[0]])] + ([(len(kept) - 1, firsts[kept[-1]])] if len(kept) > 1 else [])
+    return res, kept, lost
+
+
 # Mean |difference| (0-255 RGB) allowed between a frame as split decoded it (PyAV) and as decord reads it: the
 # same bitstream gives the same picture (measured 0.0 on 8-bit sources, 0.9-1.4 on 10-bit ones, which the two
 # libraries bring down to 8 bits differently); a frame checked is the first of a clip, the frame after a cut
@@ -499,7 +586,18 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
         raise RuntimeError("row has no path")
     stem = unique_stem(str(row["id"]))
     reference = cfg.mode == "reference"
-    res = split_video(row["path"], cfg, lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4")
+    clip_path = lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4"  # noqa: E731
+    dataset_spans = None if is_missing(row.get("dataset_clips")) else json.loads(row["dataset_clips"])
+    if dataset_spans is not None:  # a dataset's clips (data_pipeline.datasets): cut at its spans, no detection
+        with av.open(row["path"]) as probe_container:
+            stream = video_stream(probe_container)
+            fps = Fraction(stream.average_rate or stream.guessed_rate)
+        res, kept, lost = cut_at_spans(row["path"], span_frames(dataset_spans, fps), cfg, clip_path)
+        if not kept:
+            raise Reject("no dataset span could be cut: " + "; ".join(f"{dataset_spans[k].get('clip_id')}: {why}"
+                                                                      for k, why in sorted(lost.items())))
+    else:
+        res = split_video(row["path"], cfg, clip_path)
     if res.num_frames == 0:
         raise RuntimeError("no decodable frames")
     damage = res.damage
@@ -560,4 +658,9 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
             # Of this clip, not inherited from the parent row: the cache's content key (see the docstring).
             CONTENT_HASH_COLUMN: source_sha if reference else file_sha256(path),
         })
+        if dataset_spans is not None:  # the dataset's caption and ids go with its clip; caption keeps the text
+            span = dataset_spans[kept[k]]
+            clips[-1].update({"id": f"{row['id']}_{kept[k]:04d}", "text": span.get("text"),
+                              "dataset_clip_id": span.get("clip_id"), "dataset_score": span.get("score"),
+                              "dataset_clips": None, "dataset_spans_lost": len(lost)})
     return clips
