@@ -264,7 +264,7 @@ def select_clips(df: pd.DataFrame, select) -> tuple[pd.DataFrame, dict[str, int]
 def group_sources(df: pd.DataFrame) -> pd.DataFrame:
     """One row per source (url or path), in order of first appearance: clips with spans go into its
     ``dataset_clips`` (JSON list of ``{start, end, text, score, clip_id}``, seconds, sorted by start); a
-    whole-video clip stays a row of its own with its caption in ``text``."""
+    whole-video clip stays a row of its own with its caption in ``text`` and one span to its end (``end`` None)."""
     out = []
     key = df["url"].fillna(df["path"])
     for source, clips in df.groupby(key, sort=False):
@@ -278,8 +278,11 @@ def group_sources(df: pd.DataFrame) -> pd.DataFrame:
                      for r in spanned.sort_values("clip_start_s", kind="stable").itertuples()]
             out.append({**base, "dataset_clips": json.dumps(spans, ensure_ascii=False)})
         for r in clips[clips["clip_start_s"].isna()].itertuples():
-            out.append({**base, "text": r.text, "dataset_score": None if math.isnan(r.score) else float(r.score),
-                        "dataset_id": r.dataset_id})
+            # A whole video is the dataset's clip as it is: one span to its end (``end`` None), not re-split.
+            score = None if math.isnan(r.score) else float(r.score)
+            whole = [{"start": 0.0, "end": None, "text": r.text, "score": score, "clip_id": r.clip_id}]
+            out.append({**base, "text": r.text, "dataset_score": score, "dataset_id": r.dataset_id,
+                        "dataset_clips": json.dumps(whole, ensure_ascii=False)})
     return pd.DataFrame(out)
 
 

@@ -35,6 +35,7 @@ import bisect
 import json
 import math
 import re
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -455,10 +456,15 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     return cutter.result
 
 
+TO_END = -1  # the end frame of a span that runs to the end of its source (a dataset's whole video)
+
+
 def span_frames(spans_s: list[dict], fps: Fraction) -> list[tuple[int, int]]:
     """A dataset's spans in seconds -> [start, end) frames: frame k is shown from k / fps, so a span starts on the
-    frame nearest its start time and ends before the frame nearest its end time (within half a frame)."""
-    return [(max(0, round(float(s["start"]) * fps)), round(float(s["end"]) * fps)) for s in spans_s]
+    frame nearest its start time and ends before the frame nearest its end time (within half a frame). An ``end``
+    of None (a whole video) is :data:`TO_END`."""
+    return [(max(0, round(float(s["start"]) * fps)), TO_END if s["end"] is None else round(float(s["end"]) * fps))
+            for s in spans_s]
 
 
 def cut_at_spans(path: str, spans: list[tuple[int, int]], cfg: SplitConfig,
@@ -471,6 +477,8 @@ def cut_at_spans(path: str, spans: list[tuple[int, int]], cfg: SplitConfig,
     Returns:
         the result (its entries in span order), the index in ``spans`` of each entry, and why each other span was not cut.
     """
+    whole = {k for k, (_, end) in enumerate(spans) if end == TO_END}
+    spans = [(start, sys.maxsize if end == TO_END else end) for start, end in spans]
     container, stream = _open(path)
     reference = cfg.mode == "reference"
     with container:
@@ -520,6 +528,7 @@ def cut_at_spans(path: str, spans: list[tuple[int, int]], cfg: SplitConfig,
                 w.abort()
             raise
     res.num_frames = n
+    spans = [(start, n if k in whole else end) for k, (start, end) in enumerate(spans)]
     kept = []
     for k, (start, end) in enumerate(spans):
         if k not in lost and end > n:

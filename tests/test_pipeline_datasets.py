@@ -133,4 +133,6 @@ def test_sources_are_grouped_once_with_their_spans(tmp_path, capsys):
     assert sources.attrs["select"] == {"read": 3, "removed": {"min_score": 1}, "clips": 2, "sources": 2}
     whole = group_sources(read_dataset(files["webvid"], "webvid"))
     assert list(whole["text"]) == ["Aerial view of a forest", "Timelapse, clouds"]
-    assert "dataset_clips" not in whole.columns or whole["dataset_clips"].isna().all()
+    assert [json.loads(c) for c in whole["dataset_clips"]] == [  # one span to the end: not re-split
+        [{"start": 0.0, "end": None, "text": t, "score": None, "clip_id": i}]
+        for t, i in (("Aerial view of a forest", "1001"), ("Timelapse, clouds", "1002"))]

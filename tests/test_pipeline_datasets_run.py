@@ -125,3 +125,46 @@ def test_overlapping_spans_and_a_span_past_the_end(tmp_path):
     assert frame_number(clips[1]["path"], 0) == 10 and not (tmp_path / "clips" / "a_0002.mp4").exists()
     with pytest.raises(Exception, match="no dataset span could be cut: c2: span ends at frame 90, the source has 60"):
         split({**row, "dataset_clips": json.dumps(spans[2:])}, SplitConfig(out_dir=str(tmp_path / "clips")))
+
+
+def test_one_command_per_format(tmp_path, capsys):
+    """``python -m data_pipeline run --set input=... --set input_format=...``: hdvg and webvid from URLs on
+    127.0.0.1, openvid and ucf101 from local files, each to a manifest of clips with the dataset's captions."""
+    import json
+
+    from data_pipeline.__main__ import main
+
+    numbered_video(tmp_path / "a.mp4")
+    Handler.files, Handler.hits = {"a.mp4": (tmp_path / "a.mp4").read_bytes()}, {}
+    (tmp_path / "UCF-101" / "YoYo").mkdir(parents=True)
+    numbered_video(tmp_path / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi")
+    (tmp_path / "ucf").mkdir()
+    (tmp_path / "ucf" / "testlist01.txt").write_text("YoYo/v_YoYo_g01_c01.avi\n")
+    numbered_video(tmp_path / "ov_1.mp4")
+    config = tmp_path / "run.yaml"
+    config.write_text("stages: [probe, split, caption]\nrunner: {workers: 0, progress: false}\n"
+                      "download: {allow_private_hosts: true}\ncaption: {model: ''}\n")
+    with local_http_server(Handler) as url:
+        (tmp_path / "hdvg.json").write_text(json.dumps({"A": {
+            "A.1_0": {"scene_id": 0, "title": "t", "url": f"{url}/a.mp4", "span": ["00:00:00.500", "00:00:02.000"],
+                      "caption": "dark grey"},
+            "A.2_0": {"scene_id": 1, "title": "t", "url": f"{url}/a.mp4", "span": ["00:00:04.000", "00:00:05.900"],
+                      "caption": "light grey"}}}))
+        pd.DataFrame([{"videoid": 7, "contentUrl": f"{url}/a.mp4", "duration": "PT00H00M06S", "page_dir": "001_050",
+                       "name": "a grey ramp"}]).to_csv(tmp_path / "webvid.csv", index=False)
+        pd.DataFrame([{"video": "ov_1.mp4", "caption": "brightening", "aesthetic score": 5.0, "motion score": 1.0,
+                       "temporal consistency score": 1.0, "camera motion": "static", "frame": 60, "fps": 10,
+                       "seconds": 6.0}]).to_csv(tmp_path / "openvid.csv", index=False)
+        cases = {"hdvg": (tmp_path / "hdvg.json", [], [("dark grey", 5, 20), ("light grey", 40, 59)]),
+                 "webvid": (tmp_path / "webvid.csv", [], [("a grey ramp", 0, 60)]),
+                 "openvid": (tmp_path / "openvid.csv", ["--set", "select.min_score=4.5"], [("brightening", 0, 60)]),
+                 "ucf101": (tmp_path / "ucf" / "testlist01.txt", ["--set", f"dataset_root={tmp_path / 'UCF-101'}"],
+                            [("yo yo", 0, 60)])}
+        for name, (meta, extra, expected) in cases.items():
+            work = tmp_path / f"work_{name}"
+            assert main(["run", "--config", str(config), "--set", f"input={meta}", "--set", f"input_format={name}",
+                         "--set", f"work_dir={work}", *extra]) == 0
+            clips = read_manifest(work / "manifest.parquet")
+            assert list(zip(clips["text"], clips["start_frame"], clips["end_frame"])) == expected, name
+            assert f"select: {name}" in capsys.readouterr().err
+    assert Handler.hits == {"a.mp4": 2}  # hdvg's two clips from one download, webvid's video once
