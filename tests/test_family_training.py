@@ -252,6 +252,106 @@ def test_a_lora_stage_trains_only_adapters_checkpoints_them_alone_and_resumes_bi
 WAN_TARGETS = __import__("re").compile(WAN.lora_targets)
 
 
+CONTINUE = """
+  - name: more
+    model: tiny-wan2.1
+    num_frames: 5
+    image_size: [16, 16]
+    batch_size: 2
+    steps: 3
+    lr: 1.0e-3
+    init: {lora: continue}
+    lora: {rank: 4, alpha: 8.0}
+"""
+
+
+def test_a_lora_stage_continues_the_previous_stages_adapters_unmerged(tmp_path, manifest):
+    """``init.lora: continue``: the stage rebuilds the previous stage's base (frozen, unchanged) and trains the
+    previous stage's EMA adapters on, instead of fresh adapters on the merged weights (``merge``, the default)."""
+    from safetensors.torch import load_file
+
+    from opensora.models.lora import LORA_WEIGHTS_NAME
+    from opensora.training.recipe import adapters_of, init_dir_of
+    from opensora.training.trainer import Trainer, merge_lora_state
+
+    path = lora_recipe(tmp_path, manifest, steps=2, ckpt_every=1)
+    path.write_text(path.read_text() + CONTINUE)
+    recipe = load_recipe(path)
+    assert recipe.stages[0].init.lora == "merge" and recipe.stages[1].init.lora == "continue"
+    straight, stopped, info = tmp_path / "straight", tmp_path / "stopped", init_distributed()
+    assert run_recipe(recipe, straight, info, only_stage="wan") == "finished"
+    base_dir = init_dir_of(recipe, 1, straight, info)
+    assert base_dir == straight / "wan" / "init", "the base is the previous stage's, not its merged export"
+    assert adapters_of(recipe, 1, straight) == straight / "wan" / "export"
+
+    trainer = Trainer(recipe, recipe.stages[1], straight, base_dir, info, adapters=adapters_of(recipe, 1, straight))
+    try:
+        state = {k: v.full_tensor() for k, v in trainer.model.state_dict().items()}  # FSDP2's DTensors
+        trainable = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    finally:
+        trainer.close()
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), "the base stays frozen"
+    base = load_bundle(straight / "wan" / "init", device="cpu").model.state_dict()
+    own = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    assert own.keys() == base.keys() and all(torch.equal(own[k], base[k]) for k in base), "the previous base"
+    # Its adapters are the previous stage's EMA adapters: merged, they give the previous export bit for bit, and
+    # they are the diffusers file's (which folds alpha / r = 2 into lora_B).
+    merged = merge_lora_state(state, recipe.stages[1].lora.scale)
+    previous = load_bundle(straight / "wan" / "export", device="cpu").model.state_dict()
+    assert merged.keys() == previous.keys() and all(torch.equal(merged[k], previous[k]) for k in previous)
+    diffusers_file = load_file(straight / "wan" / "export" / LORA_WEIGHTS_NAME)
+    for key, value in diffusers_file.items():
+        ours = state[key.removeprefix("transformer.").replace(".weight", ".default.weight")]
+        assert torch.equal(value, ours * 2.0 if ".lora_B." in key else ours), key
+    assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k), "not fresh (zero) lora_B"
+
+    # Both stages, straight vs stopped in the continued stage and resumed: bit-exact; the continued stage's export
+    # is the same base with the adapters trained further.
+    assert run_recipe(recipe, straight, info) == "finished"
+    assert run_recipe(recipe, stopped, info, only_stage="wan") == "finished"
+    assert run_recipe(recipe, stopped, info, max_steps=1) == "max_steps"
+    assert run_recipe(recipe, stopped, info) == "finished"
+    assert losses(straight, "more") == losses(stopped, "more") and sorted(losses(straight, "more")) == [1, 2, 3]
+    a = load_bundle(straight / "more" / "export", device="cpu").model.state_dict()
+    b = load_bundle(stopped / "more" / "export", device="cpu").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], base[k])}
+    assert changed == {k for k in a if WAN_TARGETS.fullmatch(k.rsplit(".", 1)[0]) and k.endswith("weight")}
+    assert any(not torch.equal(a[k], previous[k]) for k in changed), "the adapters trained on"
+    assert not (straight / "more" / "init").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["stages.1.lora=null"], r"stages\[1\]\.init\.lora: continue .*stages\[1\]\.lora is null"),
+    (["stages.1.lora.rank=8"], r"stages\[1\]\.lora\.rank \(8\) must equal stages\[0\]\.lora\.rank \(4\)"),
+    (["stages.1.lora.alpha=4.0"], r"stages\[1\]\.lora\.alpha \(4\.0\) must equal stages\[0\]\.lora\.alpha"),
+    (["stages.1.lora.target_modules=.*to_q"], r"stages\[1\]\.lora\.target_modules .* must equal stages\[0\]"),
+    (["stages.0.lora=null"], r"stages\[1\]\.init\.lora: continue .*stages\[0\]\.lora is null"),
+    (["stages.1.init.bundle=/x"], r"stages\[1\]\.init\.lora: continue .*not with stages\[1\]\.init\.bundle"),
+    (["stages.1.init.lora=keep"], r"init\.lora must be one of \('merge', 'continue'\), got 'keep'"),
+])
+def test_contradictory_lora_continue_settings_are_refused_naming_the_keys(tmp_path, manifest, overrides, match):
+    path = lora_recipe(tmp_path, manifest, steps=2)
+    path.write_text(path.read_text() + CONTINUE)
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(path, overrides)
+
+
+def test_adapters_saved_with_other_lora_settings_are_refused(tmp_path):
+    from opensora.models.lora import LoraSettings, apply_lora, load_adapters, save_adapters
+
+    model = apply_lora(WAN.build("tiny-wan2.1"), WAN, LoraSettings(rank=4, alpha=8.0))
+    state = {n: p.detach() + 1 for n, p in model.named_parameters() if p.requires_grad}
+    file = save_adapters(state, LoraSettings(rank=4, alpha=8.0), tmp_path)
+    load_adapters(model, file, LoraSettings(rank=4, alpha=8.0, dropout=0.1))  # dropout changes no weight
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters() if p.requires_grad)
+    other = apply_lora(WAN.build("tiny-wan2.1"), WAN, LoraSettings(rank=8, alpha=8.0))
+    with pytest.raises(ValueError, match=r"rank 4 .* rank 8"):
+        load_adapters(other, file, LoraSettings(rank=8, alpha=8.0))
+    with pytest.raises(ValueError, match=r"alpha 8.0 .* alpha 16.0"):
+        load_adapters(model, file, LoraSettings(rank=4, alpha=16.0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", "ddp"])
 def test_lora_then_full_fine_tune_on_two_gloo_ranks(tmp_path, manifest, engine):

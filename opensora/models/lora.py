@@ -22,6 +22,11 @@ from opensora.models.families.base import ModelFamily
 
 ADAPTER_NAME = "default"  # peft's adapter name; exports and checkpoints hold this one adapter
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+# The adapters as the model holds them (keys ``X.lora_A.default.weight``, alpha not folded), with the settings they
+# were trained with: what a stage with ``init.lora: continue`` trains on, bit for bit.
+ADAPTERS_NAME = "lora_adapters.safetensors"
+# Settings that decide what the adapters compute: a stage that continues them must keep them (dropout may change).
+_ADAPTER_FIELDS = ("rank", "alpha", "target_modules")
 
 
 @dataclass
@@ -117,3 +122,63 @@ def save_diffusers_lora(adapter_state: dict[str, torch.Tensor], family: ModelFam
                                    transformer_lora_adapter_metadata=metadata, weight_name=tmp.name,
                                    safe_serialization=True)
     return out_dir / LORA_WEIGHTS_NAME
+
+
+def save_adapters(adapter_state: dict[str, torch.Tensor], settings: LoraSettings, out_dir: str | Path) -> Path:
+    """Writes ``out_dir/lora_adapters.safetensors``: the adapters unchanged (no scale folded in), with the settings
+    in the file's metadata, for :func:`load_adapters`.
+
+    Args:
+        adapter_state: the model's ``lora_A`` / ``lora_B`` parameters by their names in the model (full tensors).
+        settings: the LoRA they were trained with.
+        out_dir: folder to write into (created).
+    Returns:
+        the path of the file.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from opensora.utils import atomic_write_path
+
+    if not adapter_state or not all(".lora_A." in k or ".lora_B." in k for k in adapter_state):
+        raise ValueError("adapter_state must hold only lora_A / lora_B weights")
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write_path(out_dir / ADAPTERS_NAME, keep_suffix=True) as tmp:
+        save_file(state, str(tmp), metadata={"lora": json.dumps({f: getattr(settings, f) for f in _ADAPTER_FIELDS})})
+    return out_dir / ADAPTERS_NAME
+
+
+def load_adapters(model: nn.Module, path: str | Path, settings: LoraSettings) -> None:
+    """Copies the adapters of :func:`save_adapters`'s file into ``model`` (after :func:`apply_lora` with
+    ``settings``), in place and bit for bit.
+
+    Raises:
+        ValueError naming the settings that differ from the file's (rank, alpha, target_modules: they decide what
+        the adapters compute), or the adapter weights the file and the model do not share.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        saved = json.loads(f.metadata()["lora"])
+    differ = [f"{k} {saved[k]!r} (file) vs {k} {getattr(settings, k)!r}" for k in _ADAPTER_FIELDS
+              if saved[k] != getattr(settings, k)]
+    if differ:
+        raise ValueError(f"{path}: the adapters were trained with other LoRA settings: {'; '.join(differ)}")
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    own = set(lora_parameter_names(model))
+    if set(state) != own:
+        raise ValueError(f"{path}: adapters that do not fit the model: missing {sorted(own - set(state))[:4]}, "
+                         f"unexpected {sorted(set(state) - own)[:4]}")
+    wrong = [k for k, v in state.items() if v.shape != params[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: adapter shapes differ from the model's: {wrong[:4]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)

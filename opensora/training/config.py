@@ -35,6 +35,9 @@ from opensora.training.validation import ValidationConfig, union_holdout
 
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMATS = ("opensora_v1", "pixart")
+# How a stage after a LoRA stage takes its adapters: "merge" (its export, the adapters merged into the base) or
+# "continue" (the previous stage's base, unmerged, and its EMA adapters, trained on).
+INIT_LORA_MODES = ("merge", "continue")
 # STDiTConfig fields that decide parameter shapes: a stage cannot change them (it continues the weights),
 # and they must agree with the stage's named ``model`` size.
 SHAPE_FIELDS = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size")
@@ -60,6 +63,10 @@ class InitConfig:
     seed: int = 0  # seed of a new model's random initialisation (and of the tiny encoders)
     checkpoint: str | None = None  # weights file loaded over the model (.pth / .safetensors)
     checkpoint_format: str = "opensora_v1"  # "opensora_v1" (STDiT, strict) or "pixart" (PixArt-α: spatial part only)
+    # After a LoRA stage: "merge" starts from its export (adapters merged into the base; this stage's own `lora`, if
+    # any, is new adapters on it); "continue" trains the previous stage's EMA adapters on, over its frozen base,
+    # unmerged (this stage's `lora` must have the same rank, alpha and target_modules).
+    lora: str = "merge"
 
     def __post_init__(self):
         if self.bundle is not None and (self.vae is not None or self.text_encoder is not None):
@@ -70,6 +77,8 @@ class InitConfig:
             raise ValueError(
                 f"init.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}"
             )
+        if self.lora not in INIT_LORA_MODES:
+            raise ValueError(f"init.lora must be one of {INIT_LORA_MODES}, got {self.lora!r}")
 
     @property
     def from_previous(self) -> bool:
@@ -102,7 +111,8 @@ class StageConfig:
     conditioning: ConditioningConfig | None = None
     validation: dict[str, Any] = field(default_factory=dict)  # this stage's overrides of the recipe's `validation`
     # LoRA (peft): the base frozen, only these adapters train (optimizer, EMA, checkpoints); the export holds the base
-    # with the adapters merged, and their pytorch_lora_weights.safetensors for diffusers. None: a full fine-tune.
+    # with the adapters merged, lora_adapters.safetensors (for a next stage's init.lora: continue) and their
+    # pytorch_lora_weights.safetensors for diffusers. None: a full fine-tune.
     lora: LoraSettings | None = None
 
     def __post_init__(self):
@@ -278,6 +288,9 @@ class RecipeConfig:
                 f"stages[0].init: the first stage ('{self.stages[0].name}') has no previous stage; "
                 "set init.bundle, or init.vae + init.text_encoder"
             )
+        for i, stage in enumerate(self.stages):
+            if stage.init.lora == "continue":
+                _check_lora_continue(self.stages, i)
         if self.diffusion not in SCHEDULERS:
             raise ValueError(f"diffusion must be one of {sorted(SCHEDULERS)}, got {self.diffusion!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -304,6 +317,27 @@ class RecipeConfig:
                 raise ValueError(f"stages[{i}].{err}") from None
             except ValueError as err:
                 raise ValueError(f"stages[{i}] ('{stage.name}'): validation: {err}") from None
+
+
+def _check_lora_continue(stages: list[StageConfig], i: int) -> None:
+    """``stages[i].init.lora: continue`` needs the previous stage's LoRA and the same adapters; ValueError naming
+    the keys that contradict it."""
+    stage, key = stages[i], f"stages[{i}].init.lora: continue (train stage {i - 1}'s adapters on)"
+    init = stage.init
+    given = [f"stages[{i}].init.{k}" for k in ("bundle", "vae", "text_encoder", "checkpoint") if getattr(init, k)]
+    if given:
+        raise ValueError(f"{key} starts from the previous stage, not with {', '.join(given)}")
+    if stage.lora is None:
+        raise ValueError(f"{key} trains adapters, but stages[{i}].lora is null; set it as stages[{i - 1}].lora")
+    previous = stages[i - 1].lora
+    if previous is None:
+        raise ValueError(f"{key}: stages[{i - 1}] ('{stages[i - 1].name}') trains no adapters (stages[{i - 1}].lora "
+                         "is null); drop init.lora or make that stage a LoRA stage")
+    for field_name in ("rank", "alpha", "target_modules"):  # what the adapters compute; dropout may change
+        ours, theirs = getattr(stage.lora, field_name), getattr(previous, field_name)
+        if ours != theirs:
+            raise ValueError(f"{key}: stages[{i}].lora.{field_name} ({ours!r}) must equal "
+                             f"stages[{i - 1}].lora.{field_name} ({theirs!r})")
 
 
 def recipe_autoencoder(recipe: RecipeConfig) -> AutoencoderShape:

@@ -11,6 +11,7 @@ Run directory (read by tools/demo.py, tools/cost.py and tools/sample.py)::
     OUTPUT_DIR/<stage>/tensorboard/
     OUTPUT_DIR/<stage>/failures.jsonl            # broken or skipped clips
     OUTPUT_DIR/<stage>/export/                   # bundle of the EMA weights; bundle.yaml (last) = stage finished
+                                                 # (a LoRA stage: + lora_adapters.safetensors, pytorch_lora_weights.safetensors)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def is_finished(run_dir: Path, stage: StageConfig) -> bool:
 def init_dir_of(recipe: RecipeConfig, index: int, run_dir: Path, dist_info: DistInfo) -> Path:
     """The bundle stage ``index`` starts from; writes a new model's init bundle on rank 0 if needed (collective).
 
+    A stage with ``init.lora: continue`` starts from the previous stage's own start (its base, unmerged) and
+    :func:`adapters_of` gives the adapters to load over it.
+
     Raises ConfigError when the stage starts from a previous stage that has not finished.
     """
     stage = recipe.stages[index]
@@ -59,13 +63,30 @@ def init_dir_of(recipe: RecipeConfig, index: int, run_dir: Path, dist_info: Dist
             write_new_bundle(path, init, stage.model, dict(stage.model_overrides), recipe.diffusion)
         barrier()
         return path
-    previous = recipe.stages[index - 1]
+    previous = _finished_previous(recipe, index, run_dir)
+    if init.lora == "continue":  # the previous stage's own base: its adapters are trained on, unmerged
+        return init_dir_of(recipe, index - 1, run_dir, dist_info)
+    return export_dir(run_dir, previous)
+
+
+def adapters_of(recipe: RecipeConfig, index: int, run_dir: Path) -> Path | None:
+    """The export whose adapters stage ``index`` trains on (``init.lora: continue``: the previous stage's), or None.
+
+    Raises ConfigError when that stage has not finished.
+    """
+    if recipe.stages[index].init.lora != "continue":
+        return None
+    return export_dir(run_dir, _finished_previous(recipe, index, run_dir))
+
+
+def _finished_previous(recipe: RecipeConfig, index: int, run_dir: Path) -> StageConfig:
+    stage, previous = recipe.stages[index], recipe.stages[index - 1]
     if not is_finished(run_dir, previous):
         raise ConfigError(
             f"stage '{stage.name}' starts from the export of stage '{previous.name}', which has not finished "
             f"({export_dir(run_dir, previous)}); run that stage first or set stages[{index}].init"
         )
-    return export_dir(run_dir, previous)
+    return previous
 
 
 @contextmanager
@@ -122,7 +143,8 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, dist_info: DistInfo, m
                     print(f"stage '{stage.name}': finished before ({export_dir(run_dir, stage)}), skipped", flush=True)
                 continue
             trainer = Trainer(recipe, stage, run_dir, init_dir_of(recipe, index, run_dir, dist_info), dist_info,
-                              stop=stop, max_steps=max_steps, started=started)
+                              stop=stop, max_steps=max_steps, started=started,
+                              adapters=adapters_of(recipe, index, run_dir))
             try:
                 reason = trainer.train()
             finally:

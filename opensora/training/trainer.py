@@ -47,7 +47,7 @@ from opensora.distributed import DistInfo, ParallelDims, build_engine
 from opensora.distributed.engines import nonfinite_flag
 from opensora.distributed.parallel import new_sp_group, uses_mixed_precision
 from opensora.models.families import get_family
-from opensora.models.lora import apply_lora, save_diffusers_lora
+from opensora.models.lora import ADAPTERS_NAME, apply_lora, load_adapters, save_adapters, save_diffusers_lora
 from opensora.training.config import (
     RecipeConfig,
     StageConfig,
@@ -109,10 +109,18 @@ class Trainer:
         max_steps: stop with a checkpoint once the stage has reached this step (None: the stage's ``steps``).
         started: ``time.monotonic()`` when the process (or this stage, after an earlier one in the same process)
             started: the ledger bills from then. None: now.
+        adapters: for a stage with ``init.lora: continue``, the previous stage's export, whose EMA adapters
+            (``lora_adapters.safetensors``) this stage trains on over ``init_dir`` (that stage's base);
+            ``opensora.training.recipe.adapters_of``. None otherwise.
     """
 
     def __init__(self, recipe: RecipeConfig, stage: StageConfig, run_dir: Path, init_dir: Path, dist_info: DistInfo,
-                 stop: StopFlag | None = None, max_steps: int | None = None, started: float | None = None):
+                 stop: StopFlag | None = None, max_steps: int | None = None, started: float | None = None,
+                 adapters: Path | None = None):
+        if (adapters is not None) != (stage.init.lora == "continue"):
+            raise ValueError(f"stage '{stage.name}': adapters to continue are given with init.lora "
+                             f"{stage.init.lora!r}: pass them exactly when it is 'continue' (recipe.adapters_of)")
+        self.adapters = adapters
         self.recipe, self.stage, self.dist = recipe, stage, dist_info
         self.run_dir, self.init_dir = Path(run_dir), Path(init_dir)
         self.stage_dir = self.run_dir / stage.name
@@ -232,17 +240,28 @@ class Trainer:
         return micro, stage.batch_size // (micro * dp)
 
     def _apply_lora(self, model):
-        """Freezes ``model`` and injects the stage's LoRA adapters, initialised from the recipe seed (a resume
-        rebuilds the same base and adapters, then loads the adapters' checkpoint)."""
+        """Freezes ``model`` and injects the stage's LoRA adapters, initialised from the recipe seed or, with
+        ``init.lora: continue``, the previous stage's EMA adapters (a resume rebuilds the same base and adapters,
+        then loads the adapters' checkpoint)."""
         if self.recipe.parallel.engine == "colossalai":
             raise ConfigError(f"stage '{self.stage.name}': lora: use engine fsdp or ddp (the ColossalAI booster's ZeRO "
                               "masters are not set up for a frozen base)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.recipe.seed)  # lora_A's init draws from the global generator
             try:
-                return apply_lora(model, self.family, self.stage.lora)
+                model = apply_lora(model, self.family, self.stage.lora)
             except ValueError as err:
                 raise ConfigError(f"stage '{self.stage.name}': {err}") from err
+        if self.adapters is not None:  # init.lora: continue; a resume then loads this stage's checkpoint over them
+            path = self.adapters / ADAPTERS_NAME
+            if not path.is_file():
+                raise ConfigError(f"stage '{self.stage.name}': init.lora: continue needs the previous stage's "
+                                  f"adapters, {path}, which its export does not hold")
+            try:
+                load_adapters(model, path, self.stage.lora)
+            except ValueError as err:
+                raise ConfigError(f"stage '{self.stage.name}': init.lora: continue: {err}") from err
+        return model
 
     def _objective_options(self) -> dict:
         """Options of the training objective: rectified flow's timestep distribution, with the family's shift at the
@@ -564,16 +583,20 @@ class Trainer:
         return out
 
     def _export_lora(self, state: dict) -> dict:
-        """A LoRA stage's export: writes the EMA adapters as ``pytorch_lora_weights.safetensors`` (families with a
-        diffusers pipeline) and returns the full state with them merged into the base (W + alpha/r B A), so the
+        """A LoRA stage's export: writes the EMA adapters as ``lora_adapters.safetensors`` (as the model holds them:
+        what ``init.lora: continue`` loads) and ``pytorch_lora_weights.safetensors`` (families with a diffusers
+        pipeline) and returns the full state with them merged into the base (W + alpha/r B A), so the
         bundle is a plain model that any tool loads. Collective (gathers FSDP2 shards)."""
         from torch.distributed.tensor import DTensor
 
         state = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in state.items()}  # collective
         settings, out = self.stage.lora, self.stage_dir / "export"
-        adapters = {k.replace(".default.", "."): v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
-        if self.is_main and self.family.diffusers_pipeline is not None:
-            save_diffusers_lora(adapters, self.family, settings, out)  # before bundle.yaml, which is written last
+        adapters = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+        if self.is_main:  # before bundle.yaml, which is written last
+            save_adapters(adapters, settings, out)  # what a following stage with init.lora: continue trains on
+            if self.family.diffusers_pipeline is not None:
+                save_diffusers_lora({k.replace(".default.", "."): v for k, v in adapters.items()}, self.family,
+                                    settings, out)
         return merge_lora_state(state, settings.scale)
 
     def _export_family(self, state: dict) -> Path:
