@@ -66,6 +66,16 @@ def finished_samples(out_dir: str | Path, prompts: Sequence[str]) -> list[bool]:
     return [(out_dir / sample_filename(i, p)).is_file() for i, p in enumerate(prompts)]
 
 
+def remove_stale_temporaries(out_dir: str | Path) -> int:
+    """Removes the half-written videos a killed run left in ``out_dir`` (``AtomicPath`` temporaries of
+    ``NNN_<slug>.mp4``: hidden, never taken for finished ones, but junk); returns how many. Call it before any
+    writer of this run starts."""
+    stale = list(Path(out_dir).glob(".[0-9]*.mp4.*.tmp.mp4"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_prompts_file(out_dir: str | Path, written: Sequence[tuple[Path, str]]) -> Path:
     """``prompts.tsv``: ``file<TAB>prompt`` per written video (the full prompt; file names hold only a slug)."""
     path = Path(out_dir) / PROMPTS_FILE

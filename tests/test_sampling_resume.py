@@ -43,8 +43,9 @@ def prompt_file(tmp_path, prompts) -> Path:
 
 
 def stats(out: Path) -> dict:
-    """name -> (inode, mtime_ns) of every mp4: a rewrite (atomic rename) changes the inode."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.mp4")}
+    """name -> (inode, mtime_ns) of every finished mp4 (not the hidden temporaries of unfinished ones, which
+    pathlib's glob also matches): a rewrite (atomic rename) changes the inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.mp4") if not p.name.startswith(".")}
 
 
 def decode(path):
@@ -56,12 +57,16 @@ def test_rerun_skips_finished_videos_and_samples_the_rest(bundle_dir, tmp_path, 
     pf, out = prompt_file(tmp_path, PROMPTS[:3]), tmp_path / "out"
     assert sample.main(argv(bundle_dir, out, pf)) == 0
     reference = decode(out / "001_a-red-circle-moving-up.mp4")
-    (out / "001_a-red-circle-moving-up.mp4").unlink()  # as if the run had stopped before it
+    (out / "001_a-red-circle-moving-up.mp4").unlink()  # as if the run had been killed while writing it ...
+    stale = out / ".001_a-red-circle-moving-up.mp4.4242-0a0b0c0d.tmp.mp4"  # ... leaving its temporary behind
+    stale.write_bytes(b"half a video")
     before = stats(out)
     capsys.readouterr()
     assert sample.main(argv(bundle_dir, out, pf)) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "wrote 1 video(s)" in text and "skipped 2 finished" in text
+    assert not stale.exists() and "removed 1 half-written video(s)" in captured.err
     after = stats(out)
     assert {k: after[k] for k in before} == before  # nothing finished was rewritten
     assert np.array_equal(decode(out / "001_a-red-circle-moving-up.mp4"), reference)
@@ -153,3 +158,4 @@ def test_kill_9_mid_list_then_rerun_finishes_the_rest_and_rewrites_nothing(bundl
     assert len(after) == len(prompts)
     assert {k: after[k] for k in before} == before
     assert f"skipped {len(before)} finished" in done.stdout
+    assert not list(out.glob(".*")), "a half-written video of the killed run was left behind"

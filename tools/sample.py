@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     from opensora.accounting.gpu import default_price, detect_gpu_type
     from opensora.distributed import init_distributed
     from opensora.distributed.sequence_parallel import SamplingLayout, apply_sequence_parallel
-    from opensora.sampling import StepCache, finished_samples, sample_filename, write_prompts_file, write_samples
+    from opensora.sampling import (
+        StepCache, finished_samples, remove_stale_temporaries, sample_filename, write_prompts_file, write_samples,
+    )
     from opensora.utils import atomic_write_path
 
     args = parse_args(argv)
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = _settings(args, bundle, dtype_name, overlap)
     check_settings(args.out, settings)  # every rank reads it before rank 0 may write it: all stop alike
+    if rank == 0 and (stale := remove_stale_temporaries(args.out)):  # before the barrier: no writer runs yet
+        print(f"removed {stale} half-written video(s) a killed run left in {args.out}", file=sys.stderr)
     finished = [finished_samples(args.out, prompts)]  # decided once, so every rank of a group skips alike
     if launched:
         dist.barrier()
