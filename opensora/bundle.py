@@ -157,6 +157,7 @@ class Bundle:
         cfg_group=None,
         decode_group=None,
         cache=None,
+        callback=None,
     ) -> torch.Tensor:
         """Samples one video per prompt.
 
@@ -178,6 +179,10 @@ class Bundle:
                 decodes a share of the latent frames on each and gathers them. None: this process decodes all.
             cache: a :class:`opensora.sampling.StepCache`: steps whose model input barely changed reuse the last
                 prediction (its ``calls`` / ``skipped`` count them). None: every step runs the model.
+            callback: ``callback(step, timestep, latents)`` after each sampling step (an
+                :data:`opensora.diffusion.callbacks.StepCallback`: step 0.., the timestep the model saw, the
+                (B, C, T', h, w) latents after the step); a tensor it returns replaces the latents. Under CFG or
+                sequence parallelism every rank calls it and must return the same tensor. None: as before.
         Every rank of a parallel group calls this with the same arguments and gets the same video.
         Returns:
             (B, 3, T, H, W) float video in [-1, 1] on the CPU.
@@ -225,7 +230,8 @@ class Bundle:
         if cache is not None:
             model_fn = cache.wrap(model_fn, steps)
         frames = {} if cond is None else self.encode_condition(cond, B, num_frames, height, width, noise)
-        z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator, **frames)
+        z = scheduler.sample(model_fn, noise, model_kwargs=kwargs, progress=progress, generator=generator,
+                             callback=callback, **frames)
         video = self.decode(z, group=decode_group).float().clamp(-1, 1).cpu()
         if tuple(video.shape[2:]) != (num_frames, height, width):  # a decoder off its frame rule would say so here
             raise RuntimeError(f"{self.vae.name} decoded a {tuple(video.shape[2:])} video for the requested "

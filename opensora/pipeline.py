@@ -13,13 +13,15 @@ convention (as ``WanPipeline`` returns them), so ``diffusers.utils.export_to_vid
 
 There is no second sampler here: a call is one :meth:`opensora.bundle.Bundle.generate`, the code
 ``tools/sample.py`` runs, so the same bundle, prompts, seed and settings give the same frames as the CLI
-(``--batch-size`` = the number of prompts of one call). Wan and LTX bundles export to their own diffusers
+(``--batch-size`` = the number of prompts of one call). ``callback_on_step_end`` is diffusers': it sees the
+latents after every step and may return new ones. Wan and LTX bundles export to their own diffusers
 pipelines instead (``tools/export_diffusers.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,9 @@ class STDiTPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    # The text embeddings live inside Bundle.generate's guided model function, so the latents are the one
+    # tensor a step callback can read and replace (diffusers' Wan also offers prompt_embeds).
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
                  bundle_config: BundleConfig | None = None, bundle_path: str | None = None):
@@ -139,6 +144,8 @@ class STDiTPipeline(DiffusionPipeline):
         cache_threshold: float | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, float, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; not mutated)
     ) -> STDiTPipelineOutput | tuple:
         """Samples one video per prompt (all prompts of a call in one batch), through :meth:`Bundle.generate`.
 
@@ -157,6 +164,12 @@ class STDiTPipeline(DiffusionPipeline):
             cache_threshold: the step cache's threshold (``--cache``); None: every step runs the model.
             output_type: "np", "pil" or "pt" (see :class:`STDiTPipelineOutput`).
             return_dict: False returns ``(frames,)``.
+            callback_on_step_end: ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict``, called
+                after each step (step 0.. in order; timestep: the one the model saw, an int for IDDPM, a float
+                ``t * 1000`` for rectified flow) with ``callback_kwargs["latents"]`` the (B, C, T', h, w) latents
+                after the step. As in diffusers, a ``"latents"`` in the returned dict replaces them (the rest of
+                the sampling and the decoder use it); any other key is refused (ValueError), not ignored.
+            callback_on_step_end_tensor_inputs: the tensors ``callback_kwargs`` holds; only ``["latents"]``.
         """
         from opensora.sampling import StepCache
 
@@ -166,6 +179,10 @@ class STDiTPipeline(DiffusionPipeline):
                              "inside Bundle.generate, so there are no latents to return)")
         if sampler is not None and sampler not in DIFFUSIONS:
             raise ValueError(f"sampler must be one of {DIFFUSIONS}, got {sampler!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
+                             f"got {unknown}")
         if num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
         if num_frames is None:
@@ -173,12 +190,29 @@ class STDiTPipeline(DiffusionPipeline):
         prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
         cache = None if cache_threshold is None else StepCache(cache_threshold)
         show = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        on_step = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         video = self.bundle.generate(prompts, num_frames, height, width, steps=num_inference_steps,
                                      cfg_scale=guidance_scale, seed=self._seed(generator, seed), sampler=sampler,
-                                     progress=show, cache=cache)  # (B, 3, T, H, W) in [-1, 1], CPU
+                                     progress=show, cache=cache, callback=on_step)  # (B, 3, T, H, W) in [-1, 1]
         self.maybe_free_model_hooks()
         frames = self.video_processor.postprocess_video(video, output_type=output_type)
         return STDiTPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _step_callback(self, callback: Callable | None, tensor_inputs: list[str]):
+        """diffusers' ``callback_on_step_end`` as the samplers' ``callback(step, timestep, latents)``."""
+        if callback is None:
+            return None
+
+        def on_step_end(step: int, timestep: float, latents: torch.Tensor) -> torch.Tensor | None:
+            named = {"latents": latents}
+            returned = dict(callback(self, step, timestep, {k: named[k] for k in tensor_inputs}))
+            extra = set(returned) - set(self._callback_tensor_inputs)
+            if extra:
+                raise ValueError(f"callback_on_step_end returned {sorted(extra)}; STDiTPipeline takes back only "
+                                 f"{self._callback_tensor_inputs}")
+            return returned.get("latents")
+
+        return on_step_end
 
     @staticmethod
     def _seed(generator: torch.Generator | None, seed: int | None) -> int:

@@ -164,3 +164,31 @@ def test_rflow_interpolation_endpoints_and_unknown_name():
     assert out.shape == (2, 1, 1) and out.dtype == torch.float32
     assert out.flatten().tolist() == pytest.approx(schedule.betas[t].tolist())
     assert schedule.on(torch.device("cpu")) is schedule.on(torch.device("cpu")), "one copy per device, reused"
+
+
+@pytest.mark.parametrize("sched", [IDDPM(num_sampling_steps=5), RFlow(num_sampling_steps=5)], ids=["iddpm", "rflow"])
+def test_step_callback_sees_every_step_and_may_replace_the_latents(sched):
+    """``sample(callback=)``: called after each step with (step index, the model's timestep, latents); a tensor it
+    returns is the sampler's next latents; returning None (or no callback) changes nothing, bit for bit."""
+    net = _ToyNet(out_mult=2)
+    seen_t = []
+
+    def model(x, t):
+        seen_t.append(float(t[0]))
+        return net(x, t)
+
+    def run(callback=None):
+        return sched.sample(model, torch.ones(3, 2, 1), generator=torch.Generator().manual_seed(1), callback=callback)
+
+    plain = run()
+    calls = []
+    watched = run(lambda i, t, x: calls.append((i, t, x.clone())))
+    torch.testing.assert_close(watched, plain, rtol=0, atol=0)
+    assert [i for i, _, _ in calls] == list(range(5))
+    assert [t for _, t, _ in calls] == seen_t[-5:] and seen_t[-5] > seen_t[-1], "the model's timesteps, from noise"
+    assert all(x.shape == (3, 2, 1) for _, _, x in calls)
+    torch.testing.assert_close(calls[-1][2], plain, rtol=0, atol=0)  # the last step's latents are the result
+    zeroed = run(lambda i, t, x: torch.zeros_like(x) if i == 4 else None)
+    assert zeroed.abs().max() == 0, "the returned tensor replaced the latents"
+    with pytest.raises(ValueError, match="shape"):
+        run(lambda i, t, x: x[:1])

@@ -131,3 +131,45 @@ def test_other_families_and_missing_dirs_are_refused(bundle_dir, tmp_path):
         STDiTPipeline.from_pretrained(tmp_path / "wan")
     with pytest.raises(FileNotFoundError, match="not found"):
         STDiTPipeline.from_pretrained(tmp_path / "no-such-bundle")
+
+
+@pytest.mark.parametrize("sampler", ["iddpm", "rflow"])
+def test_callback_on_step_end_sees_every_step_and_may_replace_the_latents(pipe, sampler):
+    """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict``: once per step, in order,
+    with the latents; a callback that returns its kwargs untouched changes no frame; returned latents are used."""
+    plain = pipe(PROMPT, seed=5, sampler=sampler, output_type="pt", **SETTINGS).frames
+    calls = []
+
+    def watch(p, step, timestep, callback_kwargs):
+        assert p is pipe and set(callback_kwargs) == {"latents"}
+        calls.append((step, timestep, callback_kwargs["latents"].clone()))
+        return callback_kwargs
+
+    watched = pipe(PROMPT, seed=5, sampler=sampler, output_type="pt", callback_on_step_end=watch, **SETTINGS).frames
+    torch.testing.assert_close(watched, plain, rtol=0, atol=0)
+    steps = SETTINGS["num_inference_steps"]
+    assert [s for s, _, _ in calls] == list(range(steps))
+    timesteps = [t for _, t, _ in calls]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == steps, "from noise to data"
+    bundle = pipe.bundle
+    channels = bundle.family.in_channels(bundle.family.config_of(bundle.model))
+    latent = (1, channels, *bundle.latent_size(4, 32, 32))  # (B, C, T', h, w)
+    assert all(tuple(z.shape) == latent for _, _, z in calls)
+    assert not torch.equal(calls[0][2], calls[-1][2])
+
+    def zero_last(p, step, timestep, callback_kwargs):  # the last latents replaced: the decoder gets zeros
+        z = callback_kwargs["latents"]
+        return {"latents": torch.zeros_like(z) if step == steps - 1 else z}
+
+    zeroed = pipe(PROMPT, seed=5, sampler=sampler, output_type="pt", callback_on_step_end=zero_last, **SETTINGS).frames
+    decoded = bundle.decode(torch.zeros(latent)).float().clamp(-1, 1)  # (1, 3, T, H, W)
+    torch.testing.assert_close(zeroed, (decoded * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4), rtol=0, atol=0)
+    assert (zeroed - plain).abs().mean() > 0.01
+
+
+def test_callback_tensor_inputs_are_checked(pipe):
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(PROMPT, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+             **SETTINGS)
+    with pytest.raises(ValueError, match="returned"):  # a mistyped key would otherwise be ignored silently
+        pipe(PROMPT, callback_on_step_end=lambda p, s, t, kw: {"latent": kw["latents"]}, **SETTINGS)

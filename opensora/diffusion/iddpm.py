@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from opensora.diffusion.callbacks import StepCallback, after_step
 from opensora.diffusion.conditioning import (
     check_cond_mask, check_condition, frame_timesteps, keep_given, masked_mean_flat,
 )
@@ -194,7 +195,8 @@ class IDDPM:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, model_kwargs: dict | None = None,
                progress: bool = False, generator: torch.Generator | None = None,
-               cond_latent: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+               cond_latent: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+               callback: StepCallback | None = None) -> torch.Tensor:
         """Ancestral sampling over the respaced steps, from ``noise`` (B, C, ...) to x0.
 
         Args:
@@ -206,14 +208,18 @@ class IDDPM:
             cond_latent: (B, C, T, ...) latents of the given frames (other frames' values are not read).
             cond_mask: (B, T) bool, True = given: before every step those frames are reset to ``cond_latent``
                 with t = 0, and the result holds them exactly. None (with ``cond_latent`` None): as before.
+            callback: ``callback(step, t, x)`` after each step (step = 0.., t the original timestep the model saw,
+                x the latents after the step); a tensor it returns replaces them (given frames are still reset
+                before the next step). None: as before.
         """
         check_condition(noise, cond_latent, cond_mask)
         s = self.sampling
         x = noise
         steps = list(range(len(self.timestep_map)))[::-1]
-        for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+        for step, i in enumerate(tqdm(steps, desc="sampling", disable=not progress, leave=False)):
             idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             t_model = self.timestep_map.to(x.device)[idx]
+            timestep = int(self.timestep_map[i])  # the model's, for the callback (host copy: no device sync)
             if cond_mask is not None:
                 x = keep_given(x, cond_latent, cond_mask)
                 t_model = frame_timesteps(t_model, cond_mask)
@@ -224,6 +230,7 @@ class IDDPM:
                 x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
             else:
                 x = p["mean"]
+            x = after_step(callback, step, timestep, x)
         return x if cond_mask is None else keep_given(x, cond_latent, cond_mask)
 
 

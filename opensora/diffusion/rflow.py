@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from opensora.diffusion.callbacks import StepCallback, after_step
 from opensora.diffusion.conditioning import (
     check_cond_mask, check_condition, frame_timesteps, keep_given, masked_mean_flat,
 )
@@ -92,12 +93,15 @@ class RFlow:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, model_kwargs: dict | None = None,
                progress: bool = False, generator: torch.Generator | None = None,
-               cond_latent: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+               cond_latent: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+               callback: StepCallback | None = None) -> torch.Tensor:
         """Euler integration of dx/dt = -v from t = 1 (``noise``) to t = 0. Deterministic; ``generator`` unused.
 
         ``cond_latent`` (B, C, T, ...) and ``cond_mask`` (B, T) bool (True = given): before every step the given
         frames are reset to ``cond_latent`` with t = 0 (a (B, T) model timestep), and the result holds them
         exactly. Both None: as before.
+        ``callback(i, t * num_timesteps, x)`` after each step i = 0.. (x: the latents after it); a tensor it
+        returns replaces them (given frames are still reset before the next step). None: as before.
         """
         check_condition(noise, cond_latent, cond_mask)
         times = self._shift(torch.linspace(1.0, 0.0, self.num_sampling_steps + 1, dtype=torch.float64))
@@ -106,9 +110,11 @@ class RFlow:
         for i in tqdm(range(self.num_sampling_steps), desc="sampling", disable=not progress, leave=False):
             t, t_next = times[i].item(), times[i + 1].item()
             t_model = torch.full((x.shape[0],), t * self.num_timesteps, device=x.device, dtype=torch.float32)
+            # the model's timestep for the callback, from the host copy (no device sync per step)
+            timestep = float(torch.tensor(t * self.num_timesteps, dtype=torch.float32))
             if cond_mask is not None:
                 x = keep_given(x, cond_latent, cond_mask)
                 t_model = frame_timesteps(t_model, cond_mask)
             v = model_fn(x, t_model, **(model_kwargs or {}))[:, :C].to(x.dtype)
-            x = x + (t - t_next) * v
+            x = after_step(callback, i, timestep, x + (t - t_next) * v)
         return x if cond_mask is None else keep_given(x, cond_latent, cond_mask)
