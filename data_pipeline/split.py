@@ -83,6 +83,17 @@ def _open(path: str) -> tuple[av.container.InputContainer, av.video.stream.Video
     return container, stream
 
 
+def _source_format(stream: av.video.stream.VideoStream, cfg: SplitConfig) -> tuple[Fraction, Fraction, int, int]:
+    """(source fps, output fps, width, height) of a source; a short side below ``cfg.min_short_side`` is a Reject
+    (unwanted, not broken: rejected before any decode, and never upscaled to fit)."""
+    fps = Fraction(stream.average_rate or stream.guessed_rate)
+    out_fps = min(fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else fps
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if cfg.min_short_side and min(width, height) < cfg.min_short_side:
+        raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
+    return fps, out_fps, width, height
+
+
 @dataclass
 class Damage:
     """What ``_decode`` skipped: packets the decoder rejected and frame slots unusable because of them."""
@@ -397,12 +408,7 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
     """
     container, stream = _open(path)
     with container:
-        fps = Fraction(stream.average_rate or stream.guessed_rate)
-        out_fps = min(fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else fps
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if cfg.min_short_side and min(width, height) < cfg.min_short_side:
-            # Unwanted, not broken: rejected before any decode, and never upscaled to fit.
-            raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
+        fps, out_fps, width, height = _source_format(stream, cfg)
         size = even_size(width, height, cfg.short_side)
         detector = make_detector(cfg, fps)
         step = max(1, stream.codec_context.width // max(cfg.detect_width, 1))
@@ -482,11 +488,7 @@ def cut_at_spans(path: str, spans: list[tuple[int, int]], cfg: SplitConfig,
     container, stream = _open(path)
     reference = cfg.mode == "reference"
     with container:
-        fps = Fraction(stream.average_rate or stream.guessed_rate)
-        out_fps = min(fps, Fraction(cfg.target_fps).limit_denominator(1001)) if cfg.target_fps else fps
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if cfg.min_short_side and min(width, height) < cfg.min_short_side:
-            raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
+        fps, out_fps, width, height = _source_format(stream, cfg)
         res = SplitResult([], [], [], [], [], 0, fps, out_fps, *even_size(width, height, cfg.short_side))
         writers: dict[int, VideoWriter] = {}
         counts, firsts, lost = [0] * len(spans), {}, {}
