@@ -8,7 +8,9 @@
 A ``url`` means a remote URL: ``file://`` and bare paths are refused unless ``allow_local``, and so is any
 host that resolves to a loopback, link-local, private or otherwise non-global address unless
 ``allow_private_hosts`` - checked on the addresses the connection then uses, for every redirect too, before
-any connection is made. A refusal rejects the row with the reason (:class:`Refused`).
+any connection is made. A refusal rejects the row with the reason (:class:`Refused`). A source that is gone for good (HTTP 404 / 410, a
+private, deleted or removed video by yt-dlp's words) is rejected as :class:`~data_pipeline.rows.Vanished`:
+``vanished: <why>``, counted apart in the summary and not retried; a timeout or a 5xx stays a failure.
 
 File names are ``<hash of url>_<sanitised name>``: no separators (no path traversal), and two URLs that end
 in the same name cannot overwrite each other. Finished files appear by ``os.replace`` only.
@@ -33,11 +35,21 @@ from pathlib import Path
 
 from data_pipeline.config import DownloadConfig
 from data_pipeline.media import safe_name
-from data_pipeline.rows import Reject, Row, is_missing
+from data_pipeline.rows import Reject, Row, Vanished, is_missing
 from opensora.data.manifest import row_id
 from opensora.utils import atomic_write_path, file_sha256
 
 USER_AGENT = "opensora-lite-data-pipeline/0.1"
+# HTTP statuses of a resource that is gone, not of a server having a bad moment (5xx, 429: retried).
+GONE_STATUS = (404, 410)
+# yt-dlp's words for a video that is gone for good (its extractors' messages): private, deleted, removed, an
+# account terminated, or the page itself answering 404 / 410. A timeout, a 5xx or an age gate matches none of
+# them and stays a failure (retry_failed tries it again); so does a geo-block (YOUTUBE_GEO), which YouTube also
+# words "Video unavailable": the video is there, for another machine.
+YTDLP_GONE = re.compile(r"Private video|Video unavailable|This video (?:has been removed|is no longer available|"
+                        r"does not exist|is private)|account associated with this video has been terminated|"
+                        r"HTTP Error 4(?:04|10)\b", re.IGNORECASE)
+YOUTUBE_GEO = re.compile(r"in your country|geo.?restrict", re.IGNORECASE)
 
 
 class DownloadError(RuntimeError):
@@ -223,6 +235,8 @@ def _http_attempt(url: str, part: Path, cfg: DownloadConfig, deadline: float | N
             raise _Transient("range not satisfiable; restarting") from err
         if err.code in (408, 425, 429) or err.code >= 500:
             raise _Transient(f"HTTP {err.code} {err.reason}") from err
+        if err.code in GONE_STATUS:
+            raise Vanished(f"HTTP {err.code} {err.reason}") from err
         raise DownloadError(f"HTTP {err.code} {err.reason}") from err
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as err:
         reason = getattr(err, "reason", err)
@@ -302,6 +316,8 @@ def ytdlp_download(url: str, out_dir: Path, cfg: DownloadConfig) -> Path:
             downloads = info.get("requested_downloads") or []
             path = downloads[0]["filepath"] if downloads else ydl.prepare_filename(info)
     except yt_dlp.utils.DownloadError as err:
+        if YTDLP_GONE.search(str(err)) and not YOUTUBE_GEO.search(str(err)):
+            raise Vanished(f"yt-dlp: {err}") from err
         raise DownloadError(f"yt-dlp: {err}") from err
     path = Path(path)
     if not path.is_file():

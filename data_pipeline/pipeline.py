@@ -411,5 +411,8 @@ def run_pipeline(cfg: PipelineConfig) -> list[Summary]:
         final = read_manifest(current, usable_only=False)
         out = Path(cfg.output) if cfg.output else work / "manifest.parquet"
         write_manifest(final[usable_mask(final)], out)
-        print(f"pipeline: {int(usable_mask(final).sum())} usable rows -> {out}", file=sys.stderr)
+        # Vanished sources are a dataset's loss, not the run's fault: said apart, next to the stages' failures.
+        failed, vanished = sum(s.failed for s in summaries), sum(s.vanished for s in summaries)
+        print(f"pipeline: {int(usable_mask(final).sum())} usable rows -> {out}; failed rows: {failed}, vanished "
+              f"sources: {vanished}", file=sys.stderr)
     return summaries

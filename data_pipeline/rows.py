@@ -25,6 +25,19 @@ class Reject(Exception):
         self.updates = dict(updates or {})
 
 
+class Vanished(Reject):
+    """Raised by download for a source that is gone for good: a private, deleted or removed video, an HTTP 404
+    or 410 (a large share of any YouTube-based dataset).
+
+    A rejection (``download_status=rejected``, the reason starting with ``vanished:``), counted apart in the
+    summary (``vanished N``) and no failure: a re-run does not try it again, not even with ``retry_failed``,
+    which is for transient failures (timeouts, 5xx). To look again, remove the stage's journal entries.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(f"vanished: {reason}")
+
+
 class SetupError(RuntimeError):
     """Raised by a stage for an error of its set-up, not of the row: a missing or unloadable model folder.
 

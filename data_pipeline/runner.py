@@ -18,14 +18,15 @@ A stage is a plain function ``fn(row, cfg) -> list[row]`` (see :class:`Stage`). 
    hung one fails; the rest of the stage goes on. In this process (``workers=0``) a ``SIGALRM`` raises
    :class:`RowTimeout` in the row instead, which ends Python code and blocking calls but not a call stuck in C;
 5. turns an exception on a row into a failure record (``<stage>_status=failed``, ``<stage>_error``)
-   and :class:`~data_pipeline.rows.Reject` into ``rejected``; the run goes on - unless the exception is
+   and :class:`~data_pipeline.rows.Reject` into ``rejected`` (:class:`~data_pipeline.rows.Vanished`, a source gone
+   for good, too, counted apart as ``vanished``); the run goes on - unless the exception is
    *systemic* (:func:`systemic_cause`: a full disk or quota, a read-only or vanished output folder, an I/O
    error on output) or an error of the set-up (:func:`setup_cause`: a missing model folder, a broken CUDA
    context), which would fail every remaining row the same way: then the stage stops submitting,
    journals what the rows in flight finished, leaves the systemic rows out of the journal (a re-run redoes
    them) and raises :class:`SystemicError`; a failed journal write stops it the same way;
 6. writes the output manifest atomically and prints a summary line
-   (done / skipped / failed / rejected, with reasons).
+   (done / skipped / failed / rejected / vanished, with reasons).
 
 Stages write their media atomically themselves (temp file + ``os.replace``), with names derived from
 the row id, so a redone row overwrites its own half-finished work instead of duplicating it.
@@ -56,7 +57,7 @@ from tqdm import tqdm
 import hashlib
 
 from data_pipeline.config import RunnerConfig, output_settings
-from data_pipeline.rows import Reject, Row, SetupError, plain, plain_row
+from data_pipeline.rows import Reject, Row, SetupError, Vanished, plain, plain_row
 from opensora.data.manifest import OK_STATUS, read_manifest, write_manifest
 
 BatchResult = list[dict]
@@ -237,7 +238,9 @@ def _record(stage: str, row_in: Row, outcome: list[Row] | BaseException) -> dict
     status_col, error_col = f"{stage}_status", f"{stage}_error"
     if isinstance(outcome, Reject):
         row = {**row_in, **plain_row(outcome.updates), status_col: "rejected", error_col: outcome.reason}
-        return {"id": row_in["id"], "status": "rejected", "error": outcome.reason, "rows": [row]}
+        # The row says rejected (later stages pass it by); the journal tells a vanished source apart for the summary.
+        status = "vanished" if isinstance(outcome, Vanished) else "rejected"
+        return {"id": row_in["id"], "status": status, "error": outcome.reason, "rows": [row]}
     if isinstance(outcome, BaseException):
         err = _error_text(outcome)
         row = {**row_in, status_col: "failed", error_col: err}
@@ -369,6 +372,7 @@ class Summary:
     redone_input: int = 0  # ... because their input row changed (an earlier stage redid it)
     failed: int = 0
     rejected: int = 0
+    vanished: int = 0  # rejected because the source is gone for good (rows.Vanished): neither failed nor rejected
     reasons: collections.Counter = field(default_factory=collections.Counter)
     seconds: float = 0.0
     report: str = ""  # the stage's own figures for this run (Stage.report)
@@ -382,6 +386,7 @@ class Summary:
             f"skipped {self.resumed + self.upstream} (finished before: {self.resumed}, failed upstream: {self.upstream})",
             f"failed {self.failed}",
             f"rejected {self.rejected}",
+            f"vanished {self.vanished}",
             f"-> {self.rows_out} output rows",
         ]
         line = ", ".join(parts)
@@ -400,8 +405,8 @@ class FailureShareError(RuntimeError):
 
 def check_failure_share(summary: Summary, cfg: RunnerConfig) -> None:
     """Raises :class:`FailureShareError` when ``summary``'s failed rows exceed ``cfg.max_failed_share`` of
-    the rows the stage ran in this run (rejected rows are decisions, not failures, but count as ran)."""
-    ran = summary.done + summary.failed + summary.rejected
+    the rows the stage ran in this run (rejected rows and vanished sources are no failures, but count as ran)."""
+    ran = summary.done + summary.failed + summary.rejected + summary.vanished
     if ran and summary.failed > cfg.max_failed_share * ran:
         raise FailureShareError(
             f"{summary.stage}: {summary.failed} of the {ran} rows it ran failed, more than runner.max_failed_share="
@@ -707,8 +712,11 @@ def run_stage(stage: Stage, input: str | Path | pd.DataFrame, output: str | Path
         if entry["status"] == OK_STATUS:
             summary.done += 1
             done_rows += entry["rows"]
-        elif entry["status"] == "rejected":
-            summary.rejected += 1
+        elif entry["status"] in ("rejected", "vanished"):
+            if entry["status"] == "vanished":
+                summary.vanished += 1
+            else:
+                summary.rejected += 1
             summary.reasons[_reason_key(entry["error"])] += 1
         else:
             summary.failed += 1

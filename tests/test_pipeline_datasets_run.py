@@ -61,7 +61,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("mode", ["encode", "reference"])
-def test_panda70m_metadata_to_captioned_clips(tmp_path, mode):
+def test_panda70m_metadata_to_captioned_clips(tmp_path, mode, capsys):
     numbered_video(tmp_path / "a.mp4")
     Handler.files, Handler.hits = {"a.mp4": (tmp_path / "a.mp4").read_bytes()}, {}
     with local_http_server(Handler) as url:
@@ -77,16 +77,17 @@ def test_panda70m_metadata_to_captioned_clips(tmp_path, mode):
         cfg = PipelineConfig(
             input=str(tmp_path / "panda.csv"), work_dir=str(tmp_path / "work"), input_format="auto",
             stages=["probe", "split", "caption"], select=SelectConfig(min_score=0.45),
-            runner=RunnerConfig(workers=0, progress=False, max_failed_share=1.0),
+            runner=RunnerConfig(workers=0, progress=False),  # a vanished source is no failure
             download=DownloadConfig(allow_private_hosts=True, retries=0, backoff_s=0.01),
             split=SplitConfig(mode=mode, min_clip_s=2.0, max_clip_s=3.0), caption=CaptionConfig(model=""))
         summaries = run_pipeline(cfg)
         assert Handler.hits == {"a.mp4": 1, "gone.mp4": 1}  # one download for all of a source's clips
         assert [s.stage for s in summaries] == ["download", "probe", "split", "caption"]
-        assert summaries[0].failed == 1
+        assert (summaries[0].failed, summaries[0].vanished) == (0, 1)
         downloaded = read_manifest(tmp_path / "work" / "00_download.parquet", usable_only=False)
         gone = downloaded[downloaded["url"].str.endswith("gone.mp4")].iloc[0]
-        assert gone["download_status"] == "failed" and "404" in gone["download_error"]
+        assert gone["download_status"] == "rejected" and gone["download_error"] == "vanished: HTTP 404 Not Found"
+        assert "vanished sources: 1" in capsys.readouterr().err.splitlines()[-1]  # the run's last word
 
         clips = read_manifest(tmp_path / "work" / "manifest.parquet")
         # split's own min/max clip length and shot detection do not touch a dataset's spans
