@@ -84,6 +84,11 @@ class DownloadConfig:
     allow_private_hosts: bool = _f(False, "fetch from hosts that resolve to loopback, link-local or private "
                                    "addresses (default: refused, redirects included)")
     ytdlp_format: str = _f("bv*[height<=720]+ba/b[height<=720]/b", "yt-dlp format selector")
+    ytdlp_sections: bool = _f(False, "a dataset's source with clip spans, fetched by yt-dlp: download one time range "
+                              "of it, from its first clip's start to its last clip's end (plus ytdlp_section_margin_s), "
+                              "re-encoded at the cuts (yt-dlp download_ranges + force_keyframes_at_cuts; needs the "
+                              "ffmpeg program); split shifts the spans by the range's start. false: the whole source")
+    ytdlp_section_margin_s: float = _f(1.0, "ytdlp_sections: seconds taken before the first and after the last clip")
     video_extensions: list = _f(
         [".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".flv", ".ts", ".mpg", ".mpeg"],
         "URL path endings treated as direct links in method=auto",
@@ -92,6 +97,8 @@ class DownloadConfig:
     def __post_init__(self):
         if self.method not in ("auto", "http", "ytdlp"):
             raise ValueError(f"download.method must be auto, http or ytdlp, got {self.method!r}")
+        if self.ytdlp_section_margin_s < 0:
+            raise ValueError(f"download.ytdlp_section_margin_s must be >= 0, got {self.ytdlp_section_margin_s}")
         if self.row_timeout_s and (not self.max_seconds or self.row_timeout_s <= self.max_seconds):
             # Otherwise the runner would kill a download its own limit allows, leaving a .part and no reason.
             raise ValueError(f"download.row_timeout_s ({self.row_timeout_s:g}) must be above download.max_seconds "

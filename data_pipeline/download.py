@@ -2,7 +2,9 @@
 
 - direct links (``http(s)://`` ending in a video extension, or ``method=http``): urllib with retries,
   exponential back-off and HTTP ``Range`` resume from a ``.part`` file that survives crashes and re-runs;
-- anything else (site pages): yt-dlp through its Python API (never a shell command);
+- anything else (site pages): yt-dlp through its Python API (never a shell command); with
+  ``ytdlp_sections``, only the time range that holds a dataset source's clips (:func:`dataset_section`), recorded
+  as ``download_section_start_s`` / ``download_section_end_s`` for split to shift the spans by;
 - a row without a ``url`` (a folder input's ``path``): copied.
 
 A ``url`` means a remote URL: ``file://`` and bare paths are refused unless ``allow_local``, and so is any
@@ -23,6 +25,7 @@ import fcntl
 import functools
 import http.client
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -278,12 +281,36 @@ def file_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def ytdlp_download(url: str, out_dir: Path, cfg: DownloadConfig) -> Path:
-    """Downloads a site URL with yt-dlp's Python API; returns the file it wrote."""
+def dataset_section(row: Row, cfg: DownloadConfig) -> tuple[float, float] | None:
+    """The one time range (seconds) of a source that holds all of its dataset clips, widened by
+    ``cfg.ytdlp_section_margin_s``; None when the whole source is wanted (``ytdlp_sections`` off, a row without
+    spans, or a whole-video clip). One range, not one per clip: yt-dlp writes a file per range, each with its own
+    time base, and a source's clips often overlap or lie close together."""
+    if not cfg.ytdlp_sections or is_missing(row.get("dataset_clips")):
+        return None
+    spans = json.loads(row["dataset_clips"])
+    if not spans or any(span["end"] is None for span in spans):
+        return None
+    start = max(0.0, min(float(span["start"]) for span in spans) - cfg.ytdlp_section_margin_s)
+    end = max(float(span["end"]) for span in spans) + cfg.ytdlp_section_margin_s
+    return round(start, 3), round(end, 3)  # the recorded offset is exactly what yt-dlp was asked for
+
+
+def ytdlp_download(url: str, out_dir: Path, cfg: DownloadConfig, section: tuple[float, float] | None = None) -> Path:
+    """Downloads a site URL with yt-dlp's Python API; returns the file it wrote.
+
+    Args:
+        url: the page.
+        out_dir: where the file goes.
+        cfg: format, retries, limits.
+        section: (start, end) seconds: only that range, its first frame at ``start`` (re-encoded at the cuts,
+            so the file starts on the frame asked for and not on the keyframe before it); None: the whole video.
+    """
     import yt_dlp
 
+    name = f"{row_id(url)[:10]}_%(id).80s" + (f"_{section[0]:g}-{section[1]:g}s" if section else "")
     options = {
-        "outtmpl": str(out_dir / f"{row_id(url)[:10]}_%(id).80s.%(ext)s"),
+        "outtmpl": str(out_dir / f"{name}.%(ext)s"),
         "format": cfg.ytdlp_format,
         "restrictfilenames": True,
         "noplaylist": True,
@@ -304,6 +331,9 @@ def ytdlp_download(url: str, out_dir: Path, cfg: DownloadConfig) -> Path:
     # A playlist or channel is not expanded (entries stay flat: nothing of them is downloaded), but refused:
     # a row is one video. A live stream never ends, so it is refused too.
     options.update(extract_flat="in_playlist", progress_hooks=[deadline_hook])
+    if section is not None:
+        options.update(download_ranges=yt_dlp.utils.download_range_func(None, [section]),
+                       force_keyframes_at_cuts=True)
     try:
         with yt_dlp.YoutubeDL(options) as ydl:
             info = ydl.extract_info(url, download=False)
@@ -384,11 +414,13 @@ def download(row: Row, cfg: DownloadConfig) -> list[Row]:
         _check_url(url, method, cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    section = None  # a direct link is fetched whole: an HTTP Range counts bytes, not seconds
     # One download per distinct URL: rows of the same URL (ids X, X#1) take its lock in turn, so the second
     # finds the first's finished file and points to it instead of appending to the same .part.
     with _url_lock(out_dir, url):
         if method == "ytdlp":
-            dest = ytdlp_download(url, out_dir, cfg)
+            section = dataset_section(row, cfg)
+            dest = ytdlp_download(url, out_dir, cfg, section)
         else:
             dest = _inside(out_dir / target_name(url), out_dir)
             if not dest.exists():  # the name embeds the URL hash: an existing file is this URL's, finished
@@ -401,6 +433,8 @@ def download(row: Row, cfg: DownloadConfig) -> list[Row]:
     size = dest.stat().st_size
     if size == 0:
         raise DownloadError("downloaded file is empty")
+    if section is not None:  # the file's time 0 is the source's section start: split shifts the spans by it
+        row = {**row, "download_section_start_s": section[0], "download_section_end_s": section[1]}
     return [{
         **row,
         "path": str(dest),

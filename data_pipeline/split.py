@@ -465,12 +465,13 @@ def split_video(path: str, cfg: SplitConfig, out_path: Callable[[int], Path]) ->
 TO_END = -1  # the end frame of a span that runs to the end of its source (a dataset's whole video)
 
 
-def span_frames(spans_s: list[dict], fps: Fraction) -> list[tuple[int, int]]:
+def span_frames(spans_s: list[dict], fps: Fraction, offset_s: float = 0.0) -> list[tuple[int, int]]:
     """A dataset's spans in seconds -> [start, end) frames: frame k is shown from k / fps, so a span starts on the
     frame nearest its start time and ends before the frame nearest its end time (within half a frame). An ``end``
-    of None (a whole video) is :data:`TO_END`."""
-    return [(max(0, round(float(s["start"]) * fps)), TO_END if s["end"] is None else round(float(s["end"]) * fps))
-            for s in spans_s]
+    of None (a whole video) is :data:`TO_END`. ``offset_s``: the source time of the file's frame 0 (a section
+    download, ``download_section_start_s``), subtracted from the spans."""
+    return [(max(0, round((float(s["start"]) - offset_s) * fps)),
+             TO_END if s["end"] is None else round((float(s["end"]) - offset_s) * fps)) for s in spans_s]
 
 
 def cut_at_spans(path: str, spans: list[tuple[int, int]], cfg: SplitConfig,
@@ -603,7 +604,9 @@ def split(row: Row, cfg: SplitConfig) -> list[Row]:
         with av.open(row["path"]) as probe_container:
             stream = video_stream(probe_container)
             fps = Fraction(stream.average_rate or stream.guessed_rate)
-        res, kept, lost = cut_at_spans(row["path"], span_frames(dataset_spans, fps), cfg, clip_path)
+        # A section download's file starts at the section (data_pipeline.download.dataset_section), not at 0.
+        offset = 0.0 if is_missing(row.get("download_section_start_s")) else float(row["download_section_start_s"])
+        res, kept, lost = cut_at_spans(row["path"], span_frames(dataset_spans, fps, offset), cfg, clip_path)
         if not kept:
             raise Reject("no dataset span could be cut: " + "; ".join(f"{dataset_spans[k].get('clip_id')}: {why}"
                                                                       for k, why in sorted(lost.items())))

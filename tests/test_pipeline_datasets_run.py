@@ -169,3 +169,91 @@ def test_one_command_per_format(tmp_path, capsys):
             assert list(zip(clips["text"], clips["start_frame"], clips["end_frame"])) == expected, name
             assert f"select: {name}" in capsys.readouterr().err
     assert Handler.hits == {"a.mp4": 2}  # hdvg's two clips from one download, webvid's video once
+
+
+def numbered_section(path, first, count):
+    """What yt-dlp's ranged download of ``numbered_video`` leaves: its frames ``first ..`` renumbered from 0."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "10", "g": "50"}
+        for i in range(first, min(first + count, FRAMES)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), STEP * i, np.uint8),
+                                                                   format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("mode", ["encode", "reference"])
+def test_ytdlp_sections_download_one_range_and_split_shifts_the_spans(tmp_path, monkeypatch, mode):
+    """``download.ytdlp_sections: true``: yt-dlp is asked for one time range around a source's clips (its
+    ``download_ranges`` called as yt-dlp calls it, ``force_keyframes_at_cuts``), and split cuts the section it
+    wrote (a local video standing in for it: frames 15.. of the source, renumbered from 0) at the dataset's spans
+    shifted by the section's start, so each clip still shows the source frames of its span. No network: the
+    YoutubeDL class is replaced, the site's host is not looked up."""
+    import yt_dlp
+
+    from data_pipeline import download as dl
+
+    calls = []
+
+    class FakeYoutubeDL:
+        def __init__(self, params):
+            self.params = params
+            calls.append(params)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def extract_info(self, url, download=True, **kwargs):
+            return {"id": url.rsplit("=", 1)[1], "ext": "mp4", "duration": FRAMES / FPS, "webpage_url": url}
+
+        def process_ie_result(self, info, download=True):
+            [section] = list(self.params["download_ranges"](info, self))  # one range, as yt-dlp would take it
+            start, end = section["start_time"], min(section["end_time"], info["duration"])
+            path = self.params["outtmpl"].replace("%(id).80s", info["id"]).replace("%(ext)s", "mp4")
+            numbered_section(path, round(start * FPS), round((end - start) * FPS))
+            return {**info, "requested_downloads": [{"filepath": path}]}
+
+    monkeypatch.setattr(yt_dlp, "YoutubeDL", FakeYoutubeDL)
+    monkeypatch.setattr(dl, "resolve_host", lambda host, port, cfg: [])
+    pd.DataFrame([{"videoID": "XYZ", "url": "https://www.youtube.com/watch?v=XYZ",
+                   "timestamp": str([["0:00:02.000", "0:00:03.000"], ["0:00:03.500", "0:00:04.500"]]),
+                   "caption": str(["darker", "lighter"]), "matching_score": str([0.5, 0.5])}]
+                 ).to_csv(tmp_path / "panda.csv", index=False)
+    cfg = PipelineConfig(
+        input=str(tmp_path / "panda.csv"), work_dir=str(tmp_path / "work"), input_format="panda70m",
+        stages=["probe", "split"], runner=RunnerConfig(workers=0, progress=False),
+        download=DownloadConfig(ytdlp_sections=True, ytdlp_section_margin_s=0.5), split=SplitConfig(mode=mode))
+    run_pipeline(cfg)
+    [params] = calls
+    assert params["force_keyframes_at_cuts"] is True
+    assert params["download_ranges"] == yt_dlp.utils.download_range_func(None, [(1.5, 5.0)])
+    clips = read_manifest(tmp_path / "work" / "manifest.parquet")
+    assert list(clips["text"]) == ["darker", "lighter"]
+    assert set(clips["download_section_start_s"]) == {1.5} and set(clips["download_section_end_s"]) == {5.0}
+    # Frames of the section file (it starts at 1.5 s = source frame 15); the source's own are 20-30 and 35-45.
+    assert list(clips["start_frame"]) == [5, 20] and list(clips["end_frame"]) == [15, 30]
+    for row in clips.itertuples():
+        path, first = (row.path, 0) if mode == "encode" else (row.source_video, row.start_frame)
+        assert abs(frame_number(path, first) - round((row.start_time + row.download_section_start_s) * FPS)) <= 1
+    assert [round(row.start_time + row.download_section_start_s, 3) for row in clips.itertuples()] == [2.0, 3.5]
+
+
+def test_which_sources_get_a_section():
+    from data_pipeline.download import dataset_section
+
+    import json
+
+    spans = json.dumps([{"start": 30.0, "end": 32.0}, {"start": 0.4, "end": 3.0}])
+    on = DownloadConfig(ytdlp_sections=True)
+    assert dataset_section({"dataset_clips": spans}, on) == (0.0, 33.0)  # not before the source's start
+    assert dataset_section({"dataset_clips": spans}, DownloadConfig()) is None  # default: the whole source
+    assert dataset_section({"dataset_clips": json.dumps([{"start": 0.0, "end": None}])}, on) is None  # a whole video
+    assert dataset_section({"url": "https://example.org/v"}, on) is None  # no dataset spans
+    with pytest.raises(ValueError, match="ytdlp_section_margin_s"):
+        DownloadConfig(ytdlp_section_margin_s=-1)
