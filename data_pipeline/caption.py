@@ -38,7 +38,7 @@ from data_pipeline.captioners import (
 )
 from data_pipeline.config import CaptionConfig
 from data_pipeline.rows import Row, is_missing
-from opensora.data.manifest import SourceSpan, source_span
+from opensora.data.manifest import SourceSpan, is_image, source_span
 
 
 def clean_caption(text: str, openings: list[str]) -> str:
@@ -268,6 +268,9 @@ def caption_batch(rows: list[Row], cfg: CaptionConfig) -> list[list[Row] | Excep
             results[i] = [{**row, "text": found[0], "caption_source": found[1], "caption_flag": None}]
         elif not cfg.model:
             results[i] = RuntimeError("no caption in the data (column or sidecar) and no caption model configured")
+        elif is_image(row.get("path") or ""):  # the captioners are given video frames (decord), which a still is not
+            results[i] = RuntimeError("an image without a caption: the caption models here read videos; an image "
+                                      "dataset's caption is kept (caption.use_existing: true)")
         else:
             need_model.append(i)
     if not need_model:

@@ -316,9 +316,10 @@ class PipelineConfig:
     input: str = _f(MISSING, "a manifest (.parquet/.csv), a folder of videos, or a .txt list of URLs")
     work_dir: str = _f(MISSING, "stage manifests go to WORK_DIR/NN_STAGE.parquet, media under it")
     input_format: str = _f("", "'' (a manifest, folder, URL list or source file), or a dataset's metadata file: "
-                           "panda70m, hdvg, internvid, webvid, openvid, ucf101, or auto (told by its columns)")
-    dataset_root: str = _f("", "folder that a dataset's local files (openvid, ucf101) are relative to "
-                           "('' = the metadata file's folder)")
+                           "panda70m, hdvg, internvid, webvid, openvid, ucf101, imagenet, or auto (told by its columns)")
+    dataset_root: str = _f("", "folder that a dataset's local files (openvid, ucf101) are relative to, or that holds "
+                           "imagenet's class folders or validation images ('' = the metadata file's folder; imagenet: "
+                           "its train/ or val/ when there is one)")
     select: SelectConfig = field(default_factory=SelectConfig)
     output: str = _f("", "final manifest of usable rows for training ('' = WORK_DIR/manifest.parquet)")
     stages: list = _f(["probe", "split", "filter", "caption"], "stages to run, in order (dedup: after filter, "
@@ -332,7 +333,7 @@ class PipelineConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self):
-        formats = ("", "auto", "panda70m", "hdvg", "internvid", "webvid", "openvid", "ucf101")
+        formats = ("", "auto", "panda70m", "hdvg", "internvid", "webvid", "openvid", "ucf101", "imagenet")
         if self.input_format not in formats:
             raise ValueError(f"input_format: unknown {self.input_format!r} (known: {', '.join(formats[1:])})")
         known = ("download", "probe", "split", "filter", "dedup", "caption")

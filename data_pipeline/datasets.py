@@ -17,6 +17,11 @@ Published layouts read here (each dataset's own repository / release files):
   one whole video per row.
 - ``openvid`` (OpenVid-1M): CSV ``video, caption, aesthetic score, motion score, temporal consistency score,
   camera motion, frame, fps, seconds``, one whole file per row (``video`` relative to ``dataset_root``).
+- ``imagenet`` (ILSVRC-2012 as Kaggle's ImageNet Object Localization Challenge ships it): ``LOC_synset_mapping.txt``
+  (``n01440764 tench, Tinca tinca``: a WordNet id, then the class's names) with the images in
+  ``<root>/<wnid>/<wnid>_N.JPEG`` (``train/``, or any folder of class folders); or ``LOC_val_solution.csv``
+  (``ImageId, PredictionString``: the wnid first, then its boxes) with ``<root>/<ImageId>.JPEG`` (``val/``) and the
+  mapping file next to it. The caption is the class's first name (``tench``).
 - ``ucf101``: a split list (``trainlist01.txt``: ``Class/v_Class_gNN_cNN.avi 1``, ``testlist01.txt`` without the
   label), files relative to ``dataset_root`` (the ``UCF-101`` folder); the caption is the class, words split.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -42,7 +48,7 @@ YOUTUBE = "https://www.youtube.com/watch?v="
 CLIP_COLUMNS = ["url", "path", "clip_start_s", "clip_end_s", "text", "score", "dataset", "dataset_id", "clip_id"]
 # Which published column becomes ``score`` (what select.min_score compares against); None: the format has none.
 SCORE_COLUMN = {"panda70m": "matching_score", "hdvg": None, "internvid": "UMT_Score", "webvid": None,
-                "openvid": "aesthetic score", "ucf101": None}
+                "openvid": "aesthetic score", "ucf101": None, "imagenet": None}
 # The columns (or keys) that identify a format, for ``auto``.
 SIGNATURES = {
     "panda70m": {"videoID", "url", "timestamp", "caption"},
@@ -50,8 +56,11 @@ SIGNATURES = {
     "openvid": {"video", "caption", "aesthetic score"},
     "internvid": {"YoutubeID", "Start_timestamp", "End_timestamp", "Caption"},
     "hdvg": {"span", "caption", "url"},  # the keys of each clip, two levels down
+    "imagenet": {"ImageId", "PredictionString"},  # LOC_val_solution.csv (the mapping file: by its lines)
 }
 UCF_LINE = re.compile(r"^([A-Za-z]+)/v_\1_g\d+_c\d+\.avi(?:\s+\d+)?$")
+SYNSET_LINE = re.compile(r"^(n\d{8})\s+(.+)$")  # LOC_synset_mapping.txt: ``n01440764 tench, Tinca tinca``
+IMAGENET_MAPPING = "LOC_synset_mapping.txt"
 
 
 def parse_time(value) -> float:
@@ -159,8 +168,59 @@ def read_ucf101(path: Path, root: Path) -> list[dict]:
     return rows
 
 
+def _synsets(path: Path) -> dict[str, str]:
+    """wnid -> the class's first name, from ``LOC_synset_mapping.txt``."""
+    names = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        m = SYNSET_LINE.match(line.strip())
+        if not m:
+            raise ValueError(f"{path}: not a synset mapping line: {line!r}")
+        names[m.group(1)] = m.group(2).split(",")[0].strip()
+    return names
+
+
+def _image_root(root: Path, path: Path, sub: str) -> Path:
+    """Where imagenet's images are: ``dataset_root`` as given, else the metadata file's ``sub`` folder (ILSVRC's
+    ``train/`` or ``val/``) when there is one, else the metadata file's folder (a flat folder of class folders)."""
+    if root != path.resolve().parent:
+        return root
+    return root / sub if (root / sub).is_dir() else root
+
+
+def read_imagenet(path: Path, root: Path) -> list[dict]:
+    # Open-Sora 1.0's converter labelled ImageNet images by class too; the first name alone, no "a photo of"
+    # template: a fixed prefix on a million captions teaches the text encoder nothing (docs/data_pipeline.md).
+    from opensora.data.manifest import IMAGE_EXTENSIONS
+
+    rows = []
+    if path.suffix.lower() == ".csv":  # LOC_val_solution.csv: the mapping file lies next to it
+        mapping = path.resolve().parent / IMAGENET_MAPPING
+        if not mapping.is_file():
+            raise ValueError(f"{IMAGENET_MAPPING} (the class names) not found next to {path.name}: {mapping}")
+        names, folder = _synsets(mapping), _image_root(root, path, "val")
+        for rec in pd.read_csv(path, dtype=str).to_dict("records"):
+            wnid = str(rec["PredictionString"]).split()[0]
+            rows.append(_clip("imagenet", wnid, rec["ImageId"], names[wnid],
+                              path=str(folder / f"{rec['ImageId']}.JPEG")))
+        return rows
+    names, folder = _synsets(path), _image_root(root, path, "train")
+    for wnid, name in names.items():
+        if not (folder / wnid).is_dir():
+            continue  # a subset of the classes
+        entries = [e for e in os.scandir(folder / wnid) if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+        for entry in sorted((e for e in entries if e.is_file()), key=lambda e: e.name):
+            file = Path(entry.path)
+            rows.append(_clip("imagenet", wnid, file.stem, name, path=str(file)))
+    if not rows:
+        raise ValueError(f"no images of the {len(names)} classes of {path.name} under {folder} (class folders "
+                         f"<wnid>/ holding {', '.join(sorted(IMAGE_EXTENSIONS))} files; set dataset_root)")
+    return rows
+
+
 READERS = {"panda70m": read_panda70m, "hdvg": read_hdvg, "internvid": read_internvid, "webvid": read_webvid,
-           "openvid": read_openvid, "ucf101": read_ucf101}
+           "openvid": read_openvid, "ucf101": read_ucf101, "imagenet": read_imagenet}
 FORMATS = tuple(READERS)
 
 
@@ -186,6 +246,8 @@ def _columns_found(path: Path) -> set[str]:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if lines and all(UCF_LINE.match(line) for line in lines[:20]):
             return {"ucf101-lines"}
+        if lines and all(SYNSET_LINE.match(line) for line in lines[:20]):
+            return {"imagenet-synsets"}
         return {f"text lines such as {lines[0][:60]!r}"} if lines else set()
     return set()
 
@@ -196,6 +258,8 @@ def detect_format(path: str | Path) -> str:
     found = _columns_found(path)
     if found == {"ucf101-lines"}:
         return "ucf101"
+    if found == {"imagenet-synsets"}:
+        return "imagenet"
     matches = [name for name, needed in SIGNATURES.items() if needed <= found]
     if len(matches) == 1:
         return matches[0]
@@ -203,7 +267,7 @@ def detect_format(path: str | Path) -> str:
     what = f"matches {', '.join(matches)}" if matches else "matches no dataset format"
     raise ConfigError(f"input_format=auto: {path} {what}; found {sorted(found) or 'nothing readable'} "
                       f"(known formats and the columns they need: {known}; ucf101: a split list such as "
-                      "trainlist01.txt); set input_format to one of " + ", ".join(FORMATS))
+                      f"trainlist01.txt; imagenet: also {IMAGENET_MAPPING}); set input_format to one of " + ", ".join(FORMATS))
 
 
 def read_dataset(path: str | Path, input_format: str, root: str = "") -> pd.DataFrame:
@@ -212,7 +276,8 @@ def read_dataset(path: str | Path, input_format: str, root: str = "") -> pd.Data
     Args:
         path: the metadata file.
         input_format: one of :data:`FORMATS`, or ``auto``.
-        root: folder that local files (openvid, ucf101) are relative to ('' = the metadata file's folder).
+        root: folder that local files (openvid, ucf101) are relative to, or imagenet's images are in ('' = the
+            metadata file's folder; imagenet: its ``train/`` or ``val/`` when there is one).
     """
     path = Path(path)
     name = detect_format(path) if input_format == "auto" else input_format

@@ -18,7 +18,7 @@ import numpy as np
 
 from data_pipeline.config import FilterConfig
 from data_pipeline.rows import Reject, Row, SetupError, is_missing
-from opensora.data.manifest import SourceSpan, source_span
+from opensora.data.manifest import SourceSpan, is_image, source_span
 
 
 def sample_pairs(path: str, num_samples: int, width: int, span: SourceSpan | None = None,
@@ -122,6 +122,18 @@ def sample_frames(path: str, count: int, width: int, span: SourceSpan | None = N
     return reader.get_batch(list(idx if span is None else span.source_indices(idx))).asnumpy()
 
 
+def read_image_at(path: str, width: int, enlarge: bool = True) -> np.ndarray:
+    """(1, h, w, 3) uint8 RGB: an image at ``width`` (height keeps the aspect), as the video readers here give
+    frames; ``enlarge=False`` never makes it wider than it is."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    h0, w0 = rgb.shape[:2]
+    width = width if enlarge else min(width, w0)
+    return cv2.resize(rgb, (width, max(2, round(h0 * width / w0))), interpolation=cv2.INTER_AREA)[None]
+
+
 @functools.lru_cache(maxsize=2)
 def load_text_detector(threads: int):
     """RapidOCR's text detector alone (PP-OCRv4 det, ONNX, from the wheel), cached per process: the recogniser
@@ -156,7 +168,8 @@ def text_area(frames: np.ndarray, threads: int = 1) -> float:
 
 def filter_clip(row: Row, cfg: FilterConfig) -> list[Row]:
     """Stage function: scores the clip (``motion``, ``black_frac``, ``blank_frac``, ``text_area``, ``aesthetic``) and
-    raises :class:`Reject` naming the first failed check."""
+    raises :class:`Reject` naming the first failed check. An image is scored as one frame, without duration and
+    motion (``filter_skipped`` names the settings that were not measured)."""
     if is_missing(row.get("path")):
         raise RuntimeError("row has no path")
     scores: Row = {}
@@ -170,26 +183,37 @@ def filter_clip(row: Row, cfg: FilterConfig) -> list[Row]:
     height, width = row.get("height"), row.get("width")
     if height is not None and height < cfg.min_height or width is not None and width < cfg.min_width:
         raise Reject(f"size {width}x{height} below {cfg.min_width}x{cfg.min_height}")
-    span = source_span(row)
-    pairs = sample_pairs(row["path"], cfg.num_samples, cfg.sample_width, span,
-                         0 if span is None else int(row["num_frames"]))
-    black, blank = bad_frame_fraction(pairs[:, 0], cfg)
+    image = is_image(row["path"])
+    if image:
+        # One still: the pixel checks, text and aesthetic apply to it; duration and motion do not, and an image
+        # is not rejected for lacking them: the row says which settings were not measured.
+        unmeasured = [name for name in ("min_duration_s", "max_duration_s", "min_motion", "max_motion")
+                      if getattr(cfg, name)]
+        scores["filter_skipped"] = f"an image: {', '.join(unmeasured)} not measured" if unmeasured else None
+        firsts = read_image_at(row["path"], cfg.sample_width)
+    else:
+        span = source_span(row)
+        pairs = sample_pairs(row["path"], cfg.num_samples, cfg.sample_width, span,
+                             0 if span is None else int(row["num_frames"]))
+        firsts = pairs[:, 0]
+    black, blank = bad_frame_fraction(firsts, cfg)
     scores.update(black_frac=black, blank_frac=blank)
     if black + blank > cfg.max_bad_frac:
         raise Reject(f"{'black' if black >= blank else 'blank'} frames {black + blank:.0%} > {cfg.max_bad_frac:.0%}", scores)
-    scores["motion"] = motion_score(pairs)
-    if scores["motion"] < cfg.min_motion:
-        raise Reject(f"static: motion {scores['motion']:.3f} < {cfg.min_motion}", scores)
-    if cfg.max_motion and scores["motion"] > cfg.max_motion:
-        raise Reject(f"motion {scores['motion']:.3f} > {cfg.max_motion}", scores)
+    if not image:
+        scores["motion"] = motion_score(pairs)
+        if scores["motion"] < cfg.min_motion:
+            raise Reject(f"static: motion {scores['motion']:.3f} < {cfg.min_motion}", scores)
+        if cfg.max_motion and scores["motion"] > cfg.max_motion:
+            raise Reject(f"motion {scores['motion']:.3f} > {cfg.max_motion}", scores)
     if cfg.max_text_area:
-        frames = sample_frames(row["path"], cfg.text_frames, cfg.text_width, span,
-                               0 if span is None else int(row["num_frames"]))
+        frames = read_image_at(row["path"], cfg.text_width, enlarge=False) if image else sample_frames(
+            row["path"], cfg.text_frames, cfg.text_width, span, 0 if span is None else int(row["num_frames"]))
         scores["text_area"] = text_area(frames, cfg.text_threads)
         if scores["text_area"] > cfg.max_text_area:
             raise Reject(f"text covers {scores['text_area']:.1%} of the frame > {cfg.max_text_area:.1%}", scores)
     if cfg.aesthetic_model:
-        scores["aesthetic"] = aesthetic_score(pairs[:, 0], cfg)
+        scores["aesthetic"] = aesthetic_score(firsts, cfg)
         if scores["aesthetic"] < cfg.min_aesthetic:
             raise Reject(f"aesthetic {scores['aesthetic']:.2f} < {cfg.min_aesthetic}", scores)
     return [{**row, **scores}]

@@ -13,6 +13,7 @@ import av
 
 from data_pipeline.config import ProbeConfig
 from data_pipeline.rows import Row, is_missing
+from opensora.data.manifest import is_image
 
 
 class ProbeError(RuntimeError):
@@ -226,11 +227,34 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
         }
 
 
+def probe_image(path: str, cfg: ProbeConfig) -> dict:
+    """An image's properties as the trainer reads it (PIL, one frame, its stored size): the keys of
+    :func:`probe_video`, with ``num_frames`` 1 and no frame rate or duration. ``cfg.decode_check`` decodes it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ProbeError(f"no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise ProbeError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            width, height, kind, mode = img.width, img.height, img.format, img.mode
+            if cfg.decode_check:
+                img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # PIL's decoders raise all of these
+        raise ProbeError(f"not a readable image: {err}") from err
+    return {"num_frames": 1, "fps": None, "height": height, "width": width, "aspect_ratio": height / width,
+            "resolution": height * width, "duration": None, "codec": (kind or "").lower(), "pix_fmt": mode,
+            "rotation": 0}
+
+
 def probe(row: Row, cfg: ProbeConfig) -> list[Row]:
-    """Stage function: adds the video's properties to the row (``path`` must be set)."""
+    """Stage function: adds the video's properties to the row (``path`` must be set). A path with an image's
+    extension (the trainer's rule, ``opensora.data.manifest.is_image``) is probed as an image (:func:`probe_image`);
+    a still under a video's name stays a failure (``not a video container (PNG image data)``)."""
     if is_missing(row.get("path")):
         raise ProbeError("row has no path (run download first?)")
-    info = probe_video(row["path"], cfg)
+    info = probe_image(row["path"], cfg) if is_image(row["path"]) else probe_video(row["path"], cfg)
     out = {**row, **info}
     if is_missing(out.get("source")):
         out["source"] = row.get("url") or row["path"]

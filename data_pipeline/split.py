@@ -51,7 +51,7 @@ from data_pipeline.media import even_size, unique_stem
 from data_pipeline.probe import video_stream
 from data_pipeline.shots import make_detector
 from data_pipeline.rows import Reject, Row, is_missing
-from opensora.data.manifest import CONTENT_HASH_COLUMN, SOURCE_FPS_COLUMN, SPLIT_MODE_COLUMN
+from opensora.data.manifest import CONTENT_HASH_COLUMN, SOURCE_FPS_COLUMN, SPLIT_MODE_COLUMN, is_image
 from opensora.data.video_io import VideoWriter, plane_view
 from opensora.utils import file_sha256
 
@@ -592,10 +592,29 @@ def check_readback(path: str, res: SplitResult) -> None:
         raise refuse(f"decord cannot read it: {message.replace(f'[{path}]', '').strip()[:200]}") from err
 
 
+def image_clip(row: Row, cfg: SplitConfig) -> Row:
+    """An image (an image dataset's row) is its own clip, passed through unchanged: its id, file and size (the
+    trainer resizes it; ``short_side`` does not apply), its caption, and the clip columns of one frame
+    (``split_mode=image``). ``min_short_side`` rejects it as it rejects a video."""
+    width, height = row.get("width"), row.get("height")
+    if cfg.min_short_side and not is_missing(width) and min(width, height) < cfg.min_short_side:
+        raise Reject(f"short side {min(width, height)} px < min_short_side {cfg.min_short_side} ({width}x{height})")
+    clip = {**row, "num_frames": 1, "source_video": row["path"], "start_frame": 0, "end_frame": 1,
+            SPLIT_MODE_COLUMN: "image", CONTENT_HASH_COLUMN: file_sha256(row["path"])}
+    if not is_missing(row.get("dataset_clips")):  # the dataset's one "clip" of it: its id and score go with it
+        [span] = json.loads(row["dataset_clips"])
+        clip.update({"text": span.get("text"), "dataset_clip_id": span.get("clip_id"),
+                     "dataset_score": span.get("score"), "dataset_clips": None})
+    return clip
+
+
 def split(row: Row, cfg: SplitConfig) -> list[Row]:
-    """Stage function: one video row -> one row per clip (lineage: source video, start/end time and frame)."""
+    """Stage function: one video row -> one row per clip (lineage: source video, start/end time and frame); an
+    image row -> itself (:func:`image_clip`)."""
     if is_missing(row.get("path")):
         raise RuntimeError("row has no path")
+    if is_image(row["path"]):
+        return [image_clip(row, cfg)]
     stem = unique_stem(str(row["id"]))
     reference = cfg.mode == "reference"
     clip_path = lambda k: Path(cfg.out_dir) / f"{stem}_{k:04d}.mp4"  # noqa: E731

@@ -121,3 +121,27 @@ def local_http_server(handler):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+IMAGENET_CLASSES = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus"}
+
+
+def make_imagenet(root: str | Path, per_class: int = 2, size: tuple[int, int] = (48, 40)) -> Path:
+    """ILSVRC's layout in little: ``LOC_synset_mapping.txt``, ``train/<wnid>/<wnid>_N.JPEG`` (noise JPEGs of
+    ``size`` (w, h)), and one validation image in ``val/`` with its ``LOC_val_solution.csv`` line."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in IMAGENET_CLASSES.items()))
+    for wnid in IMAGENET_CLASSES:
+        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(1, per_class + 1):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{i}.JPEG", format="JPEG")
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        root / "val" / "ILSVRC2012_val_00000001.JPEG", format="JPEG")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n"
+                                               "ILSVRC2012_val_00000001,n01443537 3 4 40 30 n01443537 1 1 9 9 \n")
+    return root

@@ -136,3 +136,35 @@ def test_sources_are_grouped_once_with_their_spans(tmp_path, capsys):
     assert [json.loads(c) for c in whole["dataset_clips"]] == [  # one span to the end: not re-split
         [{"start": 0.0, "end": None, "text": t, "score": None, "clip_id": i}]
         for t, i in (("Aerial view of a forest", "1001"), ("Timelapse, clouds", "1002"))]
+
+
+def test_imagenet_layouts(tmp_path):
+    """ILSVRC's train layout (mapping file + ``train/<wnid>/``), a flat folder of class folders holding the mapping
+    file, and the validation layout (``LOC_val_solution.csv``): each image a row, its caption the class's first
+    name."""
+    import shutil
+
+    from data_helpers import make_imagenet
+
+    root = make_imagenet(tmp_path / "ILSVRC")
+    train = read_dataset(root / "LOC_synset_mapping.txt", "imagenet")
+    assert list(train["text"]) == ["tench", "tench", "goldfish", "goldfish"]
+    assert list(train["dataset_id"]) == ["n01440764", "n01440764", "n01443537", "n01443537"]
+    assert list(train["clip_id"]) == ["n01440764_1", "n01440764_2", "n01443537_1", "n01443537_2"]
+    assert train["path"].iloc[2] == str(root / "train" / "n01443537" / "n01443537_1.JPEG")
+    assert train["url"].isna().all() and train["clip_start_s"].isna().all() and train["score"].isna().all()
+    flat = tmp_path / "flat"
+    shutil.copytree(root / "train", flat)
+    shutil.copy(root / "LOC_synset_mapping.txt", flat)
+    assert list(read_dataset(flat / "LOC_synset_mapping.txt", "imagenet")["clip_id"]) == list(train["clip_id"])
+    assert list(read_dataset(root / "LOC_synset_mapping.txt", "imagenet", root=str(flat))["path"]) == [
+        str(flat / wnid / f"{wnid}_{i}.JPEG") for wnid in ("n01440764", "n01443537") for i in (1, 2)]
+    val = read_dataset(root / "LOC_val_solution.csv", "imagenet")
+    assert list(val["text"]) == ["goldfish"] and val["path"].iloc[0] == str(root / "val" / "ILSVRC2012_val_00000001.JPEG")
+    assert detect_format(root / "LOC_synset_mapping.txt") == detect_format(root / "LOC_val_solution.csv") == "imagenet"
+    with pytest.raises(ConfigError, match="no images of the 2 classes of .* under"):
+        read_dataset(root / "LOC_synset_mapping.txt", "imagenet", root=str(tmp_path / "empty"))
+    (tmp_path / "nomap").mkdir()
+    shutil.copy(root / "LOC_val_solution.csv", tmp_path / "nomap")
+    with pytest.raises(ConfigError, match="LOC_synset_mapping.txt"):
+        read_dataset(tmp_path / "nomap" / "LOC_val_solution.csv", "imagenet")

@@ -257,3 +257,55 @@ def test_which_sources_get_a_section():
     assert dataset_section({"url": "https://example.org/v"}, on) is None  # no dataset spans
     with pytest.raises(ValueError, match="ytdlp_section_margin_s"):
         DownloadConfig(ytdlp_section_margin_s=-1)
+
+
+def test_imagenet_images_to_a_training_manifest(tmp_path):
+    """``input_format: imagenet``: the images go through probe (size, 1 frame), split (each image its own clip,
+    unchanged), filter (the pixel checks run; motion and duration do not apply to an image: skipped, with the
+    reason on the row, not rejected) and caption (the class name kept) to a manifest the trainer reads as
+    1-frame samples."""
+    from data_helpers import make_imagenet
+
+    from data_pipeline.config import FilterConfig
+    from opensora.data.dataset import DataConfig, VideoDataset
+
+    root = make_imagenet(tmp_path / "ILSVRC")
+    cfg = PipelineConfig(
+        input=str(root / "LOC_synset_mapping.txt"), work_dir=str(tmp_path / "work"), input_format="auto",
+        runner=RunnerConfig(workers=0, progress=False), caption=CaptionConfig(model=""),
+        filter=FilterConfig(min_motion=0.5, min_duration_s=1.0, min_width=32))
+    summaries = run_pipeline(cfg)
+    assert [s.stage for s in summaries] == ["probe", "split", "filter", "caption"]  # nothing to download
+    assert all(s.done == 4 and s.failed == s.rejected == 0 for s in summaries), [str(s) for s in summaries]
+    rows = read_manifest(tmp_path / "work" / "manifest.parquet")
+    assert list(rows["text"]) == ["tench", "tench", "goldfish", "goldfish"]
+    assert list(rows["path"]) == [str(root / "train" / w / f"{w}_{i}.JPEG") for w in ("n01440764", "n01443537")
+                                  for i in (1, 2)]
+    assert set(rows["num_frames"]) == {1} and set(rows["width"]) == {48} and set(rows["height"]) == {40}
+    assert set(rows["caption_source"]) == {"column"}
+    assert set(rows["filter_skipped"]) == {"an image: min_duration_s, min_motion not measured"}
+    assert rows["black_frac"].notna().all() and rows["sha256"].notna().all()
+    data = VideoDataset(DataConfig(manifest=str(tmp_path / "work" / "manifest.parquet"), num_frames=4,
+                                   image_size=(16, 16), num_workers=0))
+    item = data[2]
+    assert item["video"].shape == (3, 1, 16, 16) and item["text"] == "goldfish"
+    assert data.bucket_keys[2][0] == 1 and not data.skipped
+    again = run_pipeline(cfg)  # a re-run redoes nothing
+    assert all(s.done == 0 and s.redone_settings + s.redone_input == 0 for s in again), [str(s) for s in again]
+
+
+def test_an_image_the_stages_cannot_use_says_why(tmp_path):
+    from data_pipeline.caption import caption_row
+    from data_pipeline.config import ProbeConfig
+    from data_pipeline.probe import ProbeError, probe
+    from data_pipeline.rows import Reject
+    from data_pipeline.split import split
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    with pytest.raises(ProbeError, match="not a readable image"):
+        probe({"id": "b", "path": str(tmp_path / "broken.jpg")}, ProbeConfig())
+    with pytest.raises(RuntimeError, match="an image without a caption"):  # before any model folder is opened
+        caption_row({"id": "b", "path": str(tmp_path / "a.jpg")}, CaptionConfig(model=str(tmp_path / "no-model")))
+    with pytest.raises(Reject, match="short side 40 px < min_short_side 64"):
+        split({"id": "b", "path": str(tmp_path / "a.jpg"), "width": 48, "height": 40},
+              SplitConfig(min_short_side=64))

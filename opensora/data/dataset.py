@@ -48,12 +48,11 @@ from torch.utils.data import Dataset
 
 from opensora.config import ConfigError
 from opensora.data.buckets import BucketKey, bucket_key, nearest_size, parse_sizes
-from opensora.data.manifest import CONTENT_HASH_COLUMN, SourceSpan, read_manifest, source_span
+from opensora.data.manifest import CONTENT_HASH_COLUMN, SourceSpan, is_image, read_manifest, source_span
 from opensora.data.video_io import read_video, video_info
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.utils import append_jsonl
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 """File suffixes read as still images (1-frame videos)."""
 
 SHORT_CLIP_POLICIES = ("skip", "pad")
@@ -275,10 +274,6 @@ def read_image(path: Path) -> np.ndarray:
         return np.array(img.convert("RGB"))[None]  # a writable copy: torch.from_numpy needs one
 
 
-def _is_image(path: str) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
 class VideoDataset(Dataset):
     """Clips of a manifest as fixed-shape tensors, grouped into shape buckets.
 
@@ -369,7 +364,7 @@ class VideoDataset(Dataset):
         if not path:
             raise ValueError("manifest row has no path")
         height, width, frames = row.height, row.width, row.num_frames
-        image = _is_image(path)
+        image = is_image(path)
         if pd.isna(height) or pd.isna(width) or (pd.isna(frames) and not image):
             if image:
                 with Image.open(path) as img:
@@ -432,7 +427,7 @@ class VideoDataset(Dataset):
             float32 (3, T, H, W) in [-1, 1].
         """
         path, (_, H, W) = self.paths[index], self.bucket_keys[index]
-        if _is_image(path):
+        if is_image(path):
             frames = read_image(Path(path))  # (1, h, w, 3)
         else:
             indices, span = self.frame_indices(index, random_start), self.spans[index]

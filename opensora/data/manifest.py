@@ -121,6 +121,15 @@ def source_span(row: Any) -> SourceSpan | None:
     return span
 
 
+# Files the trainer reads as 1-frame samples (``opensora.data.dataset``) and the pipeline passes through as images.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+def is_image(path: str | Path) -> bool:
+    """Whether ``path`` is an image by its extension (:data:`IMAGE_EXTENSIONS`), the trainer's rule."""
+    return Path(str(path)).suffix.lower() in IMAGE_EXTENSIONS
+
+
 def status_columns(df: pd.DataFrame) -> list[str]:
     """The ``<stage>_status`` columns of ``df``, in table order."""
     return [c for c in df.columns if c.endswith("_status")]
