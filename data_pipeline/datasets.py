@@ -190,8 +190,8 @@ def _image_root(root: Path, path: Path, sub: str) -> Path:
 
 
 def read_imagenet(path: Path, root: Path) -> list[dict]:
-    # Open-Sora 1.0's converter labelled ImageNet images by class too; the first name alone, no "a photo of"
-    # template: a fixed prefix on a million captions teaches the text encoder nothing (docs/data_pipeline.md).
+    # The class's first name alone, no "a photo of" template: a fixed prefix on a million captions teaches the
+    # text encoder nothing (docs/data_pipeline.md).
     from opensora.data.manifest import IMAGE_EXTENSIONS
 
     rows = []
