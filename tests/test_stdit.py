@@ -123,6 +123,28 @@ def test_temporal_position_on_tokens_makes_identical_frames_differ():
         stdit_config("STDiT-debug", no_temporal_pos_emb=True, temporal_pos_on_tokens=True)
 
 
+def test_caption_projection_init(tmp_path):
+    """``caption_proj_init``: "pixart" (the default, Open-Sora 1.0's std 0.02) leaves a small text encoder's caption
+    tokens at a few % of their input size; "xavier" keeps them near the input's scale. The default is "pixart",
+    bit for bit, and a saved model keeps its setting."""
+    default, pixart, xavier = tiny_model(), tiny_model(caption_proj_init="pixart"), tiny_model(caption_proj_init="xavier")
+    for (name, a), b in zip(default.state_dict().items(), pixart.state_dict().values()):
+        assert torch.equal(a, b), name
+    y = torch.randn(2, 1, 6, TINY.get("caption_channels", 32))
+    size = {}
+    for name, m in (("pixart", pixart), ("xavier", xavier)):
+        assert m.config.caption_proj_init == name
+        size[name] = (m.y_embedder(y, train=False).norm(dim=-1) / y.norm(dim=-1)).mean().item()
+    assert size["pixart"] < 0.05 < 0.3 < size["xavier"], size
+    fc1 = xavier.y_embedder.y_proj.fc1.weight
+    bound = math.sqrt(6 / (fc1.shape[0] + fc1.shape[1]))  # xavier_uniform's
+    assert fc1.abs().max() <= bound and fc1.std() > 0.4 * bound
+    xavier.save_pretrained(tmp_path / "m")
+    assert STDiT.from_pretrained(tmp_path / "m").config.caption_proj_init == "xavier"
+    with pytest.raises(ValueError, match="caption_proj_init"):
+        stdit_config("STDiT-debug", caption_proj_init="zeros")
+
+
 def test_per_frame_timestep_equal_to_shared_is_bit_identical():
     """(B, T) timesteps that all equal the sample's t give exactly the (B,) path's output (and its gradients up to
     the rounding of summing T per-frame terms), so a model trained without frame conditioning keeps its function."""

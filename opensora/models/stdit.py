@@ -40,6 +40,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+CAPTION_PROJ_INITS = ("pixart", "xavier")  # STDiTConfig.caption_proj_init
+
+
 @dataclass
 class STDiTConfig:
     """Architecture of an STDiT. Defaults are STDiT-XL/2 as Open-Sora 1.0 trained it."""
@@ -61,6 +64,12 @@ class STDiTConfig:
     # layer sees the frame index, not only block 0's temporal attention (Open-Sora 1.0: False). The CPU demo
     # needs it to learn caption-dependent motion within minutes (docs/demo.md).
     temporal_pos_on_tokens: bool = False
+    # How the caption projection (y_embedder.y_proj) starts. "pixart": normal(std 0.02), as PixArt-alpha and
+    # Open-Sora 1.0, sized for T5-XXL's 4096 large features. "xavier": the initialisation of every other Linear.
+    # From a small text encoder (the CPU demo's 32-dim tiny T5) std 0.02 makes the caption tokens ~1 % of the
+    # video tokens, and the words whose effect needs a learned interaction (the demo's direction) stay weak
+    # for thousands of steps; xavier learns them about twice as fast (docs/demo.md).
+    caption_proj_init: str = "pixart"
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML lists arrive as lists
@@ -72,6 +81,8 @@ class STDiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the 2D sin-cos embedding")
         if self.no_temporal_pos_emb and self.temporal_pos_on_tokens:
             raise ValueError("temporal_pos_on_tokens needs the temporal position embedding (no_temporal_pos_emb is set)")
+        if self.caption_proj_init not in CAPTION_PROJ_INITS:
+            raise ValueError(f"caption_proj_init must be one of {CAPTION_PROJ_INITS}, got {self.caption_proj_init!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 
@@ -377,8 +388,9 @@ class STDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.t_block[1].weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        if self.config.caption_proj_init == "pixart":  # "xavier": _basic_init's, as above
+            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
         for block in self.blocks:
             # Cross-attention and temporal attention start as identity maps, so an image-pretrained
             # (PixArt-α) spatial model keeps its function when the temporal layers are added.
