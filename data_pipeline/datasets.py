@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from opensora.config import ConfigError
-from opensora.data.manifest import normalize
+from opensora.data.manifest import IMAGE_EXTENSIONS, is_image, normalize
 
 YOUTUBE = "https://www.youtube.com/watch?v="
 # One clip of a dataset: where its source is (url, or path of a local file), its span in the source (seconds,
@@ -192,8 +192,6 @@ def _image_root(root: Path, path: Path, sub: str) -> Path:
 def read_imagenet(path: Path, root: Path) -> list[dict]:
     # The class's first name alone, no "a photo of" template: a fixed prefix on a million captions teaches the
     # text encoder nothing (docs/data_pipeline.md).
-    from opensora.data.manifest import IMAGE_EXTENSIONS
-
     rows = []
     if path.suffix.lower() == ".csv":  # LOC_val_solution.csv: the mapping file lies next to it
         mapping = path.resolve().parent / IMAGENET_MAPPING
@@ -209,7 +207,7 @@ def read_imagenet(path: Path, root: Path) -> list[dict]:
     for wnid, name in names.items():
         if not (folder / wnid).is_dir():
             continue  # a subset of the classes
-        entries = [e for e in os.scandir(folder / wnid) if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+        entries = [e for e in os.scandir(folder / wnid) if is_image(e.name)]
         for entry in sorted((e for e in entries if e.is_file()), key=lambda e: e.name):
             file = Path(entry.path)
             rows.append(_clip("imagenet", wnid, file.stem, name, path=str(file)))

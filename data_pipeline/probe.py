@@ -147,6 +147,14 @@ def _decode_first(path: str) -> tuple[av.VideoFrame | None, int]:
         raise ProbeError(f"first frame does not decode: {_av_reason(err)}") from err
 
 
+def check_file(path: str) -> None:
+    """Raises :class:`ProbeError` for a path that is no file or an empty one (before any decoder sees it)."""
+    if not os.path.isfile(path):
+        raise ProbeError(f"no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise ProbeError("empty file (0 bytes)")
+
+
 def probe_video(path: str, cfg: ProbeConfig) -> dict:
     """Reads a video's properties.
 
@@ -158,10 +166,7 @@ def probe_video(path: str, cfg: ProbeConfig) -> dict:
         (degrees counter-clockwise that the file's display matrix turns the picture; the size is the size as
         shown, so a phone video held upright is taller than wide).
     """
-    if not os.path.isfile(path):
-        raise ProbeError(f"no such file: {path}")
-    if os.path.getsize(path) == 0:
-        raise ProbeError("empty file (0 bytes)")
+    check_file(path)
     what = sniff(path)
     if what is not None and what != "text":
         raise ProbeError(f"not a video container ({what})")
@@ -232,10 +237,7 @@ def probe_image(path: str, cfg: ProbeConfig) -> dict:
     :func:`probe_video`, with ``num_frames`` 1 and no frame rate or duration. ``cfg.decode_check`` decodes it."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
-        raise ProbeError(f"no such file: {path}")
-    if os.path.getsize(path) == 0:
-        raise ProbeError("empty file (0 bytes)")
+    check_file(path)
     try:
         with Image.open(path) as img:
             width, height, kind, mode = img.width, img.height, img.format, img.mode

@@ -53,8 +53,6 @@ from opensora.data.video_io import read_video, video_info
 from opensora.models.autoencoders import AutoencoderShape
 from opensora.utils import append_jsonl
 
-"""File suffixes read as still images (1-frame videos)."""
-
 SHORT_CLIP_POLICIES = ("skip", "pad")
 
 
